@@ -1,0 +1,91 @@
+"""One exception hierarchy for autolabel.
+
+Every error names the file, sequence or store it is about and says what to do. Each class also
+subclasses the builtin a caller would expect (``FileNotFoundError``, ``ValueError``...), so
+generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class AutolabelError(Exception):
+    """Base class of every error autolabel raises on purpose."""
+
+
+# --- input data -------------------------------------------------------------------------------
+
+
+class InputDataError(AutolabelError, ValueError):
+    """A source file or directory cannot be used as given."""
+
+
+class UnknownLayoutError(InputDataError):
+    """The source directory does not look like the requested dataset layout."""
+
+
+class ImageReadError(InputDataError):
+    """An image or label file is missing, unreadable or corrupt."""
+
+
+class SizeMismatchError(InputDataError):
+    """A frame and its label (or two frames of one sequence) differ in size."""
+
+
+class LabelValueError(InputDataError):
+    """A label holds class ids outside the class set (other than the ignore index)."""
+
+
+class EmptySequenceError(InputDataError):
+    """A sequence has no frames."""
+
+
+class ClassSetMismatchError(InputDataError):
+    """Data with one class set was sent to a store that holds another."""
+
+
+# --- store --------------------------------------------------------------------------------------
+
+
+class StoreError(AutolabelError):
+    """Something is wrong with a sequence store."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No autolabel store exists at the given path or URL."""
+
+
+class SchemaVersionError(StoreError, ValueError):
+    """The store was written with a schema version this code does not read."""
+
+
+class InvalidSequenceIdError(StoreError, ValueError):
+    """A sequence id is empty, too long, or would escape the store root."""
+
+
+class SequenceNotFoundError(StoreError, KeyError):
+    """The store has no (complete) sequence with this id."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class StageNotDoneError(StoreError, RuntimeError):
+    """A stage's output was asked for before that stage finished."""
+
+
+class NotAnnotatedError(StoreError, LookupError):
+    """A manual annotation was asked for on a frame that has none."""
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+class ConfigError(AutolabelError, ValueError):
+    """A setting or option is invalid."""
+
+
+class RegistryError(ConfigError, KeyError):
+    """A name was looked up in a registry that does not hold it."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,1 @@
+"""Prefect flows: wiring, parameters, fan-out and artifacts only (no numerics here)."""

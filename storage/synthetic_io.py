@@ -1,0 +1,141 @@
+"""Writing synthetic drives: into a store (with their exact flow) or as an ApolloScape folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from storage.annotation import AnnotationPolicy
+from storage.classes import APOLLO_LABELS
+from storage.images import write_png_atomic
+from storage.ingest import IngestReport, SequenceOutcome
+from storage.store import SequenceStore, StoreLayout
+from storage.synthetic import SyntheticConfig, SyntheticDrive
+
+EXACT_FLOW = "exact"
+
+# synthetic (CamVid) class -> ApolloScape class id of the official label list
+APOLLO_ID_OF: dict[str, int] = {
+    "Sky": 17, "Building": 97, "Pole": 82, "Road": 49, "Pavement": 50, "Tree": 113,
+    "SignSymbol": 83, "Fence": 67, "Car": 33, "Pedestrian": 36, "Bicyclist": 35,
+}
+assert set(APOLLO_ID_OF.values()) <= {i for _, i, _, _ in APOLLO_LABELS}
+
+
+def flow_stage(backend: str) -> str:
+    """Stage name under which a flow backend's arrays are marked done."""
+    return f"flow/{backend}"
+
+
+def flow_array_names(backend: str) -> tuple[str, str]:
+    """Array paths of a backend's forward (t -> t+1) and backward (t+1 -> t) flow.
+
+    Both are float16 (T - 1, 2, H, W): entry t holds the flow of the pair (t, t+1), forward on
+    frame t's pixels, backward on frame t+1's pixels.
+    """
+    return f"flow/{backend}/fw", f"flow/{backend}/bw"
+
+
+def synthetic_sequence_id(config: SyntheticConfig) -> str:
+    return f"synth-{config.seed:04d}"
+
+
+def write_drive(
+    store: SequenceStore,
+    config: SyntheticConfig,
+    annotation: AnnotationPolicy,
+    *,
+    seq_id: str | None = None,
+    layout: StoreLayout | None = None,
+    on_frame: Callable[[], None] | None = None,
+) -> SequenceOutcome:
+    """Render one drive into ``store`` with frames, labels and exact flow (stage ``flow/exact``).
+
+    Every frame has ground truth; ``annotation`` decides which frames are annotations.
+    """
+    drive = SyntheticDrive(config)
+    seq_id = seq_id or synthetic_sequence_id(config)
+    h, w, t_total = config.height, config.width, config.frames
+    with store.new_sequence(seq_id, expected_frames=t_total, source=f"synthetic seed={config.seed}",
+                            fps=config.fps, layout=layout) as writer:
+        fw_name, bw_name = flow_array_names(EXACT_FLOW)
+        pairs = max(t_total - 1, 1)
+        fw = writer.extra_array(fw_name, (2, h, w), "float16", pairs, ("T", "XY", "H", "W"))
+        bw = writer.extra_array(bw_name, (2, h, w), "float16", pairs, ("T", "XY", "H", "W"))
+        for t in range(t_total):
+            frame = drive.render(t)
+            writer.write(f"{t:06d}", frame.rgb, frame.label, origin=f"{seq_id} frame {t}")
+            if t + 1 < t_total:
+                fw.append(frame.flow_next.astype(np.float16))
+            if t > 0:
+                bw.append(frame.flow_prev.astype(np.float16))
+            if on_frame is not None:
+                on_frame()
+        fw.close()
+        bw.close()
+        seq = writer.finish(annotation.select(np.ones(t_total, dtype=bool)))
+    if t_total > 1:
+        store.mark_stage_done(seq_id, flow_stage(EXACT_FLOW), {"backend": EXACT_FLOW, "pairs": t_total - 1})
+    return SequenceOutcome(id=seq_id, status="ingested", frames=seq.num_frames,
+                           annotated=int(seq.annotated.sum()), ground_truth=seq.num_frames)
+
+
+def write_synthetic_store(
+    url: str,
+    configs: list[SyntheticConfig],
+    annotation: AnnotationPolicy | None = None,
+    *,
+    layout: StoreLayout | None = None,
+    overwrite: bool = False,
+    on_frame: Callable[[], None] | None = None,
+) -> IngestReport:
+    """Render ``configs`` into the store at ``url`` (created with their class set)."""
+    annotation = annotation or AnnotationPolicy(mode="keyframe-every", n=10)
+    if not configs:
+        return IngestReport(store=url)
+    store = SequenceStore.create(url, configs[0].class_set())
+    report = IngestReport(store=url)
+    done = set(store.sequence_ids())
+    for cfg in configs:
+        seq_id = synthetic_sequence_id(cfg)
+        if seq_id in done and not overwrite:
+            report.outcomes.append(SequenceOutcome(id=seq_id, status="skipped"))
+            continue
+        report.outcomes.append(write_drive(store, cfg, annotation, layout=layout, on_frame=on_frame))
+    return report
+
+
+def write_apollo_layout(
+    out: Path, configs: list[SyntheticConfig], *, jpeg_quality: int = 95,
+    on_frame: Callable[[], None] | None = None,
+) -> list[Path]:
+    """Write drives as ApolloScape scene-parsing folders (``road<NN>/ColorImage/Record001/Camera 5``).
+
+    Drive ``i`` (seed s) becomes road ``road<s+1:02d>``; labels are ``*_bin.png`` with ApolloScape
+    class ids, time stamps advance at the drive's frame rate. Returns the camera folders written.
+    """
+    written = []
+    for cfg in configs:
+        drive = SyntheticDrive(cfg)
+        ids = np.array([APOLLO_ID_OF[c] for c in cfg.classes] + [0] * (256 - len(cfg.classes)), dtype=np.uint8)
+        road = out / f"road{cfg.seed + 1:02d}"
+        image_dir = road / "ColorImage" / "Record001" / "Camera 5"
+        label_dir = road / "Label" / "Record001" / "Camera 5"
+        image_dir.mkdir(parents=True, exist_ok=True)
+        label_dir.mkdir(parents=True, exist_ok=True)
+        for t in range(cfg.frames):
+            frame = drive.render(t)
+            ms = int(round(t * 1000 / cfg.fps))
+            stamp = f"170908_{(8 + ms // 3_600_000) % 24:02d}{(ms // 60_000) % 60:02d}{(ms // 1000) % 60:02d}{ms % 1000:03d}"
+            stem = f"{stamp}_Camera_5"
+            tmp = image_dir / f".{stem}.jpg.tmp"
+            Image.fromarray(frame.rgb).save(tmp, format="JPEG", quality=jpeg_quality)
+            tmp.replace(image_dir / f"{stem}.jpg")
+            write_png_atomic(label_dir / f"{stem}_bin.png", ids[frame.label])
+            if on_frame is not None:
+                on_frame()
+        written.append(image_dir)
+    return written
