@@ -31,10 +31,16 @@ err_console = Console(stderr=True)
 
 def main() -> None:
     """Console-script entry point: run the app, turning autolabel errors into clean exits."""
+    from pydantic import ValidationError
+
     try:
         app()
     except AutolabelError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or exc.title}: {e['msg']}" for e in exc.errors())
+        err_console.print(f"[bold red]error:[/] invalid {exc.title} settings: {problems}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

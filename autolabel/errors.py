@@ -80,8 +80,12 @@ class NotAnnotatedError(StoreError, LookupError):
 # --- configuration ------------------------------------------------------------------------------
 
 
-class ConfigError(AutolabelError, ValueError):
-    """A setting or option is invalid."""
+class ConfigError(AutolabelError):
+    """A setting or option is invalid.
+
+    Deliberately not a ValueError: pydantic wraps ValueErrors raised in validators into its own
+    ValidationError, while this error passes through unchanged with its message.
+    """
 
 
 class RegistryError(ConfigError, KeyError):

@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
-from autolabel.errors import AutolabelError, EmptySequenceError
+from autolabel.errors import AutolabelError, EmptySequenceError, InvalidSequenceIdError
 from storage.annotation import AnnotationPolicy
 from storage.readers.base import DatasetSource, SequenceSource
 from storage.store import SequenceStore, StoreLayout
@@ -133,6 +133,8 @@ def ingest(
         else:
             try:
                 outcome = ingest_sequence(source, store, options, progress)
+            except InvalidSequenceIdError as exc:
+                outcome = SequenceOutcome(id=source.id, status="failed", error=f"{source.source}: {exc}")
             except AutolabelError as exc:
                 outcome = SequenceOutcome(id=source.id, status="failed", error=str(exc))
             except (OSError, ValueError, RuntimeError) as exc:  # unexpected I/O or decode failure
