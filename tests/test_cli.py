@@ -1,0 +1,123 @@
+"""The command line as a user runs it: real subprocesses, exit codes, messages, files written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from storage.store import SequenceStore
+from tests.conftest import random_label, random_rgb, save_label, save_rgb
+
+REPO = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(11)
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "250", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "autolabel.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def _davis(root: Path, sequences: dict[str, int]) -> Path:
+    for name, frames in sequences.items():
+        for i in range(frames):
+            save_rgb(root / "JPEGImages" / name / f"{i:05d}.jpg", random_rgb(RNG))
+            save_label(root / "Annotations" / name / f"{i:05d}.png", random_label(RNG, [0, 255]))
+    return root
+
+
+def test_synth_then_info_json(tmp_path: Path) -> None:
+    store = tmp_path / "s.zarr"
+    done = run_cli("synth", str(store), "--sequences", "2", "--frames", "25", "--size", "48x32", "--window", "21")
+    assert done.returncode == 0, done.stderr
+    info = run_cli("info", str(store), "--json")
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert data["totals"] == {"sequences": 2, "frames": 50, "annotated": 2, "ground_truth": 50,
+                              "bytes": data["totals"]["bytes"]}
+    assert data["totals"]["bytes"] > 0
+    assert [r["annotated_frames"] for r in data["sequences"]] == [[10], [10]]
+    assert data["sequences"][0]["stages"] == ["flow/exact", "ingest"]
+    assert (data["sequences"][0]["width"], data["sequences"][0]["height"]) == (48, 32)
+    table = run_cli("info", str(store))
+    assert "synth-0000" in table.stdout and "2 sequences" in table.stdout
+
+
+def test_ingest_reports_a_bad_sequence_and_keeps_the_others(tmp_path: Path) -> None:
+    root = _davis(tmp_path / "davis", {"good": 3, "broken": 3})
+    corrupt = root / "JPEGImages" / "broken" / "00001.jpg"
+    corrupt.write_bytes(corrupt.read_bytes()[:100])
+    store = tmp_path / "d.zarr"
+    done = run_cli("ingest", "davis", str(root), "--store", str(store), "--window", "3")
+    assert done.returncode == 1
+    assert "ingested 1 sequences" in done.stdout and "failed 1" in done.stdout
+    assert "broken" in done.stdout and "00001.jpg" in done.stdout.replace("\n", "")
+    st = SequenceStore.open(str(store))
+    assert st.sequence_ids() == ["good"] and st.incomplete_ids() == []
+    assert st.sequence("good").annotated.tolist() == [False, True, False]
+    again = run_cli("ingest", "davis", str(root), "--store", str(store), "--sequence", "good")
+    assert again.returncode == 0 and "skipped 1" in again.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["ingest", "davis", "{tmp}", "--store", "{tmp}/x.zarr"], "JPEGImages"),
+    (["ingest", "kitty", "{tmp}", "--store", "{tmp}/x.zarr"], "unknown dataset layout 'kitty'"),
+    (["ingest", "davis", "{tmp}", "--store", "{tmp}/x.zarr", "--window", "4"], "odd size"),
+    (["info", "{tmp}/missing.zarr"], "no autolabel store"),
+    (["synth", "{tmp}/s.zarr", "--size", "big"], "--size must look like"),
+])
+def test_clear_errors_exit_non_zero(tmp_path: Path, args: list[str], message: str) -> None:
+    done = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert message in done.stderr.replace("\n", ""), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_store_of_another_schema_version_is_refused(tmp_path: Path) -> None:
+    root = _davis(tmp_path / "davis", {"a": 2})
+    store = tmp_path / "d.zarr"
+    assert run_cli("ingest", "davis", str(root), "--store", str(store)).returncode == 0
+    zarr.open_group(str(store), mode="r+").attrs["schema_version"] = 7
+    done = run_cli("ingest", "davis", str(root), "--store", str(store))
+    assert done.returncode == 2 and "schema version 7" in done.stderr
+
+
+def test_export_gt_writes_index_colour_and_overlay(tmp_path: Path) -> None:
+    store = tmp_path / "s.zarr"
+    assert run_cli("synth", str(store), "--sequences", "1", "--frames", "3", "--size", "40x30").returncode == 0
+    out = tmp_path / "export"
+    done = run_cli("export", str(store), "--method", "gt", "--out", str(out), "--overlay")
+    assert done.returncode == 0, done.stderr
+    seq = SequenceStore.open(str(store)).sequence("synth-0000")
+    index = np.asarray(Image.open(out / "synth-0000" / "index" / "000001.png"))
+    np.testing.assert_array_equal(index, seq.ground_truth(1))
+    colour = np.asarray(Image.open(out / "synth-0000" / "color" / "000001.png").convert("RGB"))
+    np.testing.assert_array_equal(colour, seq.store.classes.colour_lut()[seq.ground_truth(1)])
+    blended = np.asarray(Image.open(out / "synth-0000" / "overlay" / "000001.png"))
+    expected = (0.5 * seq.frame(1).astype(float) + 0.5 * colour).round()
+    assert np.abs(blended - expected).max() <= 1
+    assert sorted(p.name for p in (out / "synth-0000" / "index").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_export_of_a_method_not_run_yet(tmp_path: Path) -> None:
+    store = tmp_path / "s.zarr"
+    assert run_cli("synth", str(store), "--sequences", "1", "--frames", "2", "--size", "32x24").returncode == 0
+    done = run_cli("export", str(store), "--method", "warp-refine", "--out", str(tmp_path / "o"))
+    assert done.returncode == 1
+    assert "no finished results for method 'warp-refine'" in done.stderr.replace("\n", "")
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    done = run_cli("demo", "--out", str(tmp_path / "demo"), "--sequences", "2", "--frames", "4", "--size", "48x32")
+    assert done.returncode == 0, done.stderr
+    assert "2 sequences" in done.stdout
+    overlays = sorted((tmp_path / "demo" / "export").glob("*/overlay/*.png"))
+    assert len(overlays) == 8
