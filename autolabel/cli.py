@@ -8,6 +8,7 @@ traceback for bad input. Nothing here imports Prefect, so these commands start f
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -44,8 +45,54 @@ def main() -> None:
         sys.exit(2)
 
 
+class _LogProgress:
+    """Progress for logs (no terminal): one line per task at every tenth of the way, at most."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._tasks: dict[int, dict[str, Any]] = {}
+
+    def add_task(self, description: str, total: float | None = None) -> int:
+        task_id = len(self._tasks)
+        self._tasks[task_id] = {"description": description, "total": total, "completed": 0, "reported": -1,
+                                "start": time.perf_counter()}
+        return task_id
+
+    def update(self, task_id: int, completed: float | None = None, total: float | None = None,
+               description: str | None = None) -> None:
+        task = self._tasks[task_id]
+        if total is not None:
+            task["total"] = total
+        if description is not None:
+            task["description"] = description
+        if completed is not None:
+            task["completed"] = completed
+        self._report(task)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self._tasks[task_id]["completed"] += advance
+        self._report(self._tasks[task_id])
+
+    def remove_task(self, task_id: int) -> None:
+        self._tasks.pop(task_id, None)
+
+    def _report(self, task: dict[str, Any]) -> None:
+        total = task["total"]
+        if not total:
+            return
+        tenth = int(10 * task["completed"] / total)
+        if tenth > task["reported"]:
+            task["reported"] = tenth
+            elapsed = time.perf_counter() - task["start"]
+            self.console.print(f"{task['description']}: {int(task['completed'])}/{int(total)} "
+                               f"({10 * tenth}%, {elapsed:.0f} s)", highlight=False)
+
+
 @contextmanager
-def _progress(transient: bool = False) -> Iterator[Progress]:
+def _progress(transient: bool = False) -> Iterator[Any]:
+    if not err_console.is_terminal:
+        yield _LogProgress(err_console)
+        return
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("frames"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -263,6 +310,169 @@ def export(
         err_console.print(f"[red]failed[/] {seq_id}: {error}", highlight=False, soft_wrap=True)
     if failures:
         raise typer.Exit(1)
+
+
+class _StageProgress:
+    """LabelProgress shown as a rich bar per stage."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: Any = None
+
+    def stage(self, seq_id: str, stage: str, total: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(f"{seq_id}: {stage}", total=max(total, 1))
+
+    def advance(self) -> None:
+        self.progress.advance(self.task)
+
+
+def _set_threads() -> None:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
+@app.command()
+def flow(
+    store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
+    backend: Annotated[str, typer.Option("--flow", help="dis-ultrafast, dis-fast, dis-medium, farneback, raft")] = "dis-medium",
+    variational_refinement: Annotated[bool, typer.Option(help="DIS: add variational refinement")] = False,
+    raft_weights: Annotated[Path | None, typer.Option(help="RAFT: local weights file")] = None,
+    workers: Annotated[int, typer.Option(help="parallel processes")] = os.cpu_count() or 1,
+    sequence: Annotated[list[str] | None, typer.Option(help="only this sequence (repeatable)")] = None,
+) -> None:
+    """Compute and store forward and backward optical flow of every frame pair."""
+    from models.optical_flow import FlowConfig, FlowEstimator
+    from storage.store import SequenceStore
+    from tasks.flow_estimation import estimate_flow
+
+    config = FlowConfig(backend=backend, variational_refinement=variational_refinement,
+                        raft_weights=raft_weights, workers=workers)
+    st = SequenceStore.open(store, mode="r+")
+    ids = sequence or st.sequence_ids()
+    computed = 0
+    with FlowEstimator(config) as estimator, _progress() as progress:
+        bar = _StageProgress(progress)
+        for seq_id in ids:
+            seq = st.sequence(seq_id)
+            bar.stage(seq_id, f"flow {config.stored_name}", seq.num_frames - 1)
+            computed += estimate_flow(st, seq_id, config, estimator, bar.advance)
+    console.print(f"flow {config.stored_name}: computed for {computed} sequences, {len(ids) - computed} already had it")
+
+
+@app.command("train-teacher")
+def train_teacher_cmd(
+    store: Annotated[list[str], typer.Option("--store", help="store with annotated frames (repeatable)")],
+    out: Annotated[Path, typer.Option(help="checkpoint file to write")],
+    epochs: Annotated[int, typer.Option(help="passes over the annotated frames")] = 40,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
+    arch: Annotated[str, typer.Option(help="unet-lite (or unet-tiny for tests)")] = "unet-lite",
+    batch_size: Annotated[int, typer.Option()] = 8,
+    crop: Annotated[int, typer.Option(help="square training crop")] = 256,
+    lr: Annotated[float, typer.Option()] = 3e-3,
+    sequence: Annotated[list[str] | None, typer.Option(help="only these sequences' annotations")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train the semantic teacher on the annotated frames of one or more stores."""
+    _set_threads()
+    from models.teacher import Teacher
+    from models.teacher_training import TeacherTrainConfig, train_teacher
+    from storage.store import SequenceStore
+    from storage.training_data import AnnotatedFrames
+
+    data = AnnotatedFrames([SequenceStore.open(s) for s in store], sequence)
+    console.print(f"training {arch} on {data.describe()}", highlight=False)
+    cfg = TeacherTrainConfig(arch=arch, epochs=epochs, max_steps=max_steps, batch_size=batch_size, crop=crop,
+                             lr=lr, device=device, seed=seed)
+    classes = data.classes
+    teacher = Teacher.create(arch, classes.names, [list(c) for c in classes.palette], classes.ignore_index)
+    with _progress() as progress:
+        task = progress.add_task("train", total=None)
+
+        def report(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, description=f"train loss {loss:.3f}")
+
+        info = train_teacher(teacher, data, cfg, report)
+    teacher.train_info = {**info, "stores": list(store)}
+    digest = teacher.save(out)
+    console.print(f"wrote {out} ({info['steps']} steps, {info['seconds']} s, final loss {info['final_loss']:.3f}, "
+                  f"sha256 {digest[:12]})", highlight=False)
+
+
+@app.command()
+def label(
+    store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
+    method: Annotated[str, typer.Option(help="motion-only, semantic-only, warp-inpaint")],
+    teacher: Annotated[Path | None, typer.Option(help="teacher checkpoint (methods that use one)")] = None,
+    max_distance: Annotated[int, typer.Option(help="K: frames to propagate each way")] = 10,
+    tau: Annotated[float, typer.Option(help="warp-inpaint photometric threshold (0-255 RGB distance)")] = 40.0,
+    flow_backend: Annotated[str, typer.Option("--flow", help="flow backend, or 'exact' for synthetic drives")] = "dis-medium",
+    adapt_steps: Annotated[int, typer.Option(help="fine-tune the teacher on each sequence's annotations first")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    workers: Annotated[int, typer.Option(help="flow processes")] = os.cpu_count() or 1,
+    sequence: Annotated[list[str] | None, typer.Option(help="only this sequence (repeatable)")] = None,
+) -> None:
+    """Propagate the annotations with a method; re-runs skip sequences already labelled alike."""
+    _set_threads()
+    from models.optical_flow import FlowConfig
+    from models.propagation import PropagationConfig
+    from tasks.label import LabelRequest, label_store
+
+    request = LabelRequest(
+        propagation=PropagationConfig(method=method, max_distance=max_distance, tau=tau, device=device),
+        flow=FlowConfig(backend=flow_backend, workers=workers, device=device),
+        teacher=teacher, adapt_steps=adapt_steps, sequences=sequence or None,
+    )
+    start = time.perf_counter()
+    with _progress() as progress:
+        report = label_store(store, request, _StageProgress(progress))
+    counts = {s: sum(o.status == s for o in report.outcomes) for s in ("labelled", "skipped", "failed")}
+    console.print(f"{method}: labelled {counts['labelled']}, skipped {counts['skipped']} (already done), "
+                  f"failed {counts['failed']} in {time.perf_counter() - start:.1f} s", highlight=False)
+    for o in report.failed:
+        err_console.print(f"[red]failed[/] {o.id}: {o.error}", highlight=False, soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
+    method: Annotated[list[str], typer.Option(help="method to score (repeatable)")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    max_distance: Annotated[int, typer.Option(help="score distances 1..K")] = 10,
+) -> None:
+    """Score labelled methods against the stored ground truth: mIoU by distance, class, sequence."""
+    from storage.store import SequenceStore
+    from tasks.evaluate import evaluate_store
+
+    report = evaluate_store(SequenceStore.open(store), method, max_distance)
+    _print_evaluation(report)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {json_out}")
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _print_evaluation(report: dict[str, Any]) -> None:
+    k = report["max_distance"]
+    table = Table("method", *[f"d={d}" for d in range(1, k + 1)], "mean", "frames",
+                  title=f"mIoU (%) by propagation distance - {report['store']}")
+    for name, m in report["methods"].items():
+        table.add_row(name, *[_fmt(m["miou_by_distance"][str(d)]) for d in range(1, k + 1)],
+                      _fmt(m["miou_mean"]), str(m["frames_scored"]))
+    console.print(table)
+    for name, m in report["methods"].items():
+        if m["sequences_missing"]:
+            console.print(f"[yellow]{name}[/]: no results for {len(m['sequences_missing'])} sequences "
+                          f"({', '.join(m['sequences_missing'][:5])}); run `autolabel label` first", highlight=False)
 
 
 @app.command()

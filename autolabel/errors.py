@@ -77,6 +77,21 @@ class NotAnnotatedError(StoreError, LookupError):
     """A manual annotation was asked for on a frame that has none."""
 
 
+# --- models -------------------------------------------------------------------------------------
+
+
+class ShapeError(AutolabelError, ValueError):
+    """A tensor does not have the dimensions an operation expects."""
+
+
+class CheckpointError(AutolabelError, ValueError):
+    """A model checkpoint is missing, corrupt, or does not fit the data."""
+
+
+class MissingDependencyError(AutolabelError, ImportError):
+    """An optional package (torchvision for RAFT, say) is needed but not installed."""
+
+
 # --- configuration ------------------------------------------------------------------------------
 
 

@@ -9,15 +9,8 @@ import numpy as np
 
 from autolabel.errors import StageNotDoneError
 from storage.images import write_png_atomic
+from storage.stages import GROUND_TRUTH, result_array_names, results_stage
 from storage.store import Sequence
-
-GROUND_TRUTH = "gt"
-
-
-def results_stage(method: str) -> str:
-    """Stage name under which a propagation method's results are marked done."""
-    return f"results/{method}"
-
 
 def label_frames(seq: Sequence, method: str) -> tuple[list[int], Callable[[int], np.ndarray]]:
     """Frames that carry labels of ``method`` and a reader for one frame's (H, W) uint8 labels.
@@ -31,8 +24,9 @@ def label_frames(seq: Sequence, method: str) -> tuple[list[int], Callable[[int],
             f"sequence {seq.id!r} has no finished results for method {method!r}; run "
             f"`autolabel label {seq.store.url} --method {method}` first (stages done: {sorted(seq.stages)})"
         )
-    labels = seq.array(f"results/{method}/labels")
-    distance = np.asarray(seq.array(f"results/{method}/distance")[:])
+    labels_name, _, distance_name = result_array_names(method)
+    labels = seq.array(labels_name)
+    distance = np.asarray(seq.array(distance_name)[:])
     frames = np.flatnonzero(distance >= 0).tolist()
     return frames, lambda t: np.asarray(labels[t])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 
 from autolabel.errors import InvalidSequenceIdError
@@ -35,3 +36,21 @@ def make_sequence_id(*parts: str) -> str:
     """
     cleaned = [_UNSAFE.sub("", p) for p in parts]
     return "_".join(c for c in cleaned if c)
+
+
+def select_ids(available: list[str], patterns: list[str] | None, where: str) -> list[str]:
+    """Ids in ``available`` matching any of ``patterns`` (exact ids or globs like ``train_*``).
+
+    All of ``available`` when ``patterns`` is empty; a pattern that matches nothing is an error
+    naming ``where`` and some of the ids that exist.
+    """
+    from autolabel.errors import UnknownLayoutError
+
+    if not patterns:
+        return list(available)
+    chosen = [i for i in available if any(fnmatch.fnmatchcase(i, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(i, p) for i in available)]
+    if unmatched:
+        some = ", ".join(sorted(available)[:15])
+        raise UnknownLayoutError(f"{where}: no sequence {unmatched}; found {len(available)} sequences, e.g. {some}")
+    return chosen

@@ -44,9 +44,9 @@ from autolabel.errors import (
 )
 from storage.classes import ClassSet
 from storage.ids import validate_sequence_id
+from storage.stages import INGEST
 
 SCHEMA_VERSION = 1
-INGEST_STAGE = "ingest"
 
 
 class StoreLayout(BaseModel):
@@ -169,7 +169,7 @@ class SequenceStore:
 
     def _is_complete(self, seq_id: str, group: zarr.Group | None = None) -> bool:
         group = group if group is not None else self._group(seq_id)
-        return group is not None and INGEST_STAGE in group.attrs.get("stages", {})
+        return group is not None and INGEST in group.attrs.get("stages", {})
 
     def sequence_ids(self) -> list[str]:
         """Ids of the complete sequences (fully ingested), sorted."""
@@ -233,6 +233,20 @@ class SequenceStore:
         stages = dict(group.attrs.get("stages", {}))
         stages[stage] = {"finished_at": time.time(), "code_version": autolabel.__version__, **(info or {})}
         group.attrs.update({**(extra_attrs or {}), "stages": stages})
+
+    def clear_stage(self, seq_id: str, stage: str) -> None:
+        """Forget that ``stage`` finished (call before rewriting its arrays)."""
+        group = self._group(seq_id)
+        if group is not None and stage in group.attrs.get("stages", {}):
+            stages = dict(group.attrs["stages"])
+            del stages[stage]
+            group.attrs["stages"] = stages
+
+    def writable_sequence(self, seq_id: str) -> Sequence:
+        """A complete sequence whose group later stages may write into (store opened r+)."""
+        if self.root.read_only:
+            raise StoreError(f"store {self.url!r} is open read-only; open it with mode='r+' to write stages")
+        return self.sequence(seq_id)
 
     def nbytes(self, seq_id: str | None = None) -> int:
         """Bytes the store (or one sequence) takes in its backing storage."""
@@ -531,7 +545,7 @@ class SequenceWriter:
         height, width = self._shape or (0, 0)
         # metadata and the ingest stage go in one final write: only now is the sequence visible
         self.store.mark_stage_done(
-            self.id, INGEST_STAGE,
+            self.id, INGEST,
             {"frames": num, "annotated": int(ann.sum()), "ground_truth": int(has_gt.sum())},
             extra_attrs={
                 "num_frames": num,

@@ -12,6 +12,7 @@ from storage.annotation import AnnotationPolicy
 from storage.classes import APOLLO_LABELS
 from storage.images import write_png_atomic
 from storage.ingest import IngestReport, SequenceOutcome
+from storage.stages import flow_array_names, flow_stage
 from storage.store import SequenceStore, StoreLayout
 from storage.synthetic import SyntheticConfig, SyntheticDrive
 
@@ -23,20 +24,6 @@ APOLLO_ID_OF: dict[str, int] = {
     "SignSymbol": 83, "Fence": 67, "Car": 33, "Pedestrian": 36, "Bicyclist": 35,
 }
 assert set(APOLLO_ID_OF.values()) <= {i for _, i, _, _ in APOLLO_LABELS}
-
-
-def flow_stage(backend: str) -> str:
-    """Stage name under which a flow backend's arrays are marked done."""
-    return f"flow/{backend}"
-
-
-def flow_array_names(backend: str) -> tuple[str, str]:
-    """Array paths of a backend's forward (t -> t+1) and backward (t+1 -> t) flow.
-
-    Both are float16 (T - 1, 2, H, W): entry t holds the flow of the pair (t, t+1), forward on
-    frame t's pixels, backward on frame t+1's pixels.
-    """
-    return f"flow/{backend}/fw", f"flow/{backend}/bw"
 
 
 def synthetic_sequence_id(config: SyntheticConfig) -> str:

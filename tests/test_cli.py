@@ -121,3 +121,43 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "2 sequences" in done.stdout
     overlays = sorted((tmp_path / "demo" / "export").glob("*/overlay/*.png"))
     assert len(overlays) == 8
+
+
+def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
+    store = str(tmp_path / "s.zarr")
+    assert run_cli("synth", store, "--sequences", "1", "--frames", "23", "--size", "64x48", "--window", "21").returncode == 0
+    done = run_cli("flow", store, "--flow", "dis-fast", "--workers", "1")
+    assert done.returncode == 0 and "computed for 1 sequences" in done.stdout, done.stderr
+    teacher = tmp_path / "t.pt"
+    done = run_cli("train-teacher", "--store", store, "--out", str(teacher), "--arch", "unet-tiny",
+                   "--max-steps", "3", "--batch-size", "1", "--crop", "64")
+    assert done.returncode == 0 and teacher.is_file(), done.stderr
+    assert "training unet-tiny on 1 annotated frames" in done.stdout
+    for method in ("motion-only", "semantic-only", "warp-inpaint"):
+        done = run_cli("label", store, "--method", method, "--teacher", str(teacher), "--flow", "dis-fast",
+                       "--workers", "1")
+        assert done.returncode == 0 and "labelled 1" in done.stdout, done.stderr
+    again = run_cli("label", store, "--method", "warp-inpaint", "--teacher", str(teacher), "--flow", "dis-fast")
+    assert "skipped 1 (already done)" in again.stdout
+    out = tmp_path / "eval.json"
+    done = run_cli("evaluate", store, "--method", "motion-only", "--method", "warp-inpaint", "--json", str(out))
+    assert done.returncode == 0 and "d=10" in done.stdout
+    report = json.loads(out.read_text())
+    assert set(report["methods"]) == {"motion-only", "warp-inpaint"}
+    m = report["methods"]["warp-inpaint"]
+    assert {"miou_mean", "miou_by_distance", "per_class_iou", "per_sequence_miou", "frames_scored"} <= set(m)
+    assert m["frames_scored"] == 20 and list(m["per_sequence_miou"]) == ["synth-0000"]
+    exported = run_cli("export", store, "--method", "warp-inpaint", "--out", str(tmp_path / "x"))
+    assert exported.returncode == 0 and len(list((tmp_path / "x" / "synth-0000" / "index").iterdir())) == 21
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "warp-inpaint"], "needs a teacher: pass --teacher"),
+    (["--method", "motion-only", "--max-distance", "0"], "must be at least 1"),
+    (["--method", "semantic-only", "--teacher", "{tmp}/none.pt"], "teacher checkpoint not found"),
+])
+def test_label_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    store = str(tmp_path / "s.zarr")
+    assert run_cli("synth", store, "--sequences", "1", "--frames", "3", "--size", "32x24").returncode == 0
+    done = run_cli("label", store, *[a.format(tmp=tmp_path) for a in args])
+    assert done.returncode == 2 and message in done.stderr.replace("\n", ""), done.stderr

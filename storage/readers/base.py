@@ -153,18 +153,11 @@ class DatasetSource:
     sequences: list[SequenceSource] = field(default_factory=list)
 
     def select(self, ids: list[str] | None) -> list[SequenceSource]:
-        """The sequences named in ``ids`` (all when None); unknown ids raise a clear error."""
-        if not ids:
-            return list(self.sequences)
-        by_id = {s.id: s for s in self.sequences}
-        missing = [i for i in ids if i not in by_id]
-        if missing:
-            some = ", ".join(sorted(by_id)[:15])
-            raise UnknownLayoutError(
-                f"{self.root}: no sequence {missing} in this {self.layout} source; found "
-                f"{len(by_id)} sequences, e.g. {some}"
-            )
-        return [by_id[i] for i in ids]
+        """The sequences named in ``ids`` (exact ids or globs; all when None); unknown ids raise."""
+        from storage.ids import select_ids
+
+        chosen = set(select_ids([s.id for s in self.sequences], ids, f"{self.root} ({self.layout})"))
+        return [s for s in self.sequences if s.id in chosen]
 
 
 def list_images(directory: Path) -> list[Path]:

@@ -16,7 +16,8 @@ from storage.ingest import ingest
 from storage.readers import read_dataset
 from storage.store import SequenceStore, StoreLayout
 from storage.synthetic import SyntheticConfig, SyntheticDrive, drive_configs
-from storage.synthetic_io import APOLLO_ID_OF, flow_array_names, write_apollo_layout, write_synthetic_store
+from storage.stages import flow_array_names
+from storage.synthetic_io import APOLLO_ID_OF, write_apollo_layout, write_synthetic_store
 
 
 def _sample_nearest(image: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,263 @@
+"""Optical-flow backends by name, computing forward and backward flow of frame pairs.
+
+Backends (``FLOW_BACKENDS``):
+
+* ``dis-ultrafast``, ``dis-fast``, ``dis-medium``: OpenCV DIS presets; ``variational_refinement``
+  adds variational refinement iterations.
+* ``farneback``: OpenCV Farneback.
+* ``raft``: torchvision's RAFT, only when torchvision is installed *and* a local weights file is
+  given (``raft_weights``); nothing is ever downloaded.
+* ``exact``: not computed: the synthetic drives store their exact flow under this name.
+
+For a pair (a, b) a backend returns ``fw`` (a -> b, on a's pixels) and ``bw`` (b -> a, on b's
+pixels), each float32 (2, H, W), channel 0 = x. :class:`FlowEstimator` runs pairs in parallel
+worker processes (one OpenCV thread each) and yields results in order.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from autolabel.errors import CheckpointError, ConfigError, MissingDependencyError
+from autolabel.registry import Registry
+
+EXACT = "exact"
+
+
+class FlowConfig(BaseModel):
+    """Which flow backend to run and how."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backend: str = "dis-medium"
+    variational_refinement: bool = Field(False, description="DIS only: add variational refinement")
+    raft_weights: Path | None = Field(None, description="RAFT only: local state-dict file")
+    raft_small: bool = Field(False, description="RAFT only: the small model")
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    device: str = "cpu"
+
+    def settings_key(self) -> dict[str, Any]:
+        """What determines the flow values (workers and device do not)."""
+        return {"backend": self.backend, "variational_refinement": self.variational_refinement,
+                "raft_weights": str(self.raft_weights) if self.raft_weights else None, "raft_small": self.raft_small}
+
+    @property
+    def stored_name(self) -> str:
+        """Name of the store group holding this configuration's flow."""
+        return f"{self.backend}+vr" if self.variational_refinement else self.backend
+
+
+class FlowBackend(ABC):
+    """Computes the flow of frame pairs in both directions."""
+
+    @abstractmethod
+    def pair(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flow of the pair (a, b).
+
+        Args:
+            a, b: uint8 RGB frames (H, W, 3).
+
+        Returns:
+            fw (a -> b, on a's pixels) and bw (b -> a, on b's pixels), float32 (2, H, W).
+        """
+
+
+FLOW_BACKENDS: Registry[type[FlowBackend]] = Registry("flow backend")
+
+
+def _gray(rgb: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+
+
+def _chw(flow_hw2: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(flow_hw2.transpose(2, 0, 1), dtype=np.float32)
+
+
+class _DISBackend(FlowBackend):
+    preset_name = "MEDIUM"
+
+    def __init__(self, config: FlowConfig) -> None:
+        import cv2
+
+        self._dis = cv2.DISOpticalFlow_create(getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{self.preset_name}"))
+        if config.variational_refinement:
+            self._dis.setVariationalRefinementIterations(5)
+
+    def pair(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ga, gb = _gray(a), _gray(b)
+        return _chw(self._dis.calc(ga, gb, None)), _chw(self._dis.calc(gb, ga, None))
+
+
+@FLOW_BACKENDS.register("dis-ultrafast")
+class DISUltrafast(_DISBackend):
+    preset_name = "ULTRAFAST"
+
+
+@FLOW_BACKENDS.register("dis-fast")
+class DISFast(_DISBackend):
+    preset_name = "FAST"
+
+
+@FLOW_BACKENDS.register("dis-medium")
+class DISMedium(_DISBackend):
+    preset_name = "MEDIUM"
+
+
+@FLOW_BACKENDS.register("farneback")
+class Farneback(FlowBackend):
+    def __init__(self, config: FlowConfig) -> None:
+        if config.variational_refinement:
+            raise ConfigError("variational refinement applies to the DIS backends only")
+
+    def pair(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import cv2
+
+        ga, gb = _gray(a), _gray(b)
+        args = (None, 0.5, 4, 21, 3, 7, 1.5, 0)
+        return _chw(cv2.calcOpticalFlowFarneback(ga, gb, *args)), _chw(cv2.calcOpticalFlowFarneback(gb, ga, *args))
+
+
+@FLOW_BACKENDS.register("raft")
+class RAFT(FlowBackend):
+    """torchvision RAFT from a local weights file (large by default, ``raft_small`` for small)."""
+
+    def __init__(self, config: FlowConfig) -> None:
+        import torch
+
+        try:
+            from torchvision.models.optical_flow import raft_large, raft_small
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"the raft flow backend needs torchvision, which cannot be imported here ({exc}); "
+                "use a DIS backend or install a torchvision that matches this torch"
+            ) from None
+        if config.raft_weights is None:
+            raise ConfigError("the raft backend needs a local weights file (raft_weights / --raft-weights); "
+                              "weights are never downloaded")
+        if not config.raft_weights.is_file():
+            raise CheckpointError(f"{config.raft_weights}: RAFT weights file not found")
+        self.device = torch.device(config.device)
+        self.net = (raft_small if config.raft_small else raft_large)(weights=None, progress=False)
+        try:
+            state = torch.load(config.raft_weights, map_location="cpu", weights_only=True)
+            self.net.load_state_dict(state)
+        except Exception as exc:  # noqa: BLE001 - any failure here means the file does not fit
+            raise CheckpointError(f"{config.raft_weights}: not a RAFT state dict for this model ({exc})") from exc
+        self.net.eval().to(self.device)
+
+    def pair(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        h, w = a.shape[:2]
+        ph, pw = (-h) % 8, (-w) % 8
+        batch = torch.from_numpy(np.stack([a, b])).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        batch = F.pad(batch, (0, pw, 0, ph), mode="replicate").to(self.device)
+        with torch.inference_mode():
+            flows = self.net(batch, batch.flip(0))[-1][:, :, :h, :w].float().cpu().numpy()
+        return flows[0], flows[1]
+
+
+def create_backend(config: FlowConfig) -> FlowBackend:
+    """The backend named in ``config`` (``exact`` cannot be computed, only read)."""
+    if config.backend == EXACT:
+        raise ConfigError("flow backend 'exact' is read from the store (synthetic drives), not computed")
+    return FLOW_BACKENDS.get(config.backend)(config)
+
+
+# --- parallel estimation --------------------------------------------------------------------------
+
+_WORKER_BACKEND: FlowBackend | None = None
+
+
+def _worker_init(config: FlowConfig) -> None:
+    global _WORKER_BACKEND
+    import cv2
+
+    cv2.setNumThreads(1)
+    _WORKER_BACKEND = create_backend(config)
+
+
+def _worker_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    assert _WORKER_BACKEND is not None
+    return _WORKER_BACKEND.pair(a, b)
+
+
+class FlowEstimator:
+    """Computes flows of many pairs, in ``config.workers`` processes (in-process when 1 or GPU).
+
+    Use as a context manager so the worker pool is shut down; reuse one estimator for many
+    sequences to start the workers only once.
+    """
+
+    def __init__(self, config: FlowConfig) -> None:
+        self.config = config
+        self._pool: ProcessPoolExecutor | None = None
+        self._local: FlowBackend | None = None
+        if config.workers > 1 and config.device == "cpu" and config.backend != "raft":
+            self._pool = ProcessPoolExecutor(config.workers, mp_context=get_context("spawn"),
+                                             initializer=_worker_init, initargs=(config,))
+        else:
+            self._local = create_backend(config)
+
+    def __enter__(self) -> FlowEstimator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def pairs(self, frames: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(fw, bw)`` for each consecutive pair of ``frames``, in order (T frames -> T-1 pairs)."""
+        it = iter(frames)
+        prev = next(it, None)
+        if prev is None:
+            return
+        if self._local is not None:
+            for cur in it:
+                yield self._local.pair(prev, cur)
+                prev = cur
+            return
+        assert self._pool is not None
+        pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
+        depth = 2 * self.config.workers
+        for cur in it:
+            pending.append(self._pool.submit(_worker_pair, prev, cur))
+            prev = cur
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def read_flo(path: Path) -> np.ndarray:
+    """Read a Middlebury ``.flo`` file as float32 (2, H, W); unknown flow (> 1e9) becomes NaN."""
+    data = path.read_bytes()
+    if len(data) < 12 or np.frombuffer(data[:4], np.float32)[0] != 202021.25:
+        raise ConfigError(f"{path}: not a .flo file (bad magic number)")
+    w, h = np.frombuffer(data[4:12], np.int32)
+    flow = np.frombuffer(data[12:], np.float32, count=2 * w * h).reshape(h, w, 2).transpose(2, 0, 1).copy()
+    flow[:, (np.abs(flow) > 1e9).any(0)] = np.nan
+    return flow
+
+
+def endpoint_error(estimate: np.ndarray, truth: np.ndarray) -> float:
+    """Average end-point error over pixels where ``truth`` (2, H, W) is known (not NaN)."""
+    valid = ~np.isnan(truth).any(0)
+    return float(np.sqrt(((estimate - truth) ** 2).sum(0))[valid].mean())

@@ -1,0 +1,241 @@
+"""The semantic teacher g_psi: a compact encoder-decoder segmentation network in plain torch.
+
+Architectures are registered by name (``TEACHER_ARCHS``): ``unet-lite`` for real use and
+``unet-tiny`` for tests. A :class:`Teacher` bundles the network with its class set and loads
+from / saves to a checkpoint that ``torch.load(weights_only=True)`` reads.
+
+The network returns class logits at full resolution and its last decoder features (1/4
+resolution), which the refiner (warp-refine) concatenates into its own decoder.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autolabel.errors import CheckpointError, ClassSetMismatchError
+from autolabel.registry import Registry
+from models._checks import check_shape
+
+CHECKPOINT_FORMAT = "autolabel.teacher"
+CHECKPOINT_VERSION = 1
+# ImageNet statistics: a common, fixed input normalisation
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+TEACHER_ARCHS: Registry[type[nn.Module]] = Registry("teacher architecture")
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+@dataclass
+class TeacherOutput:
+    """logits (B, C, H, W) at input resolution; features (B, F, H/4, W/4) from the decoder."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class UNetLite(nn.Module):
+    """Encoder (1/2 .. 1/32) with a global-context branch, U-Net decoder back to 1/4.
+
+    Args:
+        num_classes: output classes C.
+        widths: channels at 1/2, 1/4, 1/8, 1/16, 1/32.
+        feature_channels: F, channels of the 1/4-resolution decoder features.
+    """
+
+    def __init__(self, num_classes: int, widths: tuple[int, ...] = (24, 32, 64, 96, 128),
+                 feature_channels: int = 64) -> None:
+        super().__init__()
+        w0, w1, w2, w3, w4 = widths
+        self.num_classes = num_classes
+        self.feature_channels = feature_channels
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        self.stem = conv_bn_relu(3, w0, stride=2)
+        self.enc1 = nn.Sequential(conv_bn_relu(w0, w1, 2), conv_bn_relu(w1, w1))
+        self.enc2 = nn.Sequential(conv_bn_relu(w1, w2, 2), conv_bn_relu(w2, w2))
+        self.enc3 = nn.Sequential(conv_bn_relu(w2, w3, 2), conv_bn_relu(w3, w3))
+        self.enc4 = nn.Sequential(conv_bn_relu(w3, w4, 2), conv_bn_relu(w4, w4, dilation=2))
+        self.context = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(w4, w4, 1), nn.ReLU(inplace=True))
+        self.dec3 = conv_bn_relu(w4 + w3, w3)
+        self.dec2 = conv_bn_relu(w3 + w2, w2)
+        self.dec1 = nn.Sequential(conv_bn_relu(w2 + w1, feature_channels), conv_bn_relu(feature_channels, feature_channels))
+        self.head = nn.Conv2d(feature_channels, num_classes, 1)
+
+    @staticmethod
+    def _up_cat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([x, skip], dim=1)
+
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
+        """Args: images (B, 3, H, W) RGB in [0, 1]. Returns :class:`TeacherOutput`."""
+        check_shape(images, ["B", "3", "H", "W"], "images")
+        h, w = images.shape[-2:]
+        x = (images - self.mean) / self.std
+        s1 = self.stem(x)
+        s2 = self.enc1(s1)
+        s3 = self.enc2(s2)
+        s4 = self.enc3(s3)
+        s5 = self.enc4(s4)
+        s5 = s5 + self.context(s5)
+        d = self.dec3(self._up_cat(s5, s4))
+        d = self.dec2(self._up_cat(d, s3))
+        features = self.dec1(self._up_cat(d, s2))
+        logits = F.interpolate(self.head(features), size=(h, w), mode="bilinear", align_corners=False)
+        return TeacherOutput(logits, features)
+
+
+@TEACHER_ARCHS.register("unet-lite")
+class UNetLiteDefault(UNetLite):
+    """About 1 M parameters; ~0.7 GMAC at 480x360."""
+
+
+@TEACHER_ARCHS.register("unet-tiny")
+class UNetTiny(UNetLite):
+    """A test-size model: real forward passes in milliseconds."""
+
+    def __init__(self, num_classes: int, feature_channels: int = 8) -> None:
+        super().__init__(num_classes, widths=(4, 8, 8, 8, 8), feature_channels=feature_channels)
+
+
+def to_tensor(frames: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 frames (B, H, W, 3) or (H, W, 3) -> float (B, 3, H, W) in [0, 1] on ``device``."""
+    t = torch.as_tensor(frames)
+    if t.dim() == 3:
+        t = t.unsqueeze(0)
+    check_shape(t, ["B", "H", "W", "3"], "frames")
+    return t.to(device).permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+
+
+class Teacher:
+    """A trained teacher: network + class names (+ palette and ignore index) + how it was made."""
+
+    def __init__(self, net: nn.Module, arch: str, arch_kwargs: dict[str, Any], classes: list[str],
+                 palette: list[list[int]], ignore_index: int, train_info: dict[str, Any] | None = None) -> None:
+        self.net = net
+        self.arch = arch
+        self.arch_kwargs = arch_kwargs
+        self.classes = classes
+        self.palette = palette
+        self.ignore_index = ignore_index
+        self.train_info = train_info or {}
+
+    @classmethod
+    def create(cls, arch: str, classes: list[str], palette: list[list[int]], ignore_index: int = 255,
+               **arch_kwargs: Any) -> Teacher:
+        net = TEACHER_ARCHS.get(arch)(num_classes=len(classes), **arch_kwargs)
+        return cls(net, arch, arch_kwargs, list(classes), [list(c) for c in palette], ignore_index)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device: str | torch.device) -> Teacher:
+        self.net.to(device)
+        return self
+
+    def copy(self) -> Teacher:
+        return Teacher(copy.deepcopy(self.net), self.arch, dict(self.arch_kwargs), list(self.classes),
+                       [list(c) for c in self.palette], self.ignore_index, dict(self.train_info))
+
+    def check_classes(self, names: list[str], ignore_index: int, where: str) -> None:
+        """Raise ClassSetMismatchError unless the teacher predicts exactly ``names``."""
+        if list(names) != self.classes or ignore_index != self.ignore_index:
+            raise ClassSetMismatchError(
+                f"teacher predicts classes {self.classes} but {where} holds {list(names)}; train a teacher "
+                "on stores with this class set (`autolabel train-teacher --store ...`)"
+            )
+
+    @torch.inference_mode()
+    def predict(self, frames: np.ndarray | torch.Tensor) -> TeacherOutput:
+        """Class probabilities and decoder features of uint8 frames (B, H, W, 3).
+
+        Returns:
+            TeacherOutput with ``logits`` replaced by softmax probabilities (B, C, H, W).
+        """
+        self.net.eval()
+        x = to_tensor(frames, self.device)
+        use_bf16 = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = self.net(x)
+        return TeacherOutput(out.logits.float().softmax(1), out.features.float())
+
+    def predict_labels(self, frames: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Argmax labels uint8 (B, H, W) and their probability float32 (B, H, W)."""
+        probs = self.predict(frames).logits
+        conf, labels = probs.max(1)
+        return labels.to(torch.uint8).cpu().numpy(), conf.cpu().numpy()
+
+    # --- checkpoints ---
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "arch": self.arch,
+            "arch_kwargs": self.arch_kwargs, "classes": self.classes, "palette": self.palette,
+            "ignore_index": self.ignore_index, "train": self.train_info,
+            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+        }
+
+    def save(self, path: Path) -> str:
+        """Write the checkpoint atomically; returns its sha256."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(self.state(), tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return file_sha256(path)
+
+    @classmethod
+    def load(cls, path: Path, device: str | torch.device = "cpu") -> Teacher:
+        """Load a checkpoint written by :meth:`save` (``weights_only=True``: no code runs)."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: teacher checkpoint not found; train one with `autolabel train-teacher`")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - pickle, zip and safety errors all mean 'unusable'
+            raise CheckpointError(f"{path}: cannot read teacher checkpoint ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: not an autolabel teacher checkpoint")
+        if state.get("format_version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"{path}: teacher checkpoint version {state.get('format_version')} is not "
+                                  f"{CHECKPOINT_VERSION}; retrain it with this autolabel")
+        teacher = cls.create(state["arch"], state["classes"], state["palette"], state["ignore_index"],
+                             **state["arch_kwargs"])
+        try:
+            teacher.net.load_state_dict(state["state_dict"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: weights do not fit architecture {state['arch']!r} ({exc})") from exc
+        teacher.train_info = state.get("train", {})
+        return teacher.to(device)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

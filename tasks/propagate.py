@@ -1,0 +1,140 @@
+"""Propagation stage: run a method over a sequence and store labels, confidence and distance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import zarr
+
+from autolabel.errors import StageNotDoneError
+from models.propagation import Candidate, PropagationConfig, create_method, propagate_frames
+from storage.stages import (
+    TEACHER,
+    TEACHER_CONFIDENCE,
+    TEACHER_LABELS,
+    result_array_names,
+    results_stage,
+)
+from storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
+from tasks.flow_estimation import flow_arrays
+
+
+class StoreSequenceInputs:
+    """:class:`models.propagation.SequenceInputs` read lazily from a stored sequence."""
+
+    def __init__(self, seq: Sequence, flow_name: str | None, need_teacher: bool) -> None:
+        self.seq = seq
+        self.num_frames, self.height, self.width = seq.num_frames, seq.height, seq.width
+        self.annotated = seq.annotated
+        self.num_classes = seq.store.classes.num_classes
+        self.ignore_index = seq.store.classes.ignore_index
+        self._fw = self._bw = None
+        if flow_name is not None:
+            self._fw, self._bw = flow_arrays(seq, flow_name)
+        if need_teacher and not seq.stage_done(TEACHER):
+            raise StageNotDoneError(
+                f"sequence {seq.id!r} has no teacher output yet; label with --teacher CHECKPOINT "
+                "(train one with `autolabel train-teacher`)"
+            )
+        self._teacher_labels = seq.array(TEACHER_LABELS) if need_teacher else None
+        self._teacher_conf = seq.array(TEACHER_CONFIDENCE) if need_teacher else None
+        self._frames: dict[int, np.ndarray] = {}
+
+    def annotation(self, t: int) -> np.ndarray:
+        return self.seq.annotation(t)
+
+    def frame(self, t: int) -> np.ndarray:
+        # each step reads its two frames; keep the last few to read every frame once per sweep
+        if t not in self._frames:
+            if len(self._frames) > 3:
+                self._frames.pop(next(iter(self._frames)))
+            self._frames[t] = self.seq.frame(t)
+        return self._frames[t]
+
+    def flow_to_next(self, t: int) -> np.ndarray:
+        assert self._fw is not None
+        return np.asarray(self._fw[t], dtype=np.float32)
+
+    def flow_to_prev(self, t: int) -> np.ndarray:
+        assert self._bw is not None
+        return np.asarray(self._bw[t - 1], dtype=np.float32)
+
+    def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        assert self._teacher_labels is not None and self._teacher_conf is not None
+        return np.asarray(self._teacher_labels[t]), np.asarray(self._teacher_conf[t], dtype=np.float32) / 255.0
+
+
+class StoreCandidateBuffer:
+    """Backward-chain candidates parked in the store, one chunk per frame (deleted afterwards)."""
+
+    def __init__(self, group: zarr.Group, num_frames: int, height: int, width: int, ignore_index: int) -> None:
+        self.group = group
+        kw: dict[str, Any] = {"chunks": (1, height, width), "overwrite": True}
+        self.labels = group.create_array("labels", shape=(num_frames, height, width), dtype="uint8",
+                                         fill_value=ignore_index, **kw)
+        self.conf = group.create_array("confidence", shape=(num_frames, height, width), dtype="float16",
+                                       fill_value=0, **kw)
+        self.distance = np.full(num_frames, -1, dtype=np.int16)
+
+    def put(self, t: int, candidate: Candidate) -> None:
+        self.labels[t] = candidate.labels
+        self.conf[t] = candidate.confidence.astype(np.float16)
+        self.distance[t] = candidate.distance
+
+    def get(self, t: int) -> Candidate | None:
+        if self.distance[t] < 0:
+            return None
+        return Candidate(np.asarray(self.labels[t]), np.asarray(self.conf[t], dtype=np.float32), int(self.distance[t]))
+
+
+def result_settings(config: PropagationConfig, flow: dict[str, Any] | None, teacher: dict[str, Any] | None) -> dict[str, Any]:
+    return {**config.model_dump(exclude={"device"}), "flow": flow, "teacher": teacher}
+
+
+def label_sequence(
+    store: SequenceStore,
+    seq_id: str,
+    config: PropagationConfig,
+    flow_name: str | None,
+    *,
+    on_step: Callable[[], None] | None = None,
+) -> bool:
+    """Propagate the annotations of ``seq_id`` with ``config.method`` and store the results.
+
+    Needs the flow stage ``flow_name`` (methods that warp) and the teacher stage (methods that
+    use the teacher) to be done. Skips (returns False) when results with identical settings exist.
+    Writes ``results/<method>/{labels,confidence,distance}`` and marks the stage done last.
+    """
+    seq = store.writable_sequence(seq_id)
+    method = create_method(config)
+    inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher)
+    flow_info = seq.stages[f"flow/{flow_name}"].get("settings", {"backend": flow_name}) if method.needs_flow else None
+    teacher_info = seq.stages[TEACHER]["settings"] if method.needs_teacher else None
+    settings = result_settings(config, flow_info, teacher_info)
+    stage = results_stage(config.method)
+    if seq.stages.get(stage, {}).get("settings") == settings:
+        return False
+    store.clear_stage(seq_id, stage)
+    labels_name, conf_name, distance_name = result_array_names(config.method)
+    shape = (seq.height, seq.width)
+    dims = ("T", "H", "W")
+    ignore = store.classes.ignore_index
+    labels_w = FrameArrayWriter(seq.group, labels_name, shape, "uint8", seq.num_frames, StoreLayout(), ignore, dims)
+    conf_w = FrameArrayWriter(seq.group, conf_name, shape, "uint8", seq.num_frames, StoreLayout(), 0, dims)
+    scratch_path = f"results/{config.method}/_backward"
+    buffer = StoreCandidateBuffer(seq.group.require_group(scratch_path), seq.num_frames, *shape, ignore)
+    distance = np.full(seq.num_frames, -1, dtype=np.int8)
+    for out in propagate_frames(inputs, config, buffer, on_step):
+        labels_w.append(out.labels)
+        conf_w.append(out.confidence)
+        distance[out.t] = out.distance
+    labels_w.close()
+    conf_w.close()
+    dist = seq.group.create_array(distance_name, shape=(seq.num_frames,), chunks=(seq.num_frames,),
+                                  dtype="int8", fill_value=-1, overwrite=True, dimension_names=("T",))
+    dist[:] = distance
+    del seq.group[scratch_path]
+    store.mark_stage_done(seq_id, stage, {"settings": settings, "reached": int((distance > 0).sum())})
+    return True

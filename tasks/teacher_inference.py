@@ -1,0 +1,69 @@
+"""Teacher-inference stage: the teacher's label and confidence for every frame of a sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from models.teacher import Teacher
+from models.teacher_training import adapt_teacher
+from storage.stages import TEACHER, TEACHER_CONFIDENCE, TEACHER_LABELS
+from storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
+from storage.training_data import AnnotatedFrames
+
+
+def teacher_settings(teacher_hash: str, adapt_steps: int) -> dict[str, object]:
+    return {"checkpoint_sha256": teacher_hash, "adapt_steps": adapt_steps}
+
+
+def teacher_is_current(seq: Sequence, teacher_hash: str, adapt_steps: int) -> bool:
+    stage = seq.stages.get(TEACHER)
+    return stage is not None and stage.get("settings") == teacher_settings(teacher_hash, adapt_steps)
+
+
+def infer_teacher(
+    store: SequenceStore,
+    seq_id: str,
+    teacher: Teacher,
+    teacher_hash: str,
+    *,
+    adapt_steps: int = 0,
+    batch_size: int = 4,
+    on_frame: Callable[[], None] | None = None,
+) -> bool:
+    """Store ``teacher/labels`` and ``teacher/confidence`` (uint8, x255) for every frame.
+
+    With ``adapt_steps`` > 0 a copy of the teacher is first fine-tuned on this sequence's own
+    annotated frames (per-sequence adaptation). Skips (returns False) when the stage already holds
+    the output of the same checkpoint and adaptation.
+    """
+    seq = store.writable_sequence(seq_id)
+    teacher.check_classes(store.classes.names, store.classes.ignore_index, f"store {store.url!r}")
+    if teacher_is_current(seq, teacher_hash, adapt_steps):
+        return False
+    store.clear_stage(seq_id, TEACHER)
+    model = teacher
+    if adapt_steps > 0:
+        samples = AnnotatedFrames.from_sequence(seq)
+        if len(samples):
+            model = adapt_teacher(teacher, samples, adapt_steps)
+    group = seq.group
+    shape = (seq.height, seq.width)
+    labels_w = FrameArrayWriter(group, TEACHER_LABELS, shape, "uint8", seq.num_frames, StoreLayout(),
+                                store.classes.ignore_index, ("T", "H", "W"))
+    conf_w = FrameArrayWriter(group, TEACHER_CONFIDENCE, shape, "uint8", seq.num_frames, StoreLayout(), 0,
+                              ("T", "H", "W"))
+    for start in range(0, seq.num_frames, batch_size):
+        frames = np.stack(list(seq.iter_frames(start, min(start + batch_size, seq.num_frames))))
+        labels, conf = model.predict_labels(frames)
+        for lab, c in zip(labels, conf):
+            labels_w.append(lab)
+            conf_w.append(np.clip(np.round(c * 255), 0, 255).astype(np.uint8))
+            if on_frame is not None:
+                on_frame()
+    labels_w.close()
+    conf_w.close()
+    store.mark_stage_done(seq_id, TEACHER, {"settings": teacher_settings(teacher_hash, adapt_steps),
+                                            "classes": teacher.classes})
+    return True

@@ -1,0 +1,144 @@
+"""Propagation methods and recursion on in-memory inputs built from a synthetic drive."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autolabel.errors import ConfigError, RegistryError
+import torch
+
+from models.propagation import Candidate, LabelState, PropagationConfig, WarpInpaint, fuse, propagate
+from models.warping import inside_mask, warp_labels
+from storage.synthetic import SyntheticConfig, SyntheticDrive
+
+
+class DriveInputs:
+    """SequenceInputs over a rendered drive; the 'teacher' is the truth with chosen confidence."""
+
+    def __init__(self, cfg: SyntheticConfig, annotated: list[int], teacher_conf: float = 0.95,
+                 teacher_noise: float = 0.0) -> None:
+        drive = SyntheticDrive(cfg)
+        self.frames = [drive.render(t) for t in range(cfg.frames)]
+        self.num_frames, self.height, self.width = cfg.frames, cfg.height, cfg.width
+        self.annotated = np.zeros(cfg.frames, bool)
+        self.annotated[annotated] = True
+        self.num_classes, self.ignore_index = len(cfg.classes), 255
+        rng = np.random.default_rng(0)
+        self._teacher = []
+        for f in self.frames:
+            labels = f.label.copy()
+            flip = rng.random(labels.shape) < teacher_noise
+            labels[flip] = (labels[flip] + 1) % self.num_classes
+            self._teacher.append((labels, np.full(labels.shape, teacher_conf, np.float32)))
+
+    def annotation(self, t: int) -> np.ndarray:
+        assert self.annotated[t], "propagation read a non-annotated frame's label"
+        return self.frames[t].label
+
+    def frame(self, t: int) -> np.ndarray:
+        return self.frames[t].rgb
+
+    def flow_to_next(self, t: int) -> np.ndarray:
+        return self.frames[t].flow_next
+
+    def flow_to_prev(self, t: int) -> np.ndarray:
+        return self.frames[t].flow_prev
+
+    def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._teacher[t]
+
+
+CFG = SyntheticConfig(width=96, height=72, frames=9, seed=2, ego_speed=(2.0, 3.0), fps=30.0)
+
+
+def _acc(out, inputs: DriveInputs, t: int) -> float:  # noqa: ANN001
+    return float((out[t].labels == inputs.frames[t].label).mean())
+
+
+class TestRecursion:
+    def test_distances_and_annotated_frames(self) -> None:
+        inputs = DriveInputs(CFG, annotated=[4])
+        out = propagate(inputs, PropagationConfig(method="motion-only", max_distance=3))
+        assert [o.t for o in out] == list(range(9))
+        assert [o.distance for o in out] == [-1, 3, 2, 1, 0, 1, 2, 3, -1]
+        np.testing.assert_array_equal(out[4].labels, inputs.frames[4].label)
+        assert (out[4].confidence == 255).all()
+        assert (out[0].labels == 255).all() and (out[0].confidence == 0).all()
+
+    def test_chains_stop_at_the_next_annotation_and_fuse_between(self) -> None:
+        inputs = DriveInputs(CFG, annotated=[1, 5])
+        out = propagate(inputs, PropagationConfig(method="motion-only", max_distance=10))
+        # frame 3 is 2 from both; frame 4 is 3 after frame 1 and 1 before frame 5
+        assert [o.distance for o in out] == [1, 0, 1, 2, 1, 0, 1, 2, 3]
+
+    def test_no_annotation(self) -> None:
+        with pytest.raises(ConfigError, match="no annotated frame"):
+            propagate(DriveInputs(CFG, annotated=[]), PropagationConfig(method="motion-only"))
+
+    @pytest.mark.parametrize("k", [0, -2])
+    def test_k_must_be_positive(self, k: int) -> None:
+        with pytest.raises(ConfigError, match="at least 1"):
+            PropagationConfig(max_distance=k)
+
+    def test_unknown_method(self) -> None:
+        with pytest.raises(RegistryError, match="unknown propagation method 'magic'"):
+            PropagationConfig(method="magic")
+
+
+class TestMethods:
+    def test_motion_only_with_exact_flow_is_near_exact_at_distance_one(self) -> None:
+        inputs = DriveInputs(CFG, annotated=[4])
+        out = propagate(inputs, PropagationConfig(method="motion-only", max_distance=4))
+        assert _acc(out, inputs, 3) > 0.97 and _acc(out, inputs, 5) > 0.97
+
+    def test_semantic_only_thresholds_teacher_confidence(self) -> None:
+        confident = propagate(DriveInputs(CFG, [4], teacher_conf=0.95), PropagationConfig(method="semantic-only"))
+        np.testing.assert_array_equal(confident[6].labels, DriveInputs(CFG, [4]).frames[6].label)
+        assert (confident[6].confidence == round(0.95 * 255)).all()
+        unsure = propagate(DriveInputs(CFG, [4], teacher_conf=0.9), PropagationConfig(method="semantic-only"))
+        assert (unsure[6].labels == 255).all()  # confidence must exceed 0.9
+
+    def test_warp_inpaint_is_warp_where_trusted_and_teacher_elsewhere(self) -> None:
+        noisy = DriveInputs(CFG, [4], teacher_conf=0.6, teacher_noise=1.0)  # teacher always wrong
+        method = WarpInpaint(PropagationConfig(method="warp-inpaint", tau=20.0))
+        ann = torch.from_numpy(noisy.annotation(4)).long()
+        step = method.step(LabelState(ann, torch.ones(ann.shape)), 4, 5, noisy)
+        trusted, to_src = method.trust_mask(4, 5, noisy)
+        warped = warp_labels(ann[None], to_src)[0]
+        expected = torch.where(trusted, warped, torch.from_numpy(noisy.teacher(5)[0]).long())
+        assert torch.equal(step.labels, expected)
+        assert 0.05 < trusted.float().mean() < 0.99  # both sources are used
+        torch.testing.assert_close(step.confidence[~trusted], torch.full_like(step.confidence[~trusted], 0.6))
+
+    def test_trust_mask_follows_tau_and_the_frame_border(self) -> None:
+        inputs = DriveInputs(CFG, [4])
+        strict = WarpInpaint(PropagationConfig(tau=1e-6)).trust_mask(4, 5, inputs)[0]
+        loose, to_src = WarpInpaint(PropagationConfig(tau=1e6, fb_check=False)).trust_mask(4, 5, inputs)
+        assert strict.float().mean() < loose.float().mean()
+        assert torch.equal(loose, inside_mask(to_src)[0])
+
+    def test_warp_inpaint_beats_motion_only_with_a_good_teacher(self) -> None:
+        cfg = SyntheticConfig(width=96, height=72, frames=13, seed=4)  # fast drive: motion drifts
+        inputs = DriveInputs(cfg, [0], teacher_conf=0.8)
+        motion = propagate(inputs, PropagationConfig(method="motion-only", max_distance=12))
+        inpaint = propagate(inputs, PropagationConfig(method="warp-inpaint", max_distance=12))
+        assert _acc(inpaint, inputs, 12) > _acc(motion, inputs, 12) + 0.02
+
+
+class TestFusion:
+    def _cand(self, label: int, conf: list[float], distance: int) -> Candidate:
+        return Candidate(np.full(len(conf), label, np.uint8), np.asarray(conf, np.float32), distance)
+
+    def test_higher_confidence_wins_per_pixel(self) -> None:
+        fused = fuse(self._cand(1, [0.9, 0.2], 3), self._cand(2, [0.5, 0.6], 5))
+        assert fused.labels.tolist() == [1, 2] and fused.distance == 3
+
+    def test_ties_go_to_the_nearer_keyframe(self) -> None:
+        assert fuse(self._cand(1, [0.5], 4), self._cand(2, [0.5], 2)).labels.tolist() == [2]
+        assert fuse(self._cand(1, [0.5], 2), self._cand(2, [0.5], 4)).labels.tolist() == [1]
+        assert fuse(self._cand(1, [0.5], 3), self._cand(2, [0.5], 3)).labels.tolist() == [1]
+
+    def test_one_side_only(self) -> None:
+        only = self._cand(1, [0.5], 2)
+        assert fuse(only, None) is only and fuse(None, only) is only and fuse(None, None) is None
