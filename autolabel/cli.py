@@ -340,7 +340,7 @@ def flow(
     backend: Annotated[str, typer.Option("--flow", help="dis-ultrafast, dis-fast, dis-medium, farneback, raft")] = "dis-medium",
     variational_refinement: Annotated[bool, typer.Option(help="DIS: add variational refinement")] = False,
     raft_weights: Annotated[Path | None, typer.Option(help="RAFT: local weights file")] = None,
-    workers: Annotated[int, typer.Option(help="parallel processes")] = os.cpu_count() or 1,
+    workers: Annotated[int, typer.Option(help="flow processes (0 = auto: 1 for DIS, one per core otherwise)")] = 0,
     sequence: Annotated[list[str] | None, typer.Option(help="only this sequence (repeatable)")] = None,
 ) -> None:
     """Compute and store forward and backward optical flow of every frame pair."""
@@ -409,10 +409,12 @@ def label(
     teacher: Annotated[Path | None, typer.Option(help="teacher checkpoint (methods that use one)")] = None,
     max_distance: Annotated[int, typer.Option(help="K: frames to propagate each way")] = 10,
     tau: Annotated[float, typer.Option(help="warp-inpaint photometric threshold (0-255 RGB distance)")] = 40.0,
+    inpaint_confidence: Annotated[float, typer.Option(help="warp-inpaint: teacher probability needed to inpaint an untrusted pixel (0 = paper's Eq. 5)")] = 0.9,
+    override_confidence: Annotated[float, typer.Option(help="warp-inpaint: teacher probability that overrides a trusted warp (1 = never)")] = 0.98,
     flow_backend: Annotated[str, typer.Option("--flow", help="flow backend, or 'exact' for synthetic drives")] = "dis-medium",
     adapt_steps: Annotated[int, typer.Option(help="fine-tune the teacher on each sequence's annotations first")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    workers: Annotated[int, typer.Option(help="flow processes")] = os.cpu_count() or 1,
+    workers: Annotated[int, typer.Option(help="flow processes (0 = auto: 1 for DIS, one per core otherwise)")] = 0,
     sequence: Annotated[list[str] | None, typer.Option(help="only this sequence (repeatable)")] = None,
 ) -> None:
     """Propagate the annotations with a method; re-runs skip sequences already labelled alike."""
@@ -422,7 +424,8 @@ def label(
     from tasks.label import LabelRequest, label_store
 
     request = LabelRequest(
-        propagation=PropagationConfig(method=method, max_distance=max_distance, tau=tau, device=device),
+        propagation=PropagationConfig(method=method, max_distance=max_distance, tau=tau, device=device,
+                                      inpaint_confidence=inpaint_confidence, override_confidence=override_confidence),
         flow=FlowConfig(backend=flow_backend, workers=workers, device=device),
         teacher=teacher, adapt_steps=adapt_steps, sequences=sequence or None,
     )
@@ -444,12 +447,16 @@ def evaluate(
     method: Annotated[list[str], typer.Option(help="method to score (repeatable)")],
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
     max_distance: Annotated[int, typer.Option(help="score distances 1..K")] = 10,
+    sequence: Annotated[list[str] | None, typer.Option(help="only these sequences (ids or globs)")] = None,
 ) -> None:
     """Score labelled methods against the stored ground truth: mIoU by distance, class, sequence."""
+    from storage.ids import select_ids
     from storage.store import SequenceStore
     from tasks.evaluate import evaluate_store
 
-    report = evaluate_store(SequenceStore.open(store), method, max_distance)
+    st = SequenceStore.open(store)
+    ids = select_ids(st.sequence_ids(), sequence, f"store {store!r}")
+    report = evaluate_store(st, method, max_distance, sequences=ids)
     _print_evaluation(report)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,9 @@ Backends (``FLOW_BACKENDS``):
 
 For a pair (a, b) a backend returns ``fw`` (a -> b, on a's pixels) and ``bw`` (b -> a, on b's
 pixels), each float32 (2, H, W), channel 0 = x. :class:`FlowEstimator` runs pairs in parallel
-worker processes (one OpenCV thread each) and yields results in order.
+worker processes (one OpenCV thread each) and yields results in order. Measured on 2 cores
+(benchmarks/flow.py): DIS is fastest in one process, since OpenCV already spreads it over the
+cores, while Farneback gains from one process per core; ``workers=0`` (auto) picks accordingly.
 """
 
 from __future__ import annotations
@@ -43,13 +45,20 @@ class FlowConfig(BaseModel):
     variational_refinement: bool = Field(False, description="DIS only: add variational refinement")
     raft_weights: Path | None = Field(None, description="RAFT only: local state-dict file")
     raft_small: bool = Field(False, description="RAFT only: the small model")
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    workers: int = Field(0, ge=0, description="processes; 0 = auto (see resolved_workers)")
     device: str = "cpu"
 
     def settings_key(self) -> dict[str, Any]:
         """What determines the flow values (workers and device do not)."""
         return {"backend": self.backend, "variational_refinement": self.variational_refinement,
                 "raft_weights": str(self.raft_weights) if self.raft_weights else None, "raft_small": self.raft_small}
+
+    def resolved_workers(self) -> int:
+        """Processes to use. Auto (0): one for DIS, which OpenCV already runs on all cores (a pool only
+        adds the cost of shipping frames), and one per core for the other backends."""
+        if self.workers:
+            return self.workers
+        return 1 if self.backend.startswith("dis-") else (os.cpu_count() or 1)
 
     @property
     def stored_name(self) -> str:
@@ -196,7 +205,7 @@ def _worker_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FlowEstimator:
-    """Computes flows of many pairs, in ``config.workers`` processes (in-process when 1 or GPU).
+    """Computes flows of many pairs in ``config.resolved_workers()`` processes (in-process when 1 or GPU).
 
     Use as a context manager so the worker pool is shut down; reuse one estimator for many
     sequences to start the workers only once.
@@ -206,8 +215,9 @@ class FlowEstimator:
         self.config = config
         self._pool: ProcessPoolExecutor | None = None
         self._local: FlowBackend | None = None
-        if config.workers > 1 and config.device == "cpu" and config.backend != "raft":
-            self._pool = ProcessPoolExecutor(config.workers, mp_context=get_context("spawn"),
+        self.workers = config.resolved_workers()
+        if self.workers > 1 and config.device == "cpu" and config.backend != "raft":
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
                                              initializer=_worker_init, initargs=(config,))
         else:
             self._local = create_backend(config)
@@ -236,7 +246,7 @@ class FlowEstimator:
             return
         assert self._pool is not None
         pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
-        depth = 2 * self.config.workers
+        depth = 2 * self.workers
         for cur in it:
             pending.append(self._pool.submit(_worker_pair, prev, cur))
             prev = cur

@@ -7,7 +7,12 @@ Methods (``METHODS``), each one recursive step ``Psi`` from frame ``src`` to a n
 * ``semantic-only`` (Tao et al.): the teacher's argmax where its confidence > 0.9, ignore elsewhere.
 * ``warp-inpaint`` (paper Eq. 5-6): keep the warped label where the photometric error is below
   ``tau``, the pixel came from inside the frame and forward/backward flows agree; take the
-  teacher's label everywhere else.
+  teacher's label everywhere else. Two guards make it robust to a teacher weaker than the
+  paper's: an untrusted pixel takes the teacher's label only where the teacher's probability is
+  at least ``inpaint_confidence`` (0.9; else the warp, border-filled outside the frame, stays), and
+  the teacher overrides even a trusted warp where its probability is at least
+  ``override_confidence`` (0.98) - drift inside colour-consistent regions. ``inpaint_confidence=0,
+  override_confidence=1`` is exactly Eq. 5 (README: what the guards gain on CamVid dense).
 
 Recursion: from every annotated frame a label travels up to ``K`` frames in both directions; a
 chain stops at the next annotated frame (whose own annotation then takes over). So each frame gets
@@ -54,6 +59,14 @@ class PropagationConfig(BaseModel):
     tau: float = Field(40.0, gt=0, description="photometric-error threshold (RGB Euclidean, 0-255 scale)")
     semantic_threshold: float = Field(0.9, ge=0, le=1, description="semantic-only: minimum teacher confidence")
     fb_check: bool = Field(True, description="warp-inpaint: also require forward/backward flow agreement")
+    inpaint_confidence: float = Field(
+        0.9, ge=0, le=1,
+        description="warp-inpaint: teacher probability needed to replace an untrusted warped label "
+                    "(0 = always, the paper's Eq. 5)")
+    override_confidence: float = Field(
+        0.98, ge=0, le=1,
+        description="warp-inpaint: teacher probability at which it replaces even a trusted warped label "
+                    "(1 = never, the paper's Eq. 5)")
     device: str = "cpu"
 
     @field_validator("max_distance")
@@ -196,11 +209,14 @@ class WarpInpaint(PropagationMethod):
 
     def step(self, state: LabelState, src: int, dst: int, inputs: SequenceInputs) -> LabelState:
         trusted, to_src = self.trust_mask(src, dst, inputs)
-        warped_labels = warp_labels(state.labels[None], to_src, inputs.ignore_index)[0]
-        warped_conf, _ = backward_warp(state.confidence[None, None], to_src, mode="nearest")
+        warped_labels = warp_labels(state.labels[None], to_src, inputs.ignore_index, outside="border")[0]
+        warped_conf = warp_labels(state.confidence[None], to_src, outside="border")[0]
         teacher_labels, teacher_conf = self._teacher(dst, inputs)
-        labels = torch.where(trusted, warped_labels, teacher_labels)
-        conf = torch.where(trusted, warped_conf[0, 0], teacher_conf)
+        # the warp is kept where trusted, and also where the teacher is too unsure to replace it
+        keep = trusted | (teacher_conf < self.config.inpaint_confidence)
+        keep &= teacher_conf < self.config.override_confidence
+        labels = torch.where(keep, warped_labels, teacher_labels)
+        conf = torch.where(trusted, warped_conf, torch.where(keep, warped_conf * 0.5, teacher_conf))
         return LabelState(labels, conf)
 
 

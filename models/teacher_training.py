@@ -159,13 +159,14 @@ def adapt_teacher(teacher: Teacher, samples: Sequence[Sample], steps: int, cfg: 
                   progress: ProgressFn | None = None) -> Teacher:
     """A copy of ``teacher`` fine-tuned for ``steps`` steps on ``samples`` (one sequence's annotations).
 
-    Uses a tenth of the training learning rate; the original teacher is left unchanged.
+    Uses a third of the training learning rate and a narrower scale range (0.75-1.5: the frames to
+    label have the annotations' scale); the original teacher is left unchanged.
     """
     if steps < 1:
         return teacher
     base = cfg or TeacherTrainConfig(**teacher.train_info.get("config", {}))
     tuned = teacher.copy()
-    adapt_cfg = base.model_copy(update={"max_steps": steps, "lr": base.lr / 10,
+    adapt_cfg = base.model_copy(update={"max_steps": steps, "lr": base.lr / 3, "scale": (0.75, 1.5),
                                         "batch_size": min(base.batch_size, max(len(samples), 1)),
                                         "device": str(teacher.device)})
     train_teacher(tuned, samples, adapt_cfg, progress)

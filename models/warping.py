@@ -18,6 +18,15 @@ from torch import nn
 from models._checks import check_same_hw, check_shape
 
 
+def source_coords(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source pixel coordinates ``x + F_x``, ``y + F_y`` of every target pixel, each (B, H, W)."""
+    check_shape(flow, ["B", "2", "H", "W"], "flow")
+    _, _, h, w = flow.shape
+    ys = torch.arange(h, device=flow.device, dtype=flow.dtype).view(1, h, 1)
+    xs = torch.arange(w, device=flow.device, dtype=flow.dtype).view(1, 1, w)
+    return xs + flow[:, 0], ys + flow[:, 1]
+
+
 def flow_to_grid(flow: torch.Tensor) -> torch.Tensor:
     """Sampling grid for ``grid_sample`` (align_corners=True) from a flow field.
 
@@ -27,25 +36,15 @@ def flow_to_grid(flow: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, H, W, 2) grid in [-1, 1] coordinates (x, y).
     """
-    check_shape(flow, ["B", "2", "H", "W"], "flow")
-    b, _, h, w = flow.shape
-    ys = torch.arange(h, device=flow.device, dtype=flow.dtype).view(1, h, 1)
-    xs = torch.arange(w, device=flow.device, dtype=flow.dtype).view(1, 1, w)
-    x = xs + flow[:, 0]
-    y = ys + flow[:, 1]
-    gx = 2.0 * x / max(w - 1, 1) - 1.0
-    gy = 2.0 * y / max(h - 1, 1) - 1.0
-    return torch.stack([gx, gy], dim=-1)
+    x, y = source_coords(flow)
+    h, w = flow.shape[-2:]
+    return torch.stack([2.0 * x / max(w - 1, 1) - 1.0, 2.0 * y / max(h - 1, 1) - 1.0], dim=-1)
 
 
 def inside_mask(flow: torch.Tensor) -> torch.Tensor:
     """bool (B, H, W): target pixels whose source location lies inside the source frame."""
-    check_shape(flow, ["B", "2", "H", "W"], "flow")
-    _, _, h, w = flow.shape
-    ys = torch.arange(h, device=flow.device, dtype=flow.dtype).view(1, h, 1)
-    xs = torch.arange(w, device=flow.device, dtype=flow.dtype).view(1, 1, w)
-    x = xs + flow[:, 0]
-    y = ys + flow[:, 1]
+    x, y = source_coords(flow)
+    h, w = flow.shape[-2:]
     return (x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)
 
 

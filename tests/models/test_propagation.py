@@ -101,7 +101,8 @@ class TestMethods:
 
     def test_warp_inpaint_is_warp_where_trusted_and_teacher_elsewhere(self) -> None:
         noisy = DriveInputs(CFG, [4], teacher_conf=0.6, teacher_noise=1.0)  # teacher always wrong
-        method = WarpInpaint(PropagationConfig(method="warp-inpaint", tau=20.0))
+        eq5 = PropagationConfig(method="warp-inpaint", tau=20.0, inpaint_confidence=0.0, override_confidence=1.0)
+        method = WarpInpaint(eq5)
         ann = torch.from_numpy(noisy.annotation(4)).long()
         step = method.step(LabelState(ann, torch.ones(ann.shape)), 4, 5, noisy)
         trusted, to_src = method.trust_mask(4, 5, noisy)
@@ -110,6 +111,18 @@ class TestMethods:
         assert torch.equal(step.labels, expected)
         assert 0.05 < trusted.float().mean() < 0.99  # both sources are used
         torch.testing.assert_close(step.confidence[~trusted], torch.full_like(step.confidence[~trusted], 0.6))
+
+    @pytest.mark.parametrize(("teacher_conf", "teacher_everywhere"), [(0.6, False), (0.99, True)])
+    def test_guards_gate_the_teacher_by_its_confidence(self, teacher_conf: float, teacher_everywhere: bool) -> None:
+        noisy = DriveInputs(CFG, [4], teacher_conf=teacher_conf, teacher_noise=1.0)
+        method = WarpInpaint(PropagationConfig(method="warp-inpaint", tau=20.0))  # guards 0.9 / 0.98
+        ann = torch.from_numpy(noisy.annotation(4)).long()
+        step = method.step(LabelState(ann, torch.ones(ann.shape)), 4, 5, noisy)
+        _, to_src = method.trust_mask(4, 5, noisy)
+        if teacher_everywhere:  # at or above the override level even trusted warps give way
+            assert torch.equal(step.labels, torch.from_numpy(noisy.teacher(5)[0]).long())
+        else:  # too unsure to inpaint: the (border-filled) warp stays everywhere
+            assert torch.equal(step.labels, warp_labels(ann[None], to_src, outside="border")[0])
 
     def test_trust_mask_follows_tau_and_the_frame_border(self) -> None:
         inputs = DriveInputs(CFG, [4])
@@ -120,7 +133,7 @@ class TestMethods:
 
     def test_warp_inpaint_beats_motion_only_with_a_good_teacher(self) -> None:
         cfg = SyntheticConfig(width=96, height=72, frames=13, seed=4)  # fast drive: motion drifts
-        inputs = DriveInputs(cfg, [0], teacher_conf=0.8)
+        inputs = DriveInputs(cfg, [0], teacher_conf=0.95)  # confident enough to inpaint, not to override
         motion = propagate(inputs, PropagationConfig(method="motion-only", max_distance=12))
         inpaint = propagate(inputs, PropagationConfig(method="warp-inpaint", max_distance=12))
         assert _acc(inpaint, inputs, 12) > _acc(motion, inputs, 12) + 0.02
