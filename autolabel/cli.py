@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from autolabel.errors import AutolabelError, ConfigError
 
@@ -470,8 +470,9 @@ def _fmt(v: float | None) -> str:
 
 def _print_evaluation(report: dict[str, Any]) -> None:
     k = report["max_distance"]
-    table = Table("method", *[f"d={d}" for d in range(1, k + 1)], "mean", "frames",
-                  title=f"mIoU (%) by propagation distance - {report['store']}")
+    table = Table(Column("method", no_wrap=True), *[Column(f"d={d}", justify="right") for d in range(1, k + 1)],
+                  Column("mean", justify="right"), Column("frames", justify="right"),
+                  title=f"mIoU (%) by propagation distance - {report['store']}", padding=(0, 1))
     for name, m in report["methods"].items():
         table.add_row(name, *[_fmt(m["miou_by_distance"][str(d)]) for d in range(1, k + 1)],
                       _fmt(m["miou_mean"]), str(m["frames_scored"]))
@@ -490,9 +491,13 @@ def demo(
     size: Annotated[str, typer.Option(help="frame size WIDTHxHEIGHT")] = "320x240",
     fresh: Annotated[bool, typer.Option(help="delete an earlier demo output first")] = True,
 ) -> None:
-    """The main job on built-in synthetic drives: render -> store -> info -> export overlays."""
+    """The main job on built-in synthetic drives: render -> store -> propagate -> evaluate -> export."""
+    from models.optical_flow import FlowConfig
+    from models.propagation import PropagationConfig
     from storage.export import export_sequence
     from storage.store import SequenceStore
+    from tasks.evaluate import evaluate_store
+    from tasks.label import LabelRequest, label_store
 
     if fresh and out.exists():
         shutil.rmtree(out)
@@ -503,10 +508,17 @@ def demo(
           window=21 if frames >= 21 else None, keyframe_every=None)
     console.rule("2. what the store holds")
     _print_summary(store_summary(store_url))
-    console.rule("3. export the stored labels (index, colour, overlay PNGs)")
+    console.rule("3. propagate the annotated frames along the exact flow (motion-only)")
+    request = LabelRequest(propagation=PropagationConfig(method="motion-only"), flow=FlowConfig(backend="exact"))
+    with _progress() as progress:
+        report = label_store(store_url, request, _StageProgress(progress))
+    console.print(f"labelled {sum(o.status == 'labelled' for o in report.outcomes)} sequences", highlight=False)
+    console.rule("4. evaluate against the exact ground truth")
+    _print_evaluation(evaluate_store(SequenceStore.open(store_url), ["motion-only"]))
+    console.rule("5. export the propagated labels (index, colour, overlay PNGs)")
     st = SequenceStore.open(store_url)
-    written = sum(export_sequence(seq, "gt", out / "export", with_overlay=True) for seq in st.sequences())
-    console.print(f"wrote {written} labelled frames (index, colour, overlay PNGs) to {out / 'export'}", highlight=False)
+    written = sum(export_sequence(seq, "motion-only", out / "export", with_overlay=True) for seq in st.sequences())
+    console.print(f"wrote {written} labelled frames to {out / 'export'}", highlight=False)
 
 
 if __name__ == "__main__":

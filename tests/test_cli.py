@@ -118,9 +118,10 @@ def test_export_of_a_method_not_run_yet(tmp_path: Path) -> None:
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     done = run_cli("demo", "--out", str(tmp_path / "demo"), "--sequences", "2", "--frames", "4", "--size", "48x32")
     assert done.returncode == 0, done.stderr
-    assert "2 sequences" in done.stdout
+    assert "2 sequences" in done.stdout and "labelled 2 sequences" in done.stdout
+    assert "motion-only" in done.stdout and "d=1" in done.stdout
     overlays = sorted((tmp_path / "demo" / "export").glob("*/overlay/*.png"))
-    assert len(overlays) == 8
+    assert len(overlays) == 8  # every frame within K of an annotation
 
 
 def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
@@ -133,6 +134,7 @@ def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
                    "--max-steps", "3", "--batch-size", "1", "--crop", "64")
     assert done.returncode == 0 and teacher.is_file(), done.stderr
     assert "training unet-tiny on 1 annotated frames" in done.stdout
+    assert "3/3 (100%" in done.stderr  # without a terminal, progress comes as plain lines
     for method in ("motion-only", "semantic-only", "warp-inpaint"):
         done = run_cli("label", store, "--method", method, "--teacher", str(teacher), "--flow", "dis-fast",
                        "--workers", "1")

@@ -56,7 +56,7 @@ def read_camvid(root: Path, options: ReaderOptions) -> DatasetSource:
             if m is None:
                 raise UnknownLayoutError(f"{image}: CamVid frame names look like <drive>_<number>.png")
             groups[m["drive"]].append((int(m["num"]), image))
-        for drive, frames in sorted(groups.items()):
+        for _drive, frames in sorted(groups.items()):
             for run in consecutive_runs(frames, MAX_GAP):
                 files = []
                 for _, image in run:

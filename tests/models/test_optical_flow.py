@@ -87,3 +87,9 @@ def test_flo_reader_and_endpoint_error(tmp_path: Path) -> None:
     (tmp_path / "bad.flo").write_bytes(b"PIEH0000")
     with pytest.raises(ConfigError, match="not a .flo file"):
         read_flo(tmp_path / "bad.flo")
+
+
+def test_auto_workers_keep_dis_in_process() -> None:
+    assert FlowConfig(backend="dis-medium").resolved_workers() == 1
+    assert FlowConfig(backend="farneback").resolved_workers() >= 1
+    assert FlowConfig(backend="dis-fast", workers=3).resolved_workers() == 3

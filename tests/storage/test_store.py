@@ -192,3 +192,20 @@ class TestStoreErrors:
         _write(store, "s", 2)
         with pytest.raises(IndexError, match="frame 2 is out of range"):
             store.sequence("s").frame(2)
+
+
+class TestSelectIds:
+    def test_globs_and_exact_ids(self) -> None:
+        from storage.ids import select_ids
+
+        ids = ["dense_0016E5_07959", "train_0001TP_006690", "train_0006R0_f02400"]
+        assert select_ids(ids, ["train_*"], "x") == ids[1:]
+        assert select_ids(ids, ["dense_0016E5_07959"], "x") == ids[:1]
+        assert select_ids(ids, None, "x") == ids
+
+    def test_a_pattern_matching_nothing_is_an_error(self) -> None:
+        from autolabel.errors import UnknownLayoutError
+        from storage.ids import select_ids
+
+        with pytest.raises(UnknownLayoutError, match=r"store s: no sequence \['val_\*'\]; found 1 sequences"):
+            select_ids(["a"], ["val_*"], "store s")
