@@ -216,7 +216,7 @@ class WarpInpaint(PropagationMethod):
         keep = trusted | (teacher_conf < self.config.inpaint_confidence)
         keep &= teacher_conf < self.config.override_confidence
         labels = torch.where(keep, warped_labels, teacher_labels)
-        conf = torch.where(trusted, warped_conf, torch.where(keep, warped_conf * 0.5, teacher_conf))
+        conf = torch.where(keep, torch.where(trusted, warped_conf, warped_conf * 0.5), teacher_conf)
         return LabelState(labels, conf)
 
 

@@ -71,10 +71,10 @@ def backward_warp(source: torch.Tensor, flow: torch.Tensor, mode: str = "bilinea
 
 def warp_labels(labels: torch.Tensor, flow: torch.Tensor, ignore_index: int = 255,
                 outside: str = "ignore") -> torch.Tensor:
-    """Nearest-neighbour warp of index labels.
+    """Nearest-neighbour warp of index labels (or of any per-pixel map, e.g. confidence).
 
     Args:
-        labels: (B, H, W) integer class indices.
+        labels: (B, H, W) integer class indices, or floats (kept as they are, not rounded).
         flow: (B, 2, H, W) target -> source flow.
         outside: what pixels whose source lies outside the frame get: ``ignore`` (the
             ``ignore_index``) or ``border`` (the label of the nearest border pixel).
@@ -87,7 +87,9 @@ def warp_labels(labels: torch.Tensor, flow: torch.Tensor, ignore_index: int = 25
     grid = flow_to_grid(flow.float())
     warped = F.grid_sample(labels.unsqueeze(1).float(), grid, mode="nearest", padding_mode="border",
                            align_corners=True)
-    out = warped.squeeze(1).round().to(labels.dtype)
+    out = warped.squeeze(1)
+    if not labels.is_floating_point():
+        out = out.round().to(labels.dtype)
     if outside == "border":
         return out
     if outside != "ignore":

@@ -66,6 +66,13 @@ class TestRecursion:
         assert (out[4].confidence == 255).all()
         assert (out[0].labels == 255).all() and (out[0].confidence == 0).all()
 
+    def test_motion_only_confidence_halves_where_the_flow_check_fails(self) -> None:
+        inputs = DriveInputs(SyntheticConfig(width=96, height=72, frames=9, seed=4), annotated=[4])  # 15 fps, fast
+        out = propagate(inputs, PropagationConfig(method="motion-only", max_distance=3))
+        values = set(np.unique(out[6].confidence).tolist())
+        assert {255, 128} <= values, values  # 1.0 where consistent, halved where the check failed
+        assert values <= {255, 128, 64}
+
     def test_chains_stop_at_the_next_annotation_and_fuse_between(self) -> None:
         inputs = DriveInputs(CFG, annotated=[1, 5])
         out = propagate(inputs, PropagationConfig(method="motion-only", max_distance=10))

@@ -75,6 +75,11 @@ class TestWarpLabels:
         assert out[0, :, :3].tolist() == labels[0, :, 1:].tolist()
         assert (out[0, :, 3] == 255).all()
 
+    def test_float_maps_are_not_rounded(self) -> None:
+        conf = torch.full((1, 3, 4), 0.5)
+        out = warp_labels(conf, _constant_flow(1, 3, 4, 1, 0), outside="border")
+        torch.testing.assert_close(out, conf)
+
     def test_nearest_keeps_label_values(self) -> None:
         labels = torch.randint(0, 11, (2, 8, 8))
         out = warp_labels(labels, torch.randn(2, 2, 8, 8) * 0.3)
