@@ -150,7 +150,7 @@ def main() -> None:
         rows = [[m, *(f"{r['miou_by_distance'][str(d)] or float('nan'):.1f}" for d in (1, 2, 5, 10)),
                  f"{r['miou_mean']:.1f}", r["frames_scored"]] for m, r in report["methods"].items()]
         print_table(f"{name}: mIoU (%) by distance", ["method", "d=1", "d=2", "d=5", "d=10", "mean 1-10", "frames"], rows)
-        (args.workdir / f"quality-{name}.json").write_text(json.dumps(report, indent=2))
+        (args.workdir / f"report-{name}.json").write_text(json.dumps(report, indent=2))
     write_json("propagation_quality", results, args.out)
 
 
