@@ -46,7 +46,7 @@ def main() -> None:
 
 
 class _LogProgress:
-    """Progress for logs (no terminal): one line per task at every tenth of the way, at most."""
+    """Progress for logs (no terminal): one line per task at every quarter of the way, at most."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -80,12 +80,12 @@ class _LogProgress:
         total = task["total"]
         if not total:
             return
-        tenth = int(10 * task["completed"] / total)
-        if tenth > task["reported"]:
-            task["reported"] = tenth
+        quarter = int(4 * task["completed"] / total)
+        if quarter > task["reported"]:
+            task["reported"] = quarter
             elapsed = time.perf_counter() - task["start"]
             self.console.print(f"{task['description']}: {int(task['completed'])}/{int(total)} "
-                               f"({10 * tenth}%, {elapsed:.0f} s)", highlight=False)
+                               f"({25 * quarter}%, {elapsed:.0f} s)", highlight=False)
 
 
 @contextmanager

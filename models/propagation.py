@@ -305,6 +305,22 @@ def propagate_frames(inputs: SequenceInputs, config: PropagationConfig, buffer: 
             yield OutputFrame(t, fused.labels, conf, fused.distance)
 
 
+def count_steps(annotated: np.ndarray, max_distance: int) -> int:
+    """How many propagation steps (both sweeps) a sequence takes: one per frame per chain reaching it."""
+    steps = 0
+    for order in (range(len(annotated)), range(len(annotated) - 1, -1, -1)):
+        distance = None
+        for t in order:
+            if annotated[t]:
+                distance = 0
+            elif distance is not None and distance < max_distance:
+                distance += 1
+                steps += 1
+            else:
+                distance = None
+    return steps
+
+
 def propagate(inputs: SequenceInputs, config: PropagationConfig) -> list[OutputFrame]:
     """All frames of :func:`propagate_frames` as a list (for short sequences and tests)."""
     return list(propagate_frames(inputs, config))

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.errors import AutolabelError, ConfigError
 from models.optical_flow import FlowConfig, FlowEstimator
-from models.propagation import PropagationConfig, create_method
+from models.propagation import PropagationConfig, count_steps, create_method
 from models.teacher import Teacher, file_sha256
 from storage.ids import select_ids
 from storage.store import SequenceStore
@@ -101,7 +101,8 @@ def label_store(store_url: str, request: LabelRequest, progress: LabelProgress |
                     progress.stage(seq_id, "teacher", seq.num_frames)
                     infer_teacher(store, seq_id, teacher, teacher_hash, adapt_steps=request.adapt_steps,
                                   on_frame=progress.advance)
-                progress.stage(seq_id, request.propagation.method, 2 * seq.num_frames)
+                progress.stage(seq_id, request.propagation.method,
+                               count_steps(seq.annotated, request.propagation.max_distance))
                 done = label_sequence(store, seq_id, request.propagation, flow_name, on_step=progress.advance)
                 report.outcomes.append(LabelOutcome(seq_id, "labelled" if done else "skipped",
                                                     time.perf_counter() - start))

@@ -8,7 +8,7 @@ import pytest
 from autolabel.errors import ConfigError, RegistryError
 import torch
 
-from models.propagation import Candidate, LabelState, PropagationConfig, WarpInpaint, fuse, propagate
+from models.propagation import Candidate, LabelState, PropagationConfig, WarpInpaint, fuse, propagate, propagate_frames
 from models.warping import inside_mask, warp_labels
 from storage.synthetic import SyntheticConfig, SyntheticDrive
 
@@ -78,6 +78,17 @@ class TestRecursion:
         out = propagate(inputs, PropagationConfig(method="motion-only", max_distance=10))
         # frame 3 is 2 from both; frame 4 is 3 after frame 1 and 1 before frame 5
         assert [o.distance for o in out] == [1, 0, 1, 2, 1, 0, 1, 2, 3]
+
+    def test_step_count_matches_the_recursion(self) -> None:
+        from models.propagation import count_steps
+
+        annotated = np.zeros(30, bool)
+        annotated[[10, 13]] = True
+        steps: list[int] = []
+        inputs = DriveInputs(CFG.model_copy(update={"frames": 30}), annotated=[10, 13])
+        list(propagate_frames(inputs, PropagationConfig(method="motion-only", max_distance=4), on_step=lambda: steps.append(1)))
+        # backward sweep: 9..6 from 10, 12..11 from 13; forward: 11..12 from 10, 14..17 from 13
+        assert count_steps(annotated, 4) == len(steps) == 12
 
     def test_no_annotation(self) -> None:
         with pytest.raises(ConfigError, match="no annotated frame"):
