@@ -4,6 +4,7 @@ and an interrupted ingest (exception or killed process) resumes where it stopped
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_bad_sequence_fails_alone(tmp_path: Path, store_url: str, bad: str, mess
     assert [o.id for o in report.failed] == ["bad"]
     error = report.failed[0].error or ""
     assert str(culprit) in error, error
-    assert __import__("re").search(message, error), error
+    assert re.search(message, error), error
     store = SequenceStore.open(store_url)
     assert store.sequence_ids() == ["good-a", "good-b"]
     assert store.incomplete_ids() == []  # no partial sequence left behind
