@@ -402,11 +402,62 @@ def train_teacher_cmd(
                   f"sha256 {digest[:12]})", highlight=False)
 
 
+@app.command("train-refiner")
+def train_refiner_cmd(
+    store: Annotated[list[str], typer.Option("--store", help="store of annotated sequences (repeatable)")],
+    teacher: Annotated[Path, typer.Option(help="teacher checkpoint (its labels inpaint, its features feed the refiner)")],
+    out: Annotated[Path, typer.Option(help="refiner checkpoint to write")],
+    max_cycle: Annotated[int, typer.Option(help="cycles of every length 1..N frames out and back")] = 6,
+    steps: Annotated[int, typer.Option(help="training steps")] = 1500,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    crop: Annotated[int, typer.Option(help="square training crop")] = 256,
+    lr: Annotated[float, typer.Option()] = 2e-3,
+    rmi_weight: Annotated[float, typer.Option(help="loss = CE + w * RMI")] = 0.5,
+    arch: Annotated[str, typer.Option(help="refine-unet (or refine-tiny for tests)")] = "refine-unet",
+    flow_backend: Annotated[str, typer.Option("--flow", help="flow backend, or 'exact' for synthetic drives")] = "dis-medium",
+    adapt_steps: Annotated[int, typer.Option(help="teacher adaptation per sequence, as used for labelling")] = 0,
+    max_samples: Annotated[int | None, typer.Option(help="use at most this many cycles of each store")] = None,
+    sequence: Annotated[list[str] | None, typer.Option(help="only these sequences (ids or globs)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train the refinement network on forward-backward cycles from the annotated frames (no extra labels)."""
+    _set_threads()
+    from models.optical_flow import FlowConfig
+    from models.propagation import PropagationConfig
+    from models.refiner_training import RefinerTrainConfig
+    from tasks.refiner_training import RefinerRequest, train_refiner_from_stores
+
+    request = RefinerRequest(
+        stores=store, teacher=teacher, out=out, adapt_steps=adapt_steps, max_samples=max_samples,
+        sequences=sequence or None, flow=FlowConfig(backend=flow_backend, device=device),
+        propagation=PropagationConfig(method="warp-inpaint", device=device),
+        train=RefinerTrainConfig(arch=arch, max_cycle=max_cycle, steps=steps, batch_size=batch_size, crop=crop,
+                                 lr=lr, rmi_weight=rmi_weight, device=device, seed=seed),
+    )
+    with _progress() as progress:
+        cycles = progress.add_task("cycles", total=None)
+        train = progress.add_task("train", total=None)
+
+        def on_sample(done: int, total: int) -> None:
+            progress.update(cycles, completed=done, total=total, description="cycles")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(train, completed=step, total=total, description=f"train loss {loss:.3f}")
+
+        info = train_refiner_from_stores(request, _StageProgress(progress), on_sample, on_step)
+    fit = info["fit"]
+    console.print(f"wrote {out} ({info['samples']} cycles, {info['steps']} steps, {info['seconds']} s, "
+                  f"{info['samples_per_second']} samples/s, final loss {info['final_loss']:.3f}; on the cycles: "
+                  f"mIoU {fit['cycled_miou']} -> {fit['refined_miou']}; sha256 {info['sha256'][:12]})", highlight=False)
+
+
 @app.command()
 def label(
     store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
-    method: Annotated[str, typer.Option(help="motion-only, semantic-only, warp-inpaint")],
+    method: Annotated[str, typer.Option(help="motion-only, semantic-only, warp-inpaint, warp-refine")],
     teacher: Annotated[Path | None, typer.Option(help="teacher checkpoint (methods that use one)")] = None,
+    refiner: Annotated[Path | None, typer.Option(help="refiner checkpoint (warp-refine)")] = None,
     max_distance: Annotated[int, typer.Option(help="K: frames to propagate each way")] = 10,
     tau: Annotated[float, typer.Option(help="warp-inpaint photometric threshold (0-255 RGB distance)")] = 40.0,
     inpaint_confidence: Annotated[float, typer.Option(help="warp-inpaint: teacher probability needed to inpaint an untrusted pixel (0 = paper's Eq. 5)")] = 0.9,
@@ -427,7 +478,7 @@ def label(
         propagation=PropagationConfig(method=method, max_distance=max_distance, tau=tau, device=device,
                                       inpaint_confidence=inpaint_confidence, override_confidence=override_confidence),
         flow=FlowConfig(backend=flow_backend, workers=workers, device=device),
-        teacher=teacher, adapt_steps=adapt_steps, sequences=sequence or None,
+        teacher=teacher, refiner=refiner, adapt_steps=adapt_steps, sequences=sequence or None,
     )
     start = time.perf_counter()
     with _progress() as progress:
@@ -448,6 +499,7 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
     max_distance: Annotated[int, typer.Option(help="score distances 1..K")] = 10,
     sequence: Annotated[list[str] | None, typer.Option(help="only these sequences (ids or globs)")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write mIoU-vs-distance and per-class IoU PNGs to this folder")] = None,
 ) -> None:
     """Score labelled methods against the stored ground truth: mIoU by distance, class, sequence."""
     from storage.ids import select_ids
@@ -462,6 +514,11 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=2))
         console.print(f"wrote {json_out}")
+    if plot is not None:
+        from autolabel.plots import plot_report
+
+        for path in plot_report(report, plot):
+            console.print(f"wrote {path}")
 
 
 def _fmt(v: float | None) -> str:

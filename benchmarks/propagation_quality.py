@@ -9,11 +9,12 @@ truth. Teachers never see those frames:
 
 * camvid: teacher trained on ``camvid/train`` (single 1 Hz keyframes), adapted per sequence on
   its own two window-centre annotations (--adapt-steps); ``camvid/dense`` (42 frames of drive
-  0016E5, two windows) is labelled and scored.
-* davis: teacher trained on the window-centre annotations of the 10 DAVIS sequences (binary).
-* synthetic: teacher trained on keyframes of 8 separate training drives (seeds 100-107), adapted
-  for half the steps; 4 drives (seeds 0-3, 63 frames at 320x240, three windows each) are labelled
-  and scored.
+  0016E5, two windows) is labelled and scored. The refiner trains on the cycles of those two
+  annotated frames (the train keyframes have no neighbouring frames, so no cycles).
+* davis: teacher and refiner trained on the window-centre annotations of the 10 DAVIS sequences.
+* synthetic: teacher and refiner trained on keyframes of 8 separate training drives (seeds
+  100-107), the teacher adapted for half the steps; 4 drives (seeds 0-3, 63 frames at 320x240,
+  three windows each) are labelled and scored.
 
 Teachers and stores are kept in --workdir, so a re-run reuses them (delete them to retrain).
 Prints one table per dataset and writes the evaluation JSON of all of them.
@@ -36,6 +37,7 @@ import torch  # noqa: E402
 from benchmarks._report import machine, print_table, write_json  # noqa: E402
 from models.optical_flow import FlowConfig  # noqa: E402
 from models.propagation import PropagationConfig  # noqa: E402
+from models.refiner_training import RefinerTrainConfig  # noqa: E402
 from models.teacher import Teacher  # noqa: E402
 from models.teacher_training import TeacherTrainConfig, train_teacher  # noqa: E402
 from storage.annotation import AnnotationPolicy  # noqa: E402
@@ -48,8 +50,9 @@ from storage.synthetic_io import write_synthetic_store  # noqa: E402
 from storage.training_data import AnnotatedFrames  # noqa: E402
 from tasks.evaluate import evaluate_store  # noqa: E402
 from tasks.label import LabelRequest, label_store  # noqa: E402
+from tasks.refiner_training import RefinerRequest, train_refiner_from_stores  # noqa: E402
 
-METHODS = ["motion-only", "semantic-only", "warp-inpaint"]
+METHODS = ["motion-only", "semantic-only", "warp-inpaint", "warp-refine"]
 WINDOW = AnnotationPolicy(mode="window", n=21)
 
 
@@ -71,14 +74,33 @@ def ensure_teacher(path: Path, stores: list[str], patterns: list[str] | None, cf
     return path
 
 
+def ensure_refiner(path: Path, stores: list[str], patterns: list[str] | None, teacher: Path,
+                   args: argparse.Namespace, adapt_steps: int) -> Path:
+    """Train (or reuse) a refiner on the cycles of the annotated frames of ``stores``."""
+    if path.is_file():
+        log(f"reusing refiner {path}")
+        return path
+    log(f"training refiner {path.name} on {stores} {patterns or ''}")
+    request = RefinerRequest(
+        stores=stores, teacher=teacher, out=path, sequences=patterns, adapt_steps=adapt_steps,
+        max_samples=args.refiner_samples, flow=FlowConfig(backend=args.flow, workers=args.workers),
+        propagation=PropagationConfig(method="warp-inpaint", tau=args.tau),
+        train=RefinerTrainConfig(steps=args.refiner_steps, crop=args.refiner_crop))
+    info = train_refiner_from_stores(request, on_step=lambda s, n, loss: log(f"  step {s}/{n} loss {loss:.3f}")
+                                     if s % 100 == 0 else None)
+    log(f"  {info['samples']} cycles, {info['seconds']} s; on the cycles mIoU {info['fit']['cycled_miou']} -> "
+        f"{info['fit']['refined_miou']}")
+    return path
+
+
 def label_and_score(store: str, teacher: Path, sequences: list[str] | None, args: argparse.Namespace,
-                    adapt_steps: int) -> dict:
+                    adapt_steps: int, refiner: Path) -> dict:
     log(f"  labelling (teacher adapted {adapt_steps} steps per sequence)")
     for method in METHODS:
         request = LabelRequest(
             propagation=PropagationConfig(method=method, max_distance=10, tau=args.tau),
             flow=FlowConfig(backend=args.flow, workers=args.workers), teacher=teacher, sequences=sequences,
-            adapt_steps=adapt_steps)
+            adapt_steps=adapt_steps, refiner=refiner)
         start = time.perf_counter()
         report = label_store(store, request)
         if report.failed:
@@ -94,7 +116,8 @@ def camvid(args: argparse.Namespace, data: Path) -> dict:
         ingest(read_dataset("camvid", data / "camvid"), store, IngestOptions(annotation=WINDOW))
     teacher = args.camvid_teacher or args.workdir / "teacher-camvid.pt"
     ensure_teacher(teacher, [store], ["train_*"], TeacherTrainConfig(epochs=args.epochs))
-    return label_and_score(store, teacher, ["dense_*"], args, args.adapt_steps)
+    refiner = ensure_refiner(args.workdir / "refiner-camvid.pt", [store], ["dense_*"], teacher, args, args.adapt_steps)
+    return label_and_score(store, teacher, ["dense_*"], args, args.adapt_steps, refiner)
 
 
 def davis(args: argparse.Namespace, data: Path) -> dict:
@@ -103,8 +126,9 @@ def davis(args: argparse.Namespace, data: Path) -> dict:
         ingest(read_dataset("davis", data / "davis2016"), store, IngestOptions(annotation=WINDOW))
     teacher = ensure_teacher(args.workdir / "teacher-davis.pt", [store], None,
                              TeacherTrainConfig(epochs=max(args.epochs, 60)))
+    refiner = ensure_refiner(args.workdir / "refiner-davis.pt", [store], None, teacher, args, 0)
     # the DAVIS teacher is trained on these very annotations: adapting it again adds nothing
-    return label_and_score(store, teacher, None, args, 0)
+    return label_and_score(store, teacher, None, args, 0, refiner)
 
 
 def synthetic(args: argparse.Namespace, data: Path) -> dict:
@@ -115,7 +139,8 @@ def synthetic(args: argparse.Namespace, data: Path) -> dict:
     if not Path(test).exists():
         write_synthetic_store(test, drive_configs(4, size.model_copy(update={"frames": 63, "seed": 0})), WINDOW)
     teacher = ensure_teacher(args.workdir / "teacher-synth.pt", [train], None, TeacherTrainConfig(epochs=args.epochs))
-    return label_and_score(test, teacher, None, args, args.adapt_steps // 2)
+    refiner = ensure_refiner(args.workdir / "refiner-synth.pt", [train], None, teacher, args, 0)
+    return label_and_score(test, teacher, None, args, args.adapt_steps // 2, refiner)
 
 
 def main() -> None:
@@ -128,6 +153,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--adapt-steps", type=int, default=600,
                         help="per-sequence teacher adaptation on CamVid (half on synthetic drives, none on DAVIS)")
+    parser.add_argument("--refiner-steps", type=int, default=1000)
+    parser.add_argument("--refiner-crop", type=int, default=192)
+    parser.add_argument("--refiner-samples", type=int, default=300, help="at most this many cycles per store")
     parser.add_argument("--workers", type=int, default=0, help="flow processes (0 = auto)")
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -140,7 +168,9 @@ def main() -> None:
     runners = {"camvid": camvid, "davis": davis, "synthetic": synthetic}
     defaults = PropagationConfig()
     results: dict = {"machine": machine(), "settings": {"flow": args.flow, "tau": args.tau, "max_distance": 10,
-                     "window": 21, "teacher_epochs": args.epochs, "adapt_steps": args.adapt_steps, "methods": METHODS,
+                     "window": 21, "teacher_epochs": args.epochs,
+                     "refiner_steps": args.refiner_steps, "refiner_crop": args.refiner_crop,
+                     "refiner_samples": args.refiner_samples, "adapt_steps": args.adapt_steps, "methods": METHODS,
                      "inpaint_confidence": defaults.inpaint_confidence,
                      "override_confidence": defaults.override_confidence}, "datasets": {}}
     for name in args.datasets:

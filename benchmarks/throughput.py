@@ -1,11 +1,13 @@
-"""Labelling throughput: warp-inpaint with DIS-fast, teacher inference included, training excluded.
+"""Labelling and refiner-training throughput, DIS-fast flow, teacher inference included.
 
-    python benchmarks/throughput.py [--teacher runs/teacher-camvid.pt] [--device cpu|cuda] [--out ...]
+    python benchmarks/throughput.py [--method warp-inpaint warp-refine] [--sizes 480x360 960x720]
+        [--teacher runs/teacher-camvid.pt] [--refiner runs/refiner-camvid.pt] [--device cpu|cuda] [--out ...]
 
 Runs the three stages of ``autolabel label`` (flow estimation, teacher inference, propagation)
-on synthetic drives at 480x360 (and on CamVid dense when the shared data is present) and reports
-frames per second for each stage and end to end. Without --teacher, a randomly initialised
-unet-lite is used: inference costs the same whatever the weights.
+for each method on synthetic drives at each size (and on CamVid dense at 480x360 when the shared
+data is present) and reports frames per second for each stage and end to end. It also times
+refiner training (cycle samples per second, crop 256, batch 8). Without --teacher / --refiner,
+randomly initialised unet-lite / refine-unet nets are used: their cost does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -25,21 +27,25 @@ import torch  # noqa: E402
 
 from benchmarks._report import machine, print_table, write_json  # noqa: E402
 from models.optical_flow import FlowConfig, FlowEstimator  # noqa: E402
-from models.propagation import PropagationConfig  # noqa: E402
+from models.cycle import cycle_plan, cycle_sample  # noqa: E402
+from models.propagation import PropagationConfig, WarpInpaint  # noqa: E402
+from models.refiner import Refiner  # noqa: E402
+from models.refiner_training import RefinerTrainConfig, train_refiner  # noqa: E402
 from models.teacher import Teacher, file_sha256  # noqa: E402
 from storage.annotation import AnnotationPolicy  # noqa: E402
 from storage.classes import CAMVID11  # noqa: E402
-from storage.ingest import ingest  # noqa: E402
+from storage.ingest import IngestOptions, ingest  # noqa: E402
 from storage.readers import read_dataset  # noqa: E402
 from storage.store import SequenceStore  # noqa: E402
 from storage.synthetic import SyntheticConfig, drive_configs  # noqa: E402
 from storage.synthetic_io import write_synthetic_store  # noqa: E402
 from tasks.flow_estimation import estimate_flow  # noqa: E402
-from tasks.propagate import label_sequence  # noqa: E402
+from tasks.propagate import StoreSequenceInputs, label_sequence  # noqa: E402
 from tasks.teacher_inference import infer_teacher  # noqa: E402
 
 
-def run(store_url: str, teacher: Teacher, teacher_hash: str, flow: FlowConfig, device: str) -> dict:
+def run(store_url: str, teacher: Teacher, teacher_hash: str, flow: FlowConfig, device: str, method: str,
+        refiner: Refiner | None) -> dict:
     store = SequenceStore.open(store_url, mode="r+")
     times = {"flow": 0.0, "teacher": 0.0, "propagate": 0.0}
     frames = 0
@@ -54,16 +60,44 @@ def run(store_url: str, teacher: Teacher, teacher_hash: str, flow: FlowConfig, d
             infer_teacher(store, seq_id, teacher, teacher_hash, batch_size=4)
             times["teacher"] += time.perf_counter() - start
             start = time.perf_counter()
-            label_sequence(store, seq_id, PropagationConfig(method="warp-inpaint", device=device), flow.stored_name)
+            label_sequence(store, seq_id, PropagationConfig(method=method, device=device), flow.stored_name,
+                           refiner=refiner, refiner_sha256="benchmark", feature_teacher=teacher)
             times["propagate"] += time.perf_counter() - start
     total = sum(times.values())
     return {"frames": frames, "seconds": {k: round(v, 2) for k, v in times.items()},
             "frames_per_s": {**{k: frames / v for k, v in times.items()}, "end_to_end": frames / total}}
 
 
+def refiner_training_rate(teacher: Teacher, refiner: Refiner, device: str, steps: int) -> dict:
+    """Cycle samples per second of refiner training (crop 256, batch 8) on one synthetic drive."""
+    with tempfile.TemporaryDirectory(prefix="autolabel-refiner-") as tmp:
+        url = f"{tmp}/drive.zarr"
+        write_synthetic_store(url, drive_configs(1, SyntheticConfig(width=480, height=360, frames=15, seed=5)),
+                              AnnotationPolicy(mode="keyframe-every", n=7))
+        store = SequenceStore.open(url, mode="r+")
+        seq = store.sequence(store.sequence_ids()[0])
+        infer_teacher(store, seq.id, teacher, "benchmark")
+        inputs = StoreSequenceInputs(store.sequence(seq.id), "exact", need_teacher=True)
+        method = WarpInpaint(PropagationConfig(device=device))
+        start = time.perf_counter()
+        samples = [cycle_sample(method, inputs, t, n, d) for t, n, d in cycle_plan(seq.annotated, 6)]
+        cycle_rate = len(samples) / (time.perf_counter() - start)
+    net = refiner.copy()
+    cfg = RefinerTrainConfig(steps=steps, batch_size=8, crop=256, device=device)
+    train_refiner(net, teacher, samples, cfg.model_copy(update={"steps": 2}))  # warm-up
+    info = train_refiner(net, teacher, samples, cfg)
+    return {"cycles": len(samples), "cycle_samples_per_s": round(cycle_rate, 2),
+            "train_samples_per_s": info["samples_per_second"], "steps": steps, "batch_size": 8, "crop": 256}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=None)
+    parser.add_argument("--refiner", type=Path, default=None)
+    parser.add_argument("--method", nargs="+", default=["warp-inpaint", "warp-refine"])
+    parser.add_argument("--sizes", nargs="+", default=["480x360", "960x720"])
+    parser.add_argument("--frames", type=int, default=63, help="frames per synthetic drive (3 drives)")
+    parser.add_argument("--train-steps", type=int, default=10, help="refiner training steps to time (0 = skip)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=0, help="flow processes (0 = auto)")
     parser.add_argument("--data", type=Path, default=None)
@@ -78,30 +112,46 @@ def main() -> None:
         torch.manual_seed(0)
         teacher = Teacher.create("unet-lite", CAMVID11.names, [list(c) for c in CAMVID11.palette]).to(args.device)
         digest = "random-init"
+    if args.refiner:
+        refiner = Refiner.load(args.refiner, args.device)
+    else:
+        torch.manual_seed(0)
+        refiner = Refiner.create("refine-unet", teacher.classes, teacher.net.feature_channels, digest).to(args.device)
     flow = FlowConfig(backend="dis-fast", workers=args.workers)
-    results = {"machine": machine(), "settings": {"method": "warp-inpaint", "flow": "dis-fast", "workers": args.workers,
-               "device": args.device, "teacher": str(args.teacher or "unet-lite, random init"),
-               "torch_threads": torch.get_num_threads()}, "runs": []}
+    results: dict = {"machine": machine(), "settings": {
+        "methods": args.method, "flow": "dis-fast", "workers": args.workers, "device": args.device,
+        "teacher": str(args.teacher or "unet-lite, random init"),
+        "refiner": str(args.refiner or "refine-unet, random init"), "torch_threads": torch.get_num_threads()},
+        "runs": []}
     with tempfile.TemporaryDirectory(prefix="autolabel-throughput-") as tmp:
-        synth = f"{tmp}/synth.zarr"
-        write_synthetic_store(synth, drive_configs(3, SyntheticConfig(width=480, height=360, frames=63, seed=0)),
-                              AnnotationPolicy(mode="window", n=21))
-        results["runs"].append({"data": "synthetic drives, 3 x 63 frames", "size": "480x360",
-                                **run(synth, teacher, digest, flow, args.device)})
         camvid = (args.data or shared_data_dir()) / "camvid"
-        if camvid.is_dir():
-            url = f"{tmp}/camvid.zarr"
-            dataset = read_dataset("camvid", camvid)
-            from storage.ingest import IngestOptions
-
-            ingest(dataset, url, IngestOptions(annotation=AnnotationPolicy(mode="window", n=21), sequences=["dense_*"]))
-            results["runs"].append({"data": "CamVid dense 0016E5, 42 frames", "size": "480x360",
-                                    **run(url, teacher, digest, flow, args.device)})
+        for method in args.method:
+            for size in args.sizes:
+                w, h = (int(v) for v in size.split("x"))
+                synth = f"{tmp}/synth-{method}-{size}.zarr"
+                write_synthetic_store(synth, drive_configs(3, SyntheticConfig(width=w, height=h, frames=args.frames,
+                                                                             seed=0)),
+                                      AnnotationPolicy(mode="window", n=21))
+                results["runs"].append({"method": method, "data": f"synthetic drives, 3 x {args.frames} frames",
+                                        "size": size, **run(synth, teacher, digest, flow, args.device, method, refiner)})
+                shutil.rmtree(synth, ignore_errors=True)
+            if camvid.is_dir():
+                url = f"{tmp}/camvid-{method}.zarr"
+                ingest(read_dataset("camvid", camvid), url,
+                       IngestOptions(annotation=AnnotationPolicy(mode="window", n=21), sequences=["dense_*"]))
+                results["runs"].append({"method": method, "data": "CamVid dense 0016E5, 42 frames", "size": "480x360",
+                                        **run(url, teacher, digest, flow, args.device, method, refiner)})
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = [[r["data"], r["size"], r["frames"], *(f"{r['frames_per_s'][k]:.1f}" for k in ("flow", "teacher", "propagate", "end_to_end"))]
+    rows = [[r["method"], r["data"], r["size"], r["frames"],
+             *(f"{r['frames_per_s'][k]:.1f}" for k in ("flow", "teacher", "propagate", "end_to_end"))]
             for r in results["runs"]]
-    print_table(f"warp-inpaint throughput (frames/s), DIS-fast, {args.device}",
-                ["data", "size", "frames", "flow", "teacher", "propagate", "end to end"], rows)
+    print_table(f"labelling throughput (frames/s), DIS-fast, {args.device}",
+                ["method", "data", "size", "frames", "flow", "teacher", "propagate", "end to end"], rows)
+    if args.train_steps > 0:
+        rate = refiner_training_rate(teacher, refiner, args.device, args.train_steps)
+        results["refiner_training"] = rate
+        print_table(f"refiner training, {args.device}", ["cycles", "cycle samples/s", "train samples/s", "crop", "batch"],
+                    [[rate["cycles"], rate["cycle_samples_per_s"], rate["train_samples_per_s"], 256, 8]])
     write_json("throughput", results, args.out)
 
 

@@ -5,6 +5,9 @@ Methods (``METHODS``), each one recursive step ``Psi`` from frame ``src`` to a n
 * ``motion-only`` (Zhu et al.): warp the previous label along the flow (nearest neighbour); content
   entering from outside the frame takes the nearest border label.
 * ``semantic-only`` (Tao et al.): the teacher's argmax where its confidence > 0.9, ignore elsewhere.
+* ``warp-refine`` (paper Eq. 8): a warp-inpaint step, then the refinement network Omega
+  (``models.refiner``) cleans the label using both images, the trust mask and the teacher's
+  features; confidence is Omega's max softmax probability.
 * ``warp-inpaint`` (paper Eq. 5-6): keep the warped label where the photometric error is below
   ``tau``, the pixel came from inside the frame and forward/backward flows agree; take the
   teacher's label everywhere else. Two guards make it robust to a teacher weaker than the
@@ -46,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from autolabel.errors import ConfigError
 from autolabel.registry import Registry
+from models.refiner import Refiner, RefinerInput
 from models.warping import backward_warp, fb_consistency, photometric_error, warp_labels
 
 
@@ -98,6 +102,8 @@ class SequenceInputs(Protocol):
     def flow_to_next(self, t: int) -> np.ndarray: ...        # float (2, H, W): t -> t+1 on frame t
     def flow_to_prev(self, t: int) -> np.ndarray: ...        # float (2, H, W): t -> t-1 on frame t
     def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]: ...  # uint8 labels, float conf (H, W)
+    # float (F, H/4, W/4) teacher decoder features (warp-refine only; None when unavailable)
+    teacher_features: Callable[[int], np.ndarray] | None
 
 
 @dataclass
@@ -142,6 +148,7 @@ class PropagationMethod(ABC):
 
     needs_flow = True
     needs_teacher = True
+    needs_refiner = False
 
     def __init__(self, config: PropagationConfig) -> None:
         self.config = config
@@ -194,10 +201,26 @@ class SemanticOnly(PropagationMethod):
         return LabelState(torch.where(keep, labels, torch.full_like(labels, inputs.ignore_index)), conf)
 
 
+@dataclass
+class WarpInpaintStep:
+    """One warp-inpaint step with what the refiner needs besides the label.
+
+    state: the warp-inpainted label of the target frame; trusted: bool (H, W) trust mask M;
+    warped_image / target_image: float (3, H, W), 0-255, the source frame warped onto the target
+    and the target frame.
+    """
+
+    state: LabelState
+    trusted: torch.Tensor
+    warped_image: torch.Tensor
+    target_image: torch.Tensor
+
+
 @METHODS.register("warp-inpaint")
 class WarpInpaint(PropagationMethod):
-    def trust_mask(self, src: int, dst: int, inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, dst -> src flow): M (H, W) bool = photometric error < tau & inside (& fb-consistent)."""
+    def _trust(self, src: int, dst: int,
+               inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(M (H, W), dst -> src flow (1, 2, H, W), warped source (1, 3, H, W), target (1, 3, H, W))."""
         to_src, to_dst = self._flows(src, dst, inputs)
         source = self._tensor(inputs.frame(src)).permute(2, 0, 1)[None].float()
         target = self._tensor(inputs.frame(dst)).permute(2, 0, 1)[None].float()
@@ -205,10 +228,16 @@ class WarpInpaint(PropagationMethod):
         trusted = (photometric_error(target, warped) < self.config.tau) & inside
         if self.config.fb_check:
             trusted &= fb_consistency(to_src, to_dst)
-        return trusted[0], to_src
+        return trusted[0], to_src, warped, target
 
-    def step(self, state: LabelState, src: int, dst: int, inputs: SequenceInputs) -> LabelState:
-        trusted, to_src = self.trust_mask(src, dst, inputs)
+    def trust_mask(self, src: int, dst: int, inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, dst -> src flow): M (H, W) bool = photometric error < tau & inside (& fb-consistent)."""
+        trusted, to_src, _, _ = self._trust(src, dst, inputs)
+        return trusted, to_src
+
+    def step_detail(self, state: LabelState, src: int, dst: int, inputs: SequenceInputs) -> WarpInpaintStep:
+        """Psi_W from ``src`` to ``dst`` with its trust mask and warped image."""
+        trusted, to_src, warped, target = self._trust(src, dst, inputs)
         warped_labels = warp_labels(state.labels[None], to_src, inputs.ignore_index, outside="border")[0]
         warped_conf = warp_labels(state.confidence[None], to_src, outside="border")[0]
         teacher_labels, teacher_conf = self._teacher(dst, inputs)
@@ -217,11 +246,56 @@ class WarpInpaint(PropagationMethod):
         keep &= teacher_conf < self.config.override_confidence
         labels = torch.where(keep, warped_labels, teacher_labels)
         conf = torch.where(keep, torch.where(trusted, warped_conf, warped_conf * 0.5), teacher_conf)
+        return WarpInpaintStep(LabelState(labels, conf), trusted, warped[0], target[0])
+
+    def step(self, state: LabelState, src: int, dst: int, inputs: SequenceInputs) -> LabelState:
+        return self.step_detail(state, src, dst, inputs).state
+
+
+def refiner_input(step: WarpInpaintStep, features: torch.Tensor) -> RefinerInput:
+    """A batch of one for the refiner from a warp-inpaint step and the target's teacher features (F, h, w)."""
+    return RefinerInput(
+        labels=step.state.labels[None], confidence=step.state.confidence[None], trusted=step.trusted[None],
+        warped_image=step.warped_image[None] / 255.0, target_image=step.target_image[None] / 255.0,
+        features=features[None],
+    )
+
+
+@METHODS.register("warp-refine")
+class WarpRefine(WarpInpaint):
+    """Psi_R (paper Eq. 8): L^R_k = Omega(Psi_W(L^R_{k-1})); confidence = max softmax of Omega."""
+
+    needs_refiner = True
+
+    def __init__(self, config: PropagationConfig, refiner: Refiner | None = None) -> None:
+        super().__init__(config)
+        if refiner is None:
+            raise ConfigError("method 'warp-refine' needs a refiner: pass --refiner CHECKPOINT "
+                              "(train one with `autolabel train-refiner --store ... --teacher ... --out refiner.pt`)")
+        self.refiner = refiner.to(self.device)
+
+    def step(self, state: LabelState, src: int, dst: int, inputs: SequenceInputs) -> LabelState:
+        detail = self.step_detail(state, src, dst, inputs)
+        teacher_features = getattr(inputs, "teacher_features", None)
+        if teacher_features is None:
+            raise ConfigError("method 'warp-refine' needs the teacher's features: give the sequence inputs a teacher")
+        features = self._tensor(teacher_features(dst)).float()
+        probs = self.refiner.refine(refiner_input(detail, features))[0]
+        conf, labels = probs.max(0)
         return LabelState(labels, conf)
 
 
-def create_method(config: PropagationConfig) -> PropagationMethod:
-    return METHODS.get(config.method)(config)
+def method_class(name: str) -> type[PropagationMethod]:
+    """The registered method class ``name`` (what it needs: ``needs_flow``, ``needs_teacher``, ...)."""
+    return METHODS.get(name)
+
+
+def create_method(config: PropagationConfig, refiner: Refiner | None = None) -> PropagationMethod:
+    """An instance of ``config.method``; ``refiner`` is required by (and only passed to) warp-refine."""
+    cls = method_class(config.method)
+    if cls.needs_refiner:
+        return cls(config, refiner)  # type: ignore[call-arg]
+    return cls(config)
 
 
 def fuse(forward: Candidate | None, backward: Candidate | None) -> Candidate | None:
@@ -271,15 +345,17 @@ class OutputFrame:
 
 
 def propagate_frames(inputs: SequenceInputs, config: PropagationConfig, buffer: CandidateBuffer | None = None,
-                     on_step: Callable[[], None] | None = None) -> Iterator[OutputFrame]:
+                     on_step: Callable[[], None] | None = None,
+                     refiner: Refiner | None = None) -> Iterator[OutputFrame]:
     """Run ``config.method`` over a whole sequence; frames come out in time order, one at a time.
 
     Args:
         inputs: the sequence's frames, annotations, flows and teacher output.
         buffer: where backward-chain candidates wait (default: in memory).
         on_step: called after each propagation step (progress).
+        refiner: the trained refiner Omega (warp-refine only).
     """
-    method = create_method(config)
+    method = create_method(config, refiner)
     buffer = buffer if buffer is not None else MemoryBuffer()
     if not inputs.annotated.any():
         raise ConfigError("the sequence has no annotated frame to propagate from")
@@ -321,6 +397,6 @@ def count_steps(annotated: np.ndarray, max_distance: int) -> int:
     return steps
 
 
-def propagate(inputs: SequenceInputs, config: PropagationConfig) -> list[OutputFrame]:
+def propagate(inputs: SequenceInputs, config: PropagationConfig, refiner: Refiner | None = None) -> list[OutputFrame]:
     """All frames of :func:`propagate_frames` as a list (for short sequences and tests)."""
-    return list(propagate_frames(inputs, config))
+    return list(propagate_frames(inputs, config, refiner=refiner))

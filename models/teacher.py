@@ -11,9 +11,6 @@ resolution), which the refiner (warp-refine) concatenates into its own decoder.
 from __future__ import annotations
 
 import copy
-import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autolabel.errors import CheckpointError, ClassSetMismatchError
+from autolabel.errors import ClassSetMismatchError
 from autolabel.registry import Registry
 from models._checks import check_shape
+from models.checkpoints import file_sha256, load_checkpoint, load_weights, save_checkpoint
+
+__all__ = ["TEACHER_ARCHS", "Teacher", "TeacherOutput", "file_sha256", "to_tensor"]
 
 CHECKPOINT_FORMAT = "autolabel.teacher"
 CHECKPOINT_VERSION = 1
@@ -196,46 +196,14 @@ class Teacher:
 
     def save(self, path: Path) -> str:
         """Write the checkpoint atomically; returns its sha256."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(self.state(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return file_sha256(path)
+        return save_checkpoint(self.state(), path)
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu") -> Teacher:
         """Load a checkpoint written by :meth:`save` (``weights_only=True``: no code runs)."""
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: teacher checkpoint not found; train one with `autolabel train-teacher`")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - pickle, zip and safety errors all mean 'unusable'
-            raise CheckpointError(f"{path}: cannot read teacher checkpoint ({type(exc).__name__}: {exc})") from exc
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path}: not an autolabel teacher checkpoint")
-        if state.get("format_version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"{path}: teacher checkpoint version {state.get('format_version')} is not "
-                                  f"{CHECKPOINT_VERSION}; retrain it with this autolabel")
+        state = load_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "teacher", "autolabel train-teacher")
         teacher = cls.create(state["arch"], state["classes"], state["palette"], state["ignore_index"],
                              **state["arch_kwargs"])
-        try:
-            teacher.net.load_state_dict(state["state_dict"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"{path}: weights do not fit architecture {state['arch']!r} ({exc})") from exc
+        load_weights(teacher.net, state["state_dict"], path, state["arch"])
         teacher.train_info = state.get("train", {})
         return teacher.to(device)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

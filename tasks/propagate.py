@@ -10,6 +10,8 @@ import zarr
 
 from autolabel.errors import StageNotDoneError
 from models.propagation import Candidate, PropagationConfig, create_method, propagate_frames
+from models.refiner import Refiner
+from models.teacher import Teacher
 from storage.stages import (
     TEACHER,
     TEACHER_CONFIDENCE,
@@ -24,7 +26,9 @@ from tasks.flow_estimation import flow_arrays
 class StoreSequenceInputs:
     """:class:`models.propagation.SequenceInputs` read lazily from a stored sequence."""
 
-    def __init__(self, seq: Sequence, flow_name: str | None, need_teacher: bool) -> None:
+    def __init__(self, seq: Sequence, flow_name: str | None, need_teacher: bool,
+                 feature_teacher: Teacher | None = None) -> None:
+        """``feature_teacher``: computes the teacher features of a frame on demand (warp-refine)."""
         self.seq = seq
         self.num_frames, self.height, self.width = seq.num_frames, seq.height, seq.width
         self.annotated = seq.annotated
@@ -41,6 +45,8 @@ class StoreSequenceInputs:
         self._teacher_labels = seq.array(TEACHER_LABELS) if need_teacher else None
         self._teacher_conf = seq.array(TEACHER_CONFIDENCE) if need_teacher else None
         self._frames: dict[int, np.ndarray] = {}
+        self._feature_teacher = feature_teacher
+        self.teacher_features = self._features if feature_teacher is not None else None
 
     def annotation(self, t: int) -> np.ndarray:
         return self.seq.annotation(t)
@@ -60,6 +66,10 @@ class StoreSequenceInputs:
     def flow_to_prev(self, t: int) -> np.ndarray:
         assert self._bw is not None
         return np.asarray(self._bw[t - 1], dtype=np.float32)
+
+    def _features(self, t: int) -> np.ndarray:
+        assert self._feature_teacher is not None
+        return self._feature_teacher.predict(self.frame(t)).features[0].cpu().numpy()
 
     def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         assert self._teacher_labels is not None and self._teacher_conf is not None
@@ -89,8 +99,12 @@ class StoreCandidateBuffer:
         return Candidate(np.asarray(self.labels[t]), np.asarray(self.conf[t], dtype=np.float32), int(self.distance[t]))
 
 
-def result_settings(config: PropagationConfig, flow: dict[str, Any] | None, teacher: dict[str, Any] | None) -> dict[str, Any]:
-    return {**config.model_dump(exclude={"device"}), "flow": flow, "teacher": teacher}
+def result_settings(config: PropagationConfig, flow: dict[str, Any] | None, teacher: dict[str, Any] | None,
+                    refiner_sha256: str | None = None) -> dict[str, Any]:
+    settings = {**config.model_dump(exclude={"device"}), "flow": flow, "teacher": teacher}
+    if refiner_sha256 is not None:
+        settings["refiner_sha256"] = refiner_sha256
+    return settings
 
 
 def label_sequence(
@@ -100,19 +114,25 @@ def label_sequence(
     flow_name: str | None,
     *,
     on_step: Callable[[], None] | None = None,
+    refiner: Refiner | None = None,
+    refiner_sha256: str | None = None,
+    feature_teacher: Teacher | None = None,
 ) -> bool:
     """Propagate the annotations of ``seq_id`` with ``config.method`` and store the results.
 
     Needs the flow stage ``flow_name`` (methods that warp) and the teacher stage (methods that
     use the teacher) to be done. Skips (returns False) when results with identical settings exist.
     Writes ``results/<method>/{labels,confidence,distance}`` and marks the stage done last.
+    warp-refine also needs ``refiner`` (its sha256 goes into the settings) and ``feature_teacher``,
+    the teacher the refiner was trained with (its features are computed per frame).
     """
     seq = store.writable_sequence(seq_id)
-    method = create_method(config)
-    inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher)
+    method = create_method(config, refiner)
+    inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher,
+                                 feature_teacher if method.needs_refiner else None)
     flow_info = seq.stages[f"flow/{flow_name}"].get("settings", {"backend": flow_name}) if method.needs_flow else None
     teacher_info = seq.stages[TEACHER]["settings"] if method.needs_teacher else None
-    settings = result_settings(config, flow_info, teacher_info)
+    settings = result_settings(config, flow_info, teacher_info, refiner_sha256 if method.needs_refiner else None)
     stage = results_stage(config.method)
     if seq.stages.get(stage, {}).get("settings") == settings:
         return False
@@ -126,7 +146,7 @@ def label_sequence(
     scratch_path = f"results/{config.method}/_backward"
     buffer = StoreCandidateBuffer(seq.group.require_group(scratch_path), seq.num_frames, *shape, ignore)
     distance = np.full(seq.num_frames, -1, dtype=np.int8)
-    for out in propagate_frames(inputs, config, buffer, on_step):
+    for out in propagate_frames(inputs, config, buffer, on_step, refiner):
         labels_w.append(out.labels)
         conf_w.append(out.confidence)
         distance[out.t] = out.distance

@@ -1,0 +1,70 @@
+"""Checkpoint files shared by the teacher and the refiner: atomic writes, safe reads, content hashes.
+
+A checkpoint is a plain dict of tensors, strings and numbers tagged with a ``format`` and a
+``format_version``; it is read with ``torch.load(weights_only=True)``, so no code runs on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autolabel.errors import CheckpointError
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> str:
+    """Write ``state`` to ``path`` atomically (temporary file + rename); returns the file's sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return file_sha256(path)
+
+
+def load_checkpoint(path: Path, fmt: str, version: int, what: str, how_to_make: str) -> dict[str, Any]:
+    """Read a checkpoint of format ``fmt`` / ``version``; CheckpointError names the file and the fix.
+
+    Args:
+        what: what the file should be, for messages ("teacher").
+        how_to_make: the command that writes one ("autolabel train-teacher").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} checkpoint not found; train one with `{how_to_make}`")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and safety errors all mean 'unusable'
+        raise CheckpointError(f"{path}: cannot read {what} checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise CheckpointError(f"{path}: not an autolabel {what} checkpoint")
+    if state.get("format_version") != version:
+        raise CheckpointError(f"{path}: {what} checkpoint version {state.get('format_version')} is not "
+                              f"{version}; retrain it with this autolabel (`{how_to_make}`)")
+    return state
+
+
+def load_weights(net: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Load ``state_dict`` into ``net``; CheckpointError when it does not fit the architecture."""
+    try:
+        net.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit architecture {arch!r} ({exc})") from exc
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,123 @@
+"""Refiner training from stores: make the flow and teacher stages, generate cycles, train Omega.
+
+Cycles start only at annotated frames and read only their annotations (``Sequence.annotation``),
+so the ground truth that non-annotated frames may hold for evaluation is never seen.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from autolabel.errors import ClassSetMismatchError, ConfigError
+from models.cycle import CycleSample, cycle_plan, cycle_sample
+from models.optical_flow import FlowConfig, FlowEstimator
+from models.propagation import PropagationConfig, WarpInpaint
+from models.refiner import Refiner
+from models.refiner_training import RefinerTrainConfig, score_on_samples, train_refiner
+from models.teacher import Teacher, file_sha256
+from storage.stages import TEACHER
+from storage.store import SequenceStore
+from tasks.label import LabelProgress, _Quiet, prepare_sequence
+from tasks.propagate import StoreSequenceInputs
+
+
+class RefinerRequest(BaseModel):
+    """Everything ``autolabel train-refiner`` needs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stores: list[str] = Field(min_length=1)
+    teacher: Path
+    out: Path
+    train: RefinerTrainConfig = RefinerTrainConfig()
+    propagation: PropagationConfig = PropagationConfig(method="warp-inpaint")
+    flow: FlowConfig = FlowConfig()
+    adapt_steps: int = Field(0, ge=0, description="teacher adaptation per sequence (as for labelling)")
+    max_samples: int | None = Field(None, ge=1, description="use at most this many cycles of each store (random, seeded)")
+    sequences: list[str] | None = None
+
+
+def collect_cycles(request: RefinerRequest, teacher: Teacher, teacher_hash: str,
+                   progress: LabelProgress | None = None,
+                   on_sample: Callable[[int, int], None] | None = None) -> list[CycleSample]:
+    """All cycle samples of the request's stores (flow and teacher stages computed where missing)."""
+    progress = progress or _Quiet()
+    method = WarpInpaint(request.propagation)
+    plan: list[tuple[SequenceStore, str, int, int, int]] = []
+    estimator: FlowEstimator | None = None
+    classes = None
+    matched: set[str] = set()
+    rng = np.random.default_rng(request.train.seed)
+    try:
+        for url in request.stores:
+            store = SequenceStore.open(url, mode="r+")
+            if classes is not None and store.classes != classes:
+                raise ClassSetMismatchError(f"store {url!r} has classes {store.classes.names}, the first store "
+                                            f"{classes.names}; train one refiner per class set")
+            classes = store.classes
+            teacher.check_classes(store.classes.names, store.classes.ignore_index, f"store {url!r}")
+            store_plan: list[tuple[SequenceStore, str, int, int, int]] = []
+            ids = store.sequence_ids()
+            if request.sequences is not None:
+                ids = [i for i in ids if any(fnmatch.fnmatchcase(i, p) for p in request.sequences)]
+                matched.update(p for p in request.sequences if any(fnmatch.fnmatchcase(i, p) for i in ids))
+            for seq_id in ids:
+                seq = store.sequence(seq_id)
+                cycles = list(cycle_plan(seq.annotated, request.train.max_cycle))
+                if not cycles:
+                    continue  # single frames (e.g. CamVid train keyframes) have no neighbours
+                if estimator is None and request.flow.backend != "exact":
+                    estimator = FlowEstimator(request.flow)
+                # teacher output of this checkpoint is reused whatever its adaptation (labelling may have
+                # adapted it per sequence); otherwise it is computed with ``adapt_steps``
+                done = seq.stages.get(TEACHER, {}).get("settings", {}).get("checkpoint_sha256") == teacher_hash
+                prepare_sequence(store, seq_id, request.flow, estimator, None if done else teacher, teacher_hash,
+                                 request.adapt_steps, progress)
+                store_plan.extend((store, seq_id, t, length, d) for t, length, d in cycles)
+            if request.max_samples is not None and len(store_plan) > request.max_samples:
+                keep = np.sort(rng.choice(len(store_plan), request.max_samples, replace=False))
+                store_plan = [store_plan[int(i)] for i in keep]
+            plan.extend(store_plan)
+    finally:
+        if estimator is not None:
+            estimator.close()
+    unmatched = sorted(set(request.sequences or []) - matched)
+    if unmatched:
+        raise ConfigError(f"no sequence matches {unmatched} in any of the stores {request.stores}")
+    if not plan:
+        raise ConfigError(f"no annotated frame with neighbouring frames in {request.stores}: the refiner trains on "
+                          "cycles through video, so give it stores of sequences (not single keyframes)")
+    samples: list[CycleSample] = []
+    inputs: StoreSequenceInputs | None = None
+    for i, (store, seq_id, t, length, direction) in enumerate(plan):
+        if inputs is None or inputs.seq.id != seq_id or inputs.seq.store is not store:
+            inputs = StoreSequenceInputs(store.sequence(seq_id), request.flow.stored_name, need_teacher=True)
+        samples.append(cycle_sample(method, inputs, t, length, direction))
+        if on_sample is not None:
+            on_sample(i + 1, len(plan))
+    return samples
+
+
+def train_refiner_from_stores(request: RefinerRequest, progress: LabelProgress | None = None,
+                              on_sample: Callable[[int, int], None] | None = None,
+                              on_step: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+    """Generate cycles, train a refiner, save it to ``request.out``; returns the training summary."""
+    teacher = Teacher.load(request.teacher, request.train.device)
+    teacher_hash = file_sha256(request.teacher)
+    samples = collect_cycles(request, teacher, teacher_hash, progress, on_sample)
+    refiner = Refiner.create(request.train.arch, teacher.classes, teacher.net.feature_channels, teacher_hash,
+                             teacher.ignore_index)
+    info = train_refiner(refiner, teacher, samples, request.train, on_step)
+    info["fit"] = score_on_samples(refiner, teacher, samples)
+    info["cycles"] = {str(k): int(v) for k, v in zip(*np.unique([s.length for s in samples], return_counts=True))}
+    info["stores"] = list(request.stores)
+    info["flow"] = request.flow.stored_name
+    refiner.train_info = info
+    info["sha256"] = refiner.save(request.out)
+    return info
