@@ -1,8 +1,9 @@
 """The ``autolabel`` command line (typer + rich).
 
-Commands: ``ingest``, ``info``, ``synth``, ``export``, ``demo``. Errors of the
+Commands: ``ingest``, ``info``, ``synth``, ``export``, ``flow``, ``train-teacher``, ``train-refiner``,
+``label``, ``evaluate``, ``run`` and ``demo`` (the last two through the Prefect flows). Errors of the
 :class:`~autolabel.errors.AutolabelError` family print one clear line and exit non-zero; no
-traceback for bad input. Nothing here imports Prefect, so these commands start fast.
+traceback for bad input. Only ``run`` and ``demo`` import Prefect, so the others start fast.
 """
 
 from __future__ import annotations
@@ -540,42 +541,134 @@ def _print_evaluation(report: dict[str, Any]) -> None:
                           f"({', '.join(m['sequences_missing'][:5])}); run `autolabel label` first", highlight=False)
 
 
+def _annotation_policy(window: int | None, keyframe_every: int | None) -> Any:
+    from storage.annotation import AnnotationPolicy
+
+    if window and keyframe_every:
+        raise ConfigError("choose one of --window and --keyframe-every")
+    if window:
+        return AnnotationPolicy(mode="window", n=window)
+    if keyframe_every:
+        return AnnotationPolicy(mode="keyframe-every", n=keyframe_every)
+    return AnnotationPolicy()
+
+
+def _print_flow_result(result: dict[str, Any], method: str) -> None:
+    report = result["report"]
+    table = Table("sequence", "frames", "labelled", "mIoU (%)", "coverage (%)", "confidence (%)", "worker",
+                  title=f"{method}: per sequence")
+    for row in report["rows"].get(method, []):
+        miou = _fmt(row["miou"]) if row["has_gt"] else "no ground truth"
+        table.add_row(row["sequence"], str(row["frames"]), str(row["frames_labelled"]), miou,
+                      _fmt(row["coverage"]), _fmt(row["mean_confidence"]), result["workers"].get(row["sequence"], "-"))
+    console.print(table)
+    distances = list(next(iter(report["miou_by_distance"].values()), {}))
+    by_d = Table("method", *[f"d={d}" for d in distances], "mean", title="mIoU (%) by distance, pooled")
+    for m, values in report["miou_by_distance"].items():
+        by_d.add_row(m, *[_fmt(values[d]) for d in distances], _fmt(report["miou_mean"][m]))
+    console.print(by_d)
+    for seq, err in result["failed"].items():
+        err_console.print(f"[red]failed[/] {seq}: {err}", highlight=False, soft_wrap=True)
+
+
 @app.command()
-def demo(
-    out: Annotated[Path, typer.Option(help="folder for the demo store and exports")] = Path("demo-output"),
-    sequences: Annotated[int, typer.Option(help="synthetic drives")] = 3,
-    frames: Annotated[int, typer.Option(help="frames per drive")] = 30,
-    size: Annotated[str, typer.Option(help="frame size WIDTHxHEIGHT")] = "320x240",
-    fresh: Annotated[bool, typer.Option(help="delete an earlier demo output first")] = True,
+def run(
+    store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
+    teacher: Annotated[Path, typer.Option(help="teacher checkpoint")],
+    refiner: Annotated[Path | None, typer.Option(help="refiner checkpoint (warp-refine)")] = None,
+    method: Annotated[str, typer.Option(help="warp-refine (stores warp-inpaint too) or warp-inpaint")] = "warp-refine",
+    inbox: Annotated[Path | None, typer.Option(help="ingest new or changed drives from this folder first")] = None,
+    layout: Annotated[str, typer.Option(help="the inbox's layout: apollo, camvid, davis, cityscapes, folder")] = "apollo",
+    window: Annotated[int | None, typer.Option(help="inbox: annotate each N-frame window's centre")] = None,
+    keyframe_every: Annotated[int | None, typer.Option(help="inbox: annotate frames 0, N, 2N, ...")] = None,
+    flow_backend: Annotated[str, typer.Option("--flow", help="flow backend")] = "dis-medium",
+    adapt_steps: Annotated[int, typer.Option(help="per-sequence teacher adaptation steps")] = 0,
+    export: Annotated[Path | None, typer.Option(help="write index / colour / overlay PNGs here")] = None,
+    deployment: Annotated[str | None, typer.Option(help="fan out to this deployment's workers (label-sequence/gpu)")] = None,
+    only_stale: Annotated[bool, typer.Option(help="only drives that are new, changed or labelled with other checkpoints")] = False,
+    sequence: Annotated[list[str] | None, typer.Option(help="only these sequences (ids or globs)")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
-    """The main job on built-in synthetic drives: render -> store -> propagate -> evaluate -> export."""
+    """The whole job through the Prefect flows: ingest -> label every sequence -> evaluate -> dashboard."""
+    _set_threads()
+    from flows.autolabel import autolabel_flow
+    from flows.requests import AutolabelRequest, LabelSettings
     from models.optical_flow import FlowConfig
     from models.propagation import PropagationConfig
-    from storage.export import export_sequence
-    from storage.store import SequenceStore
-    from tasks.evaluate import evaluate_store
-    from tasks.label import LabelRequest, label_store
+
+    request = AutolabelRequest(
+        store=store, inbox=str(inbox) if inbox else None, layout=layout,
+        annotation=_annotation_policy(window, keyframe_every), sequences=sequence or None, only_stale=only_stale,
+        label_deployment=deployment,
+        label=LabelSettings(method=method, teacher=str(teacher), refiner=str(refiner) if refiner else None,
+                            propagation=PropagationConfig(method=method, device=device),
+                            flow=FlowConfig(backend=flow_backend, device=device), adapt_steps=adapt_steps,
+                            export_dir=str(export) if export else None))
+    result = autolabel_flow(request)
+    _print_flow_result(result, method)
+    if result["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for the demo inbox, store, checkpoints and exports")] = Path("demo-output"),
+    sequences: Annotated[int, typer.Option(help="synthetic drives")] = 3,
+    frames: Annotated[int, typer.Option(help="frames per drive")] = 42,
+    size: Annotated[str, typer.Option(help="frame size WIDTHxHEIGHT")] = "256x192",
+    teacher_steps: Annotated[int, typer.Option(help="teacher training steps")] = 300,
+    refiner_steps: Annotated[int, typer.Option(help="refiner training steps")] = 150,
+    fresh: Annotated[bool, typer.Option(help="delete an earlier demo output first")] = True,
+) -> None:
+    """The main job on built-in synthetic drives, through the same Prefect flows as production (in-process):
+    ApolloScape-layout inbox -> ingest -> train a teacher and a refiner -> warp-refine labelling ->
+    evaluation table -> overlays exported."""
+    _set_threads()
+    from flows.autolabel import autolabel_flow
+    from flows.requests import AutolabelRequest, LabelSettings
+    from flows.training import RefinerRequest, RefinerTrainConfig, TeacherRequest, train_refiner_flow, train_teacher_flow
+    from models.optical_flow import FlowConfig
+    from models.teacher_training import TeacherTrainConfig
+    from storage.annotation import AnnotationPolicy
+    from storage.ingest import IngestOptions, ingest as ingest_dataset
+    from storage.readers import read_dataset
+    from storage.synthetic import SyntheticConfig, drive_configs
+    from storage.synthetic_io import write_apollo_layout
 
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    store_url = str(out / "synthetic.zarr")
-    console.rule("1. render synthetic drives into a store (frames, exact labels, exact flow)")
-    synth(store_url, sequences=sequences, frames=frames, size=size, seed=0, fps=15.0, format="store",
-          window=21 if frames >= 21 else None, keyframe_every=None)
-    console.rule("2. what the store holds")
+    width, height = _parse_size(size)
+    inbox, store_url = out / "inbox", str(out / "apollo.zarr")
+    policy = AnnotationPolicy(mode="window", n=21) if frames >= 21 else AnnotationPolicy(mode="keyframe-every", n=10)
+    console.rule(f"1. render {sequences} synthetic drives as an ApolloScape inbox and ingest them")
+    write_apollo_layout(inbox, drive_configs(sequences, SyntheticConfig(width=width, height=height, frames=frames,
+                                                                       seed=0)))
+    report = ingest_dataset(read_dataset("apollo", inbox), store_url, IngestOptions(annotation=policy))
+    console.print(f"ingested {len(report.by_status('ingested'))} drives; annotated frames: "
+                  f"{sum(o.annotated for o in report.outcomes)} (window centres), the rest is ground truth for scoring",
+                  highlight=False)
     _print_summary(store_summary(store_url))
-    console.rule("3. propagate the annotated frames along the exact flow (motion-only)")
-    request = LabelRequest(propagation=PropagationConfig(method="motion-only"), flow=FlowConfig(backend="exact"))
-    with _progress() as progress:
-        report = label_store(store_url, request, _StageProgress(progress))
-    console.print(f"labelled {sum(o.status == 'labelled' for o in report.outcomes)} sequences", highlight=False)
-    console.rule("4. evaluate against the exact ground truth")
-    _print_evaluation(evaluate_store(SequenceStore.open(store_url), ["motion-only"]))
-    console.rule("5. export the propagated labels (index, colour, overlay PNGs)")
-    st = SequenceStore.open(store_url)
-    written = sum(export_sequence(seq, "motion-only", out / "export", with_overlay=True) for seq in st.sequences())
-    console.print(f"wrote {written} labelled frames to {out / 'export'}", highlight=False)
+    console.rule("2. train the teacher on the annotated frames (flow train-teacher)")
+    teacher_path, refiner_path = out / "teacher.pt", out / "refiner.pt"
+    crop = min(128, width, height) // 32 * 32
+    train_teacher_flow(TeacherRequest(stores=[store_url], out=str(teacher_path), train=TeacherTrainConfig(
+        max_steps=teacher_steps, crop=max(crop, 64), batch_size=8)))
+    console.rule("3. train the refiner on forward-backward cycles (flow train-refiner)")
+    flow = FlowConfig(backend="dis-fast")
+    train_refiner_flow(RefinerRequest(stores=[store_url], teacher=teacher_path, out=refiner_path, flow=flow,
+                                      train=RefinerTrainConfig(steps=refiner_steps, crop=max(crop, 64), batch_size=8)))
+    console.rule("4. label every drive with warp-refine, evaluate, publish the dashboard (flow autolabel)")
+    request = AutolabelRequest(
+        store=store_url, inbox=str(inbox), layout="apollo", annotation=policy,
+        label=LabelSettings(method="warp-refine", teacher=str(teacher_path), refiner=str(refiner_path), flow=flow,
+                            export_dir=str(out / "export")))
+    result = autolabel_flow(request)
+    console.rule("5. results")
+    _print_flow_result(result, "warp-refine")
+    console.print(f"overlays, colour and index PNGs: {out / 'export'}/<sequence>/", highlight=False)
+    if result["failed"]:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ class IngestOptions(BaseModel):
     annotation: AnnotationPolicy = AnnotationPolicy()
     sequences: list[str] | None = Field(None, description="ingest only these sequence ids")
     overwrite: bool = Field(False, description="rewrite sequences that are already complete")
+    replace_changed: bool = Field(False, description="rewrite complete sequences whose source files changed")
     layout: StoreLayout = StoreLayout()
     prefetch: int = Field(4, ge=1, description="frames decoded ahead in background threads")
 
@@ -97,7 +98,7 @@ def ingest_sequence(
     start = time.perf_counter()
     progress.sequence_started(source.id, len(source))
     with store.new_sequence(source.id, expected_frames=len(source), source=source.source,
-                            fps=source.fps, layout=options.layout) as writer:
+                            fps=source.fps, layout=options.layout, source_fingerprint=source.fingerprint()) as writer:
         for item in source.iter_items(prefetch=options.prefetch):
             writer.write(item.name, item.rgb, item.label, origin=item.origin)
             progress.frame_written(source.id)
@@ -109,6 +110,15 @@ def ingest_sequence(
         id=source.id, status="ingested", frames=seq.num_frames, annotated=int(seq.annotated.sum()),
         ground_truth=int(seq.has_gt.sum()), seconds=time.perf_counter() - start,
     )
+
+
+def _changed(store: SequenceStore, source: SequenceSource, options: IngestOptions) -> bool:
+    """True when ``replace_changed`` is on and the stored fingerprint differs from the source's."""
+    if not options.replace_changed:
+        return False
+    stored = store.sequence(source.id).source_fingerprint
+    current = source.fingerprint()
+    return stored is not None and current is not None and stored != current
 
 
 def ingest(
@@ -128,7 +138,7 @@ def ingest(
     report = IngestReport(store=str(store_url))
     complete = set(store.sequence_ids())
     for source in dataset.select(options.sequences):
-        if source.id in complete and not options.overwrite:
+        if source.id in complete and not options.overwrite and not _changed(store, source, options):
             outcome = SequenceOutcome(id=source.id, status="skipped")
         else:
             try:

@@ -212,10 +212,17 @@ class SequenceStore:
         source: str,
         fps: float | None,
         layout: StoreLayout | None = None,
+        source_fingerprint: str | None = None,
     ) -> SequenceWriter:
-        """Start writing a sequence; any earlier (complete or incomplete) one with this id goes."""
+        """Start writing a sequence; any earlier (complete or incomplete) one with this id goes.
+
+        ``source_fingerprint`` (names, sizes and times of the source files) lets a later ingest
+        notice that the source changed.
+        """
         self.delete_sequence(seq_id)
-        return SequenceWriter(self, seq_id, expected_frames, source, fps, layout or StoreLayout())
+        writer = SequenceWriter(self, seq_id, expected_frames, source, fps, layout or StoreLayout())
+        writer.source_fingerprint = source_fingerprint
+        return writer
 
     def delete_sequence(self, seq_id: str) -> None:
         if self._group(seq_id) is not None:
@@ -301,6 +308,11 @@ class Sequence:
     def content_hash(self) -> str:
         """Hash of frames, labels and the annotation choice (cache keys, change detection)."""
         return str(self.attrs["content_hash"])
+
+    @property
+    def source_fingerprint(self) -> str | None:
+        """Fingerprint of the source files at ingest (None when the reader gives none)."""
+        return self.attrs.get("source_fingerprint")
 
     @property
     def stages(self) -> dict[str, dict[str, Any]]:
@@ -455,6 +467,7 @@ class SequenceWriter:
         self.store = store
         self.id = seq_id
         self.layout = layout
+        self.source_fingerprint: str | None = None
         self.expected = max(int(expected_frames), 1)
         self.group = store._sequences.create_group(seq_id, overwrite=True)
         self.group.attrs.update(
@@ -552,6 +565,7 @@ class SequenceWriter:
                 "size": [width, height],
                 "frame_names": self.names,
                 "content_hash": self._hash.hexdigest(),
+                "source_fingerprint": self.source_fingerprint,
                 "shard_frames": self._frames.step if self._frames.step > 1 else None,
             },
         )

@@ -9,11 +9,12 @@ import numpy as np
 import zarr
 
 from autolabel.errors import StageNotDoneError
-from models.propagation import Candidate, PropagationConfig, create_method, propagate_frames
+from models.propagation import Candidate, PropagationConfig, create_method, method_class, propagate_frames
 from models.refiner import Refiner
 from models.teacher import Teacher
 from storage.stages import (
     TEACHER,
+    flow_stage,
     TEACHER_CONFIDENCE,
     TEACHER_LABELS,
     result_array_names,
@@ -107,6 +108,27 @@ def result_settings(config: PropagationConfig, flow: dict[str, Any] | None, teac
     return settings
 
 
+def expected_settings(seq: Sequence, config: PropagationConfig, flow_name: str | None,
+                      refiner_sha256: str | None = None) -> dict[str, Any]:
+    """The settings record that labelling ``seq`` with ``config`` now would write (needs its inputs' stages)."""
+    method = method_class(config.method)
+    flow_info = seq.stages[flow_stage(flow_name or "")].get("settings", {"backend": flow_name}) if method.needs_flow else None
+    teacher_info = seq.stages[TEACHER]["settings"] if method.needs_teacher else None
+    return result_settings(config, flow_info, teacher_info, refiner_sha256 if method.needs_refiner else None)
+
+
+def results_are_current(seq: Sequence, config: PropagationConfig, flow_name: str | None,
+                        refiner_sha256: str | None = None) -> bool:
+    """True when ``seq`` holds results of ``config.method`` made with exactly these settings and inputs."""
+    stored = seq.stages.get(results_stage(config.method))
+    if stored is None:
+        return False
+    try:
+        return stored.get("settings") == expected_settings(seq, config, flow_name, refiner_sha256)
+    except KeyError:  # an input stage is missing
+        return False
+
+
 def label_sequence(
     store: SequenceStore,
     seq_id: str,
@@ -130,9 +152,7 @@ def label_sequence(
     method = create_method(config, refiner)
     inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher,
                                  feature_teacher if method.needs_refiner else None)
-    flow_info = seq.stages[f"flow/{flow_name}"].get("settings", {"backend": flow_name}) if method.needs_flow else None
-    teacher_info = seq.stages[TEACHER]["settings"] if method.needs_teacher else None
-    settings = result_settings(config, flow_info, teacher_info, refiner_sha256 if method.needs_refiner else None)
+    settings = expected_settings(seq, config, flow_name, refiner_sha256)
     stage = results_stage(config.method)
     if seq.stages.get(stage, {}).get("settings") == settings:
         return False

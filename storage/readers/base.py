@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -78,6 +80,10 @@ class SequenceSource(ABC):
     def iter_items(self, prefetch: int = 4) -> Iterator[FrameItem]:
         """Decoded frames in order; raises InputDataError subclasses naming the bad file."""
 
+    def fingerprint(self) -> str | None:
+        """A cheap digest of the source files (names, sizes, modification times); None if unknown."""
+        return None
+
 
 @dataclass(frozen=True)
 class FrameFile:
@@ -109,6 +115,20 @@ class ImageFileSequence(SequenceSource):
 
     def iter_items(self, prefetch: int = 4) -> Iterator[FrameItem]:
         return ordered_prefetch(self._load, self.frames, prefetch)
+
+    def fingerprint(self) -> str | None:
+        digest = hashlib.blake2b(digest_size=16)
+        for f in self.frames:
+            for path in (f.image, f.label):
+                if path is None:
+                    digest.update(b"-")
+                    continue
+                try:
+                    st = path.stat()
+                    digest.update(f"{f.name}|{path.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+                except OSError:
+                    digest.update(f"{f.name}|{path.name}|missing".encode())
+        return digest.hexdigest()
 
 
 def ordered_prefetch(fn: Callable[[T], FrameItem], items: Iterable[T], depth: int) -> Iterator[FrameItem]:

@@ -1,0 +1,25 @@
+# Settings shared by the deploy scripts; override any of them in the environment.
+# Source it: `source deploy/env.sh`.
+AUTOLABEL_REPO="${AUTOLABEL_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+export AUTOLABEL_REPO
+export AUTOLABEL_VENV="${AUTOLABEL_VENV:-$AUTOLABEL_REPO/.venv}"
+export PATH="$AUTOLABEL_VENV/bin:$PATH"
+# where the server keeps its database (SQLite by default) and the workers their cache records
+export PREFECT_HOME="${PREFECT_HOME:-$AUTOLABEL_REPO/runs/prefect-home}"
+export PREFECT_SERVER_API_HOST="${PREFECT_SERVER_API_HOST:-127.0.0.1}"
+export PREFECT_SERVER_API_PORT="${PREFECT_SERVER_API_PORT:-4200}"
+export PREFECT_API_URL="${PREFECT_API_URL:-http://$PREFECT_SERVER_API_HOST:$PREFECT_SERVER_API_PORT/api}"
+# deployment parameters (paths must be valid on every worker: a shared filesystem or an fsspec URL)
+export AUTOLABEL_STORE="${AUTOLABEL_STORE:-$AUTOLABEL_REPO/runs/apollo.zarr}"
+export AUTOLABEL_INBOX="${AUTOLABEL_INBOX:-$AUTOLABEL_REPO/runs/inbox}"
+export AUTOLABEL_TEACHER="${AUTOLABEL_TEACHER:-$AUTOLABEL_REPO/runs/teacher-apollo.pt}"
+export AUTOLABEL_REFINER="${AUTOLABEL_REFINER:-$AUTOLABEL_REPO/runs/refiner-apollo.pt}"
+export AUTOLABEL_EXPORT="${AUTOLABEL_EXPORT:-$AUTOLABEL_REPO/runs/export}"
+export AUTOLABEL_FLOW_BACKEND="${AUTOLABEL_FLOW_BACKEND:-dis-medium}"
+export AUTOLABEL_DEVICE="${AUTOLABEL_DEVICE:-cuda}"
+export AUTOLABEL_NIGHTLY_CRON="${AUTOLABEL_NIGHTLY_CRON:-0 2 * * *}"
+export AUTOLABEL_TIMEZONE="${AUTOLABEL_TIMEZONE:-UTC}"
+# flow-run heartbeats (>= 30 s) feed the zombie automation of deploy/automations.yaml
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
+export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
+export DO_NOT_TRACK=1

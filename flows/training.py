@@ -1,0 +1,85 @@
+"""Flows ``train-teacher`` and ``train-refiner``: the training commands as Prefect runs (GPU pool).
+
+Each wraps one task that trains and writes the checkpoint atomically; a progress artifact
+follows the steps and the run's result is the training summary (loss, seconds, samples/s).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.refiner_training import RefinerTrainConfig
+from models.teacher import Teacher
+from models.teacher_training import TeacherTrainConfig, train_teacher
+from storage.store import SequenceStore
+from storage.training_data import AnnotatedFrames
+from tasks.refiner_training import RefinerRequest, train_refiner_from_stores
+from tasks.stage_tasks import gpu_slot
+
+
+class TeacherRequest(BaseModel):
+    """What ``train-teacher`` trains on and where it writes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stores: list[str] = Field(min_length=1)
+    out: str
+    sequences: list[str] | None = None
+    train: TeacherTrainConfig = TeacherTrainConfig()
+
+
+def _progress(description: str) -> Any:
+    artifact = create_progress_artifact(progress=0.0, description=description)
+    last = [-1]
+
+    def report(step: int, total: int, loss: float) -> None:
+        pct = int(100 * step / max(total, 1))
+        if pct != last[0]:
+            last[0] = pct
+            update_progress_artifact(artifact, progress=float(pct))
+    return report
+
+
+@task(name="train-teacher")
+def train_teacher_task(request: TeacherRequest) -> dict[str, Any]:
+    data = AnnotatedFrames([SequenceStore.open(s) for s in request.stores], request.sequences)
+    classes = data.classes
+    teacher = Teacher.create(request.train.arch, classes.names, [list(c) for c in classes.palette],
+                             classes.ignore_index)
+    with gpu_slot(request.train.device):
+        info = train_teacher(teacher, data, request.train, _progress(f"train-teacher -> {request.out}"))
+    teacher.train_info = {**info, "stores": list(request.stores)}
+    info["sha256"] = teacher.save(Path(request.out))
+    get_run_logger().info("wrote %s (%d steps, %.1f s, loss %.3f)", request.out, info["steps"], info["seconds"],
+                          info["final_loss"])
+    return info
+
+
+@task(name="train-refiner")
+def train_refiner_task(request: RefinerRequest) -> dict[str, Any]:
+    with gpu_slot(request.train.device):
+        info = train_refiner_from_stores(request, on_step=_progress(f"train-refiner -> {request.out}"))
+    get_run_logger().info("wrote %s (%d cycles, %d steps, %.1f s; cycles mIoU %s -> %s)", request.out,
+                          info["samples"], info["steps"], info["seconds"], info["fit"]["cycled_miou"],
+                          info["fit"]["refined_miou"])
+    return info
+
+
+@flow(name="train-teacher")
+def train_teacher_flow(request: TeacherRequest) -> dict[str, Any]:
+    """Train the semantic teacher on the annotated frames of the stores."""
+    return train_teacher_task(request)
+
+
+@flow(name="train-refiner")
+def train_refiner_flow(request: RefinerRequest) -> dict[str, Any]:
+    """Train the refiner on forward-backward cycles of the stores' annotated frames."""
+    return train_refiner_task(request)
+
+
+__all__ = ["RefinerRequest", "RefinerTrainConfig", "TeacherRequest", "train_refiner_flow", "train_teacher_flow"]
