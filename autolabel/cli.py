@@ -414,7 +414,7 @@ def train_refiner_cmd(
     crop: Annotated[int, typer.Option(help="square training crop")] = 256,
     lr: Annotated[float, typer.Option()] = 2e-3,
     rmi_weight: Annotated[float, typer.Option(help="loss = CE + w * RMI")] = 0.5,
-    arch: Annotated[str, typer.Option(help="refine-unet (or refine-tiny for tests)")] = "refine-unet",
+    arch: Annotated[str, typer.Option(help="refine-unet-fr (full-resolution head), refine-unet, or refine-tiny for tests")] = "refine-unet-fr",
     flow_backend: Annotated[str, typer.Option("--flow", help="flow backend, or 'exact' for synthetic drives")] = "dis-medium",
     adapt_steps: Annotated[int, typer.Option(help="teacher adaptation per sequence, as used for labelling")] = 0,
     max_samples: Annotated[int | None, typer.Option(help="use at most this many cycles of each store")] = None,
@@ -591,8 +591,8 @@ def run(
 ) -> None:
     """The whole job through the Prefect flows: ingest -> label every sequence -> evaluate -> dashboard."""
     _set_threads()
-    from flows.autolabel import autolabel_flow
-    from flows.requests import AutolabelRequest, LabelSettings
+    from flows.autolabel_flow import autolabel_flow
+    from flows.run_requests import AutolabelRequest, LabelSettings
     from models.optical_flow import FlowConfig
     from models.propagation import PropagationConfig
 
@@ -624,8 +624,8 @@ def demo(
     ApolloScape-layout inbox -> ingest -> train a teacher and a refiner -> warp-refine labelling ->
     evaluation table -> overlays exported."""
     _set_threads()
-    from flows.autolabel import autolabel_flow
-    from flows.requests import AutolabelRequest, LabelSettings
+    from flows.autolabel_flow import autolabel_flow
+    from flows.run_requests import AutolabelRequest, LabelSettings
     from flows.training import RefinerRequest, RefinerTrainConfig, TeacherRequest, train_refiner_flow, train_teacher_flow
     from models.optical_flow import FlowConfig
     from models.teacher_training import TeacherTrainConfig

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.requests import DriveSource, LabelSettings
+from flows.run_requests import DriveSource, LabelSettings
 from models.optical_flow import EXACT
 from models.teacher import file_sha256
 from storage.export import export_sequence

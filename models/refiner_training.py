@@ -33,7 +33,7 @@ class RefinerTrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    arch: str = "refine-unet"
+    arch: str = "refine-unet-fr"
     max_cycle: int = Field(6, ge=1, description="cycles of every length 1..max_cycle")
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(8, ge=1)

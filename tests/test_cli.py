@@ -115,13 +115,16 @@ def test_export_of_a_method_not_run_yet(tmp_path: Path) -> None:
     assert "no finished results for method 'warp-refine'" in done.stderr.replace("\n", "")
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    done = run_cli("demo", "--out", str(tmp_path / "demo"), "--sequences", "2", "--frames", "4", "--size", "48x32")
-    assert done.returncode == 0, done.stderr
-    assert "2 sequences" in done.stdout and "labelled 2 sequences" in done.stdout
-    assert "motion-only" in done.stdout and "d=1" in done.stdout
+def test_demo_runs_the_full_job_through_the_flows(tmp_path: Path) -> None:
+    done = run_cli("demo", "--out", str(tmp_path / "demo"), "--sequences", "2", "--frames", "23", "--size", "64x48",
+                   "--teacher-steps", "5", "--refiner-steps", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    for step in ("train-teacher", "train-refiner", "label-sequence", "warp-refine: per sequence", "d=10"):
+        assert step in out, step
+    assert (tmp_path / "demo" / "teacher.pt").is_file() and (tmp_path / "demo" / "refiner.pt").is_file()
     overlays = sorted((tmp_path / "demo" / "export").glob("*/overlay/*.png"))
-    assert len(overlays) == 8  # every frame within K of an annotation
+    assert len(overlays) == 2 * 21  # every frame within K = 10 of the window centre
 
 
 def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
@@ -151,6 +154,19 @@ def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
     assert m["frames_scored"] == 20 and list(m["per_sequence_miou"]) == ["synth-0000"]
     exported = run_cli("export", store, "--method", "warp-inpaint", "--out", str(tmp_path / "x"))
     assert exported.returncode == 0 and len(list((tmp_path / "x" / "synth-0000" / "index").iterdir())) == 21
+    refiner = tmp_path / "r.pt"
+    done = run_cli("train-refiner", "--store", store, "--teacher", str(teacher), "--out", str(refiner), "--arch",
+                   "refine-tiny", "--steps", "2", "--crop", "32", "--max-cycle", "2", "--flow", "dis-fast")
+    assert done.returncode == 0 and refiner.is_file() and "4 cycles" in done.stdout, done.stderr
+    done = run_cli("label", store, "--method", "warp-refine", "--teacher", str(teacher), "--refiner", str(refiner),
+                   "--flow", "dis-fast")
+    assert done.returncode == 0 and "labelled 1" in done.stdout, done.stderr
+    done = run_cli("evaluate", store, "--method", "warp-inpaint", "--method", "warp-refine", "--plot",
+                   str(tmp_path / "plots"))
+    assert done.returncode == 0, done.stderr
+    for name in ("miou_by_distance.png", "per_class_iou.png"):
+        png = (tmp_path / "plots" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 @pytest.mark.parametrize(("args", "message"), [

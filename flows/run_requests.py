@@ -79,6 +79,9 @@ class AutolabelRequest(BaseModel):
                           "take the sequences; None runs them in this process")
     resubmit_crashed: int = Field(2, ge=0, description="re-submit a sequence whose run crashed (lost worker) this often")
     poll_seconds: float = Field(5.0, gt=0, description="how often the parent checks its sequence runs")
+    watchdog_seconds: float | None = Field(
+        None, gt=0, description="a running sequence run silent (no heartbeat) this long is marked Crashed and "
+                                "re-submitted; default 2.5 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
     max_distance: int = Field(10, ge=1, description="evaluation: score distances 1..K")
 
 

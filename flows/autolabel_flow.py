@@ -11,7 +11,9 @@ sequence. Either way one failing sequence never stops the others.
 from __future__ import annotations
 
 import fnmatch
+import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_run
-from prefect.states import StateType
+from prefect.states import Crashed, StateType
 
 from flows.dashboard import publish
 from flows.label_sequence import label_sequence_flow
-from flows.requests import AutolabelRequest, DriveSource, stale_reason
+from flows.run_requests import AutolabelRequest, DriveSource, stale_reason
 from storage.store import SequenceStore
 from storage.readers import read_dataset
 from tasks.summary import store_report
@@ -77,6 +79,28 @@ def _state_error(state: Any) -> str:
     return f"{state.type.value}: {state.message or ''}".strip()
 
 
+def heartbeat_seconds() -> float:
+    """Seconds between flow-run heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Prefect's default 180)."""
+    return float(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or os.environ.get(
+        "PREFECT_RUNNER_HEARTBEAT_FREQUENCY") or 180)
+
+
+def _silent_for(client: Any, fr: Any) -> float:
+    """Seconds since a running flow run's last heartbeat event (or its start, before the first one)."""
+    last = fr.start_time
+    response = client.request("POST", "/events/filter", json={
+        "filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                   "any_resource": {"id": [f"prefect.flow-run.{fr.id}"]},
+                   "occurred": {"since": (fr.start_time or fr.created).isoformat()}},
+        "limit": 1})
+    events = response.json().get("events", []) if response.status_code == 200 else []
+    if events:
+        last = datetime.fromisoformat(events[0]["occurred"].replace("Z", "+00:00"))
+    if last is None:
+        return 0.0
+    return (datetime.now(timezone.utc) - last).total_seconds()
+
+
 def _fan_out(request: AutolabelRequest, ids: list[str], drives: set[str], fingerprints: dict[str, str | None],
              progress_id: Any) -> tuple[dict[str, str], dict[str, str]]:
     """One deployment run per sequence; wait for all, re-submitting crashed ones."""
@@ -90,10 +114,8 @@ def _fan_out(request: AutolabelRequest, ids: list[str], drives: set[str], finger
     known = set(store.sequence_ids())
 
     def submit(seq_id: str, attempt: str) -> Any:
-        # content: the stored sequence's hash, or the inbox files' fingerprint before ingest
-        content = store.sequence(seq_id).content_hash if seq_id in known else fingerprints.get(seq_id) or "new"
-        if seq_id in known and fingerprints.get(seq_id) and store.sequence(seq_id).source_fingerprint != fingerprints[seq_id]:
-            content = fingerprints[seq_id]
+        # content: the inbox files' fingerprint (known before and after ingest), else the stored hash
+        content = fingerprints.get(seq_id) or (store.sequence(seq_id).content_hash if seq_id in known else "new")
         key = f"{request.store}:{seq_id}:{content}:{digest}{attempt}"
         return run_deployment(request.label_deployment, timeout=0, idempotency_key=key, as_subflow=True,
                               parameters=_child_parameters(request, seq_id, _source(request, seq_id, drives)))
@@ -107,12 +129,19 @@ def _fan_out(request: AutolabelRequest, ids: list[str], drives: set[str], finger
             runs[seq_id] = submit(seq_id, f"-rerun-{parent}")
     logger.info("submitted %d sequences to %s", len(runs), request.label_deployment)
     done: dict[str, Any] = {}
+    silence = request.watchdog_seconds or 2.5 * heartbeat_seconds()
     with get_client(sync_client=True) as client:
         while len(done) < len(runs):
             pending = {r.id: s for s, r in runs.items() if s not in done}
             for fr in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending)))):
                 seq_id = pending[fr.id]
                 kind = fr.state.type if fr.state else None
+                if kind == StateType.RUNNING and _silent_for(client, fr) > silence:
+                    # its worker died (before its first heartbeat, or the zombie automation is missing)
+                    message = f"no heartbeat for more than {silence:.0f} s: worker lost (autolabel watchdog)"
+                    client.set_flow_run_state(fr.id, Crashed(message=message), force=True)
+                    logger.warning("%s: run %s %s", seq_id, fr.name, message)
+                    continue
                 if kind in (StateType.CRASHED, StateType.CANCELLED) and resubmitted.get(seq_id, 0) < request.resubmit_crashed:
                     resubmitted[seq_id] = resubmitted.get(seq_id, 0) + 1
                     logger.warning("%s: run %s %s (%s); re-submitting (attempt %d)", seq_id, fr.name, kind.value,
