@@ -23,3 +23,13 @@ export AUTOLABEL_TIMEZONE="${AUTOLABEL_TIMEZONE:-UTC}"
 export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
 export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
 export DO_NOT_TRACK=1
+
+# wait until the server answers (scripts call this before talking to it)
+wait_for_server() {
+  for _ in $(seq 1 90); do
+    python -c "import urllib.request; urllib.request.urlopen('$PREFECT_API_URL/health', timeout=2)" 2>/dev/null && return 0
+    sleep 1
+  done
+  echo "no Prefect server answers at $PREFECT_API_URL (start it with deploy/start-server.sh)" >&2
+  return 1
+}

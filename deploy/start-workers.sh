@@ -9,6 +9,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$AUTOLABEL_REPO"
+wait_for_server
 count="${1:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}"
 [ "${count:-0}" -ge 1 ] || count=1
 host="$(hostname)"

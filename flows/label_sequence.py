@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.flow_estimation import run_parallel_flow
 from flows.run_requests import DriveSource, LabelSettings
 from models.optical_flow import EXACT
 from models.teacher import file_sha256
@@ -65,8 +66,13 @@ def label_sequence_flow(store: str, seq_id: str, settings: LabelSettings, max_di
     needs_flow = any(m != "semantic-only" for m in settings.methods)
     flow_name = settings.flow.stored_name
     if needs_flow and settings.flow.backend != EXACT:
-        fresh = not flow_is_current(st.sequence(seq_id), settings.flow)
-        stages.append(_run(flow_estimation.with_options(refresh_cache=fresh)(store, seq_id, settings.flow, return_state=True)))
+        seq = st.sequence(seq_id)
+        fresh = not flow_is_current(seq, settings.flow)
+        if fresh and seq.num_frames - 1 >= settings.parallel_flow_pairs:
+            stages.append(run_parallel_flow(store, seq_id, settings.flow, settings.dask_address))
+        else:
+            stages.append(_run(flow_estimation.with_options(refresh_cache=fresh)(
+                store, seq_id, settings.flow, return_state=True)))
     if settings.teacher:
         teacher_hash = file_sha256(Path(settings.teacher))
         fresh = not teacher_is_current(st.sequence(seq_id), teacher_hash, settings.adapt_steps)

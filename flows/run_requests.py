@@ -29,6 +29,10 @@ class LabelSettings(BaseModel):
     flow: FlowConfig = FlowConfig()
     adapt_steps: int = Field(0, ge=0, description="per-sequence teacher adaptation steps")
     export_dir: str | None = Field(None, description="write index / colour / overlay PNGs of the final method here")
+    parallel_flow_pairs: int = Field(
+        64, ge=2, description="sequences with at least this many frame pairs compute their flow in pieces on dask")
+    dask_address: str | None = Field(None, description="existing Dask scheduler for the flow pieces "
+                                                        "(default: $AUTOLABEL_DASK_ADDRESS, else a LocalCluster)")
 
     @model_validator(mode="after")
     def _checkpoints(self) -> Self:

@@ -80,3 +80,48 @@ def flow_arrays(seq: Sequence, name: str):  # noqa: ANN201 - two zarr arrays
         )
     fw_name, bw_name = flow_array_names(name)
     return seq.array(fw_name), seq.array(bw_name)
+
+
+def flow_pieces(store: SequenceStore, seq_id: str, config: FlowConfig, piece_pairs: int = 32) -> list[tuple[int, int]]:
+    """Prepare a parallel flow computation: create empty ``fw``/``bw`` arrays, return the pair ranges.
+
+    Each range covers whole shards, so pieces written by different processes never share a shard.
+    Call :func:`estimate_flow_piece` for every range (in any order, anywhere), then
+    :func:`finish_flow`.
+    """
+    if config.backend == EXACT:
+        raise StageNotDoneError(f"sequence {seq_id!r}: the exact flow is stored at ingest, not computed")
+    seq = store.writable_sequence(seq_id)
+    name = config.stored_name
+    store.clear_stage(seq_id, flow_stage(name))
+    pairs = max(seq.num_frames - 1, 1)
+    group = seq.group.require_group("flow").require_group(name)
+    shape = (2, seq.height, seq.width)
+    step = 1
+    for array_name in ("fw", "bw"):
+        writer = FrameArrayWriter(group, array_name, shape, "float16", pairs, FLOW_LAYOUT, 0, ("T", "XY", "H", "W"))
+        step = writer.step
+    size = max(step, piece_pairs // step * step)
+    return [(a, min(a + size, seq.num_frames - 1)) for a in range(0, seq.num_frames - 1, size)]
+
+
+def estimate_flow_piece(store: SequenceStore, seq_id: str, config: FlowConfig, start: int, stop: int) -> int:
+    """Compute the flow of pairs ``start..stop-1`` and write them into the arrays of :func:`flow_pieces`."""
+    seq = store.sequence(seq_id)
+    fw_name, bw_name = flow_array_names(config.stored_name)
+    fw, bw = seq.array(fw_name), seq.array(bw_name)
+    forward, backward = [], []
+    with FlowEstimator(config.model_copy(update={"workers": 1})) as estimator:
+        for f, b in estimator.pairs(seq.iter_frames(start, stop + 1)):
+            forward.append(f.astype(np.float16))
+            backward.append(b.astype(np.float16))
+    fw[start:stop] = np.stack(forward)
+    bw[start:stop] = np.stack(backward)
+    return stop - start
+
+
+def finish_flow(store: SequenceStore, seq_id: str, config: FlowConfig) -> None:
+    """Mark the flow stage of a parallel computation done (after every piece is written)."""
+    seq = store.sequence(seq_id)
+    store.mark_stage_done(seq_id, flow_stage(config.stored_name),
+                          {"pairs": max(seq.num_frames - 1, 0), "settings": config.settings_key()})

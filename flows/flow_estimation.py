@@ -1,0 +1,58 @@
+"""Flow ``estimate-flow``: one long sequence's optical flow, fanned out over frame-pair pieces with dask.
+
+The pieces (whole shards of the flow arrays, so no two writers share one) are mapped over a
+prefect-dask ``DaskTaskRunner``: a LocalCluster of CPU worker processes by default, or an existing
+Dask cluster when ``$AUTOLABEL_DASK_ADDRESS`` (or the ``address`` argument) names its scheduler.
+The stage is marked done only after every piece is written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import flow, task
+from prefect.futures import wait
+from prefect_dask import DaskTaskRunner
+
+from models.optical_flow import FlowConfig
+from storage.stages import flow_stage
+from storage.store import SequenceStore
+from tasks.flow_estimation import estimate_flow_piece, finish_flow, flow_pieces
+from tasks.stage_tasks import retry_on_io
+
+
+@task(name="flow-piece", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
+def flow_piece(store: str, seq_id: str, config: FlowConfig, start: int, stop: int) -> int:
+    """Flow of pairs ``start..stop-1`` (runs on a dask worker)."""
+    return estimate_flow_piece(SequenceStore.open(store, mode="r+"), seq_id, config, start, stop)
+
+
+def dask_runner(address: str | None = None, workers: int | None = None) -> DaskTaskRunner:
+    """An existing cluster at ``address`` (or ``$AUTOLABEL_DASK_ADDRESS``), else a LocalCluster of processes."""
+    address = address or os.environ.get("AUTOLABEL_DASK_ADDRESS") or None
+    if address:
+        return DaskTaskRunner(address=address)
+    n = workers or max(1, min(4, os.cpu_count() or 1))
+    return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+@flow(name="estimate-flow")
+def estimate_flow_parallel(store: str, seq_id: str, config: FlowConfig, piece_pairs: int = 32) -> dict[str, Any]:
+    """Compute and store the flow of every pair of ``seq_id``, pieces in parallel (see module docstring)."""
+    st = SequenceStore.open(store, mode="r+")
+    pieces = flow_pieces(st, seq_id, config, piece_pairs)
+    futures = [flow_piece.submit(store, seq_id, config, a, b) for a, b in pieces]
+    wait(futures)
+    done = sum(f.result() for f in futures)
+    finish_flow(st, seq_id, config)
+    return {"stage": flow_stage(config.stored_name), "computed": True, "pairs": done, "pieces": len(pieces),
+            "cached": False}
+
+
+def run_parallel_flow(store: str, seq_id: str, config: FlowConfig, address: str | None = None,
+                      workers: int | None = None, piece_pairs: int = 32) -> dict[str, Any]:
+    """:func:`estimate_flow_parallel` on the chosen dask cluster."""
+    runner = dask_runner(address, workers)
+    return estimate_flow_parallel.with_options(task_runner=runner)(store, seq_id, config, piece_pairs)
