@@ -98,11 +98,12 @@ class StageProgress:
 
 @contextmanager
 def gpu_slot(device: str) -> Iterator[None]:
-    """Hold one slot of this GPU's global concurrency limit (only for CUDA work)."""
-    if not device.startswith("cuda"):
+    """Hold one slot of this worker's GPU concurrency limit: for CUDA work, and on any worker that
+    deploy/start-workers.sh started (it sets ``$AUTOLABEL_GPU_LIMIT``)."""
+    if not device.startswith("cuda") and not os.environ.get("AUTOLABEL_GPU_LIMIT"):
         yield
         return
-    with concurrency(gpu_limit_name(), occupy=1):
+    with concurrency(gpu_limit_name(), occupy=1, strict=bool(os.environ.get("AUTOLABEL_GPU_LIMIT"))):
         yield
 
 

@@ -1,0 +1,118 @@
+"""The flows in-process (Prefect's temporary server): labelling, caching, staleness, failures, artifacts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storage.annotation import AnnotationPolicy
+from storage.store import SequenceStore
+from storage.synthetic import SyntheticConfig, drive_configs
+from storage.synthetic_io import write_apollo_layout
+
+DRIVE = SyntheticConfig(width=64, height=48, frames=23, seed=0)
+WINDOW = AnnotationPolicy(mode="window", n=21)
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny teacher and refiner for the ApolloScape class set, trained on two other drives."""
+    from models.optical_flow import FlowConfig
+    from models.refiner_training import RefinerTrainConfig
+    from models.teacher import Teacher
+    from models.teacher_training import TeacherTrainConfig, train_teacher
+    from storage.ingest import IngestOptions, ingest
+    from storage.readers import read_dataset
+    from storage.training_data import AnnotatedFrames
+    from tasks.refiner_training import RefinerRequest, train_refiner_from_stores
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    write_apollo_layout(tmp / "inbox", drive_configs(2, DRIVE.model_copy(update={"seed": 50})))
+    ingest(read_dataset("apollo", tmp / "inbox"), str(tmp / "train.zarr"), IngestOptions(annotation=WINDOW))
+    store = SequenceStore.open(str(tmp / "train.zarr"))
+    teacher = Teacher.create("unet-tiny", store.classes.names, [list(c) for c in store.classes.palette])
+    train_teacher(teacher, AnnotatedFrames([store]), TeacherTrainConfig(arch="unet-tiny", max_steps=3, crop=64))
+    teacher.save(tmp / "teacher.pt")
+    train_refiner_from_stores(RefinerRequest(
+        stores=[str(tmp / "train.zarr")], teacher=tmp / "teacher.pt", out=tmp / "refiner.pt",
+        flow=FlowConfig(backend="dis-fast"),
+        train=RefinerTrainConfig(arch="refine-tiny", steps=2, batch_size=2, crop=32, max_cycle=2)))
+    return tmp / "teacher.pt", tmp / "refiner.pt"
+
+
+def _request(tmp: Path, checkpoints: tuple[Path, Path], **kw):  # noqa: ANN003, ANN202
+    from flows.run_requests import AutolabelRequest, LabelSettings
+    from models.optical_flow import FlowConfig
+
+    teacher, refiner = checkpoints
+    return AutolabelRequest(store=str(tmp / "apollo.zarr"), inbox=str(tmp / "inbox"), annotation=WINDOW,
+                            label=LabelSettings(method="warp-refine", teacher=str(teacher), refiner=str(refiner),
+                                                flow=FlowConfig(backend="dis-fast"), export_dir=str(tmp / "export")),
+                            **kw)
+
+
+def _artifact(key: str):  # noqa: ANN202 - a prefect Artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key!r}"
+    return max(found, key=lambda a: a.created)
+
+
+def test_label_rerun_nightly_and_a_corrupt_drive(harness: None, checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
+    from flows.autolabel_flow import autolabel_flow, relabel_new_drives_flow
+    from flows.label_sequence import label_sequence_flow
+    from flows.run_requests import DriveSource
+
+    write_apollo_layout(tmp_path / "inbox", drive_configs(2, DRIVE))
+    request = _request(tmp_path, checkpoints)
+    first = autolabel_flow(request)
+    ids = ["road01_Record001_Camera5", "road02_Record001_Camera5"]
+    assert first["labelled"] == ids and first["failed"] == {}
+    rows = first["report"]["rows"]["warp-refine"]
+    assert [r["sequence"] for r in rows] == ids and all(r["has_gt"] and r["miou"] > 0 for r in rows)
+    assert sorted({p.parent.parent.name for p in (tmp_path / "export").glob("*/overlay/*.png")}) == ids
+    assert "road01_Record001_Camera5" in str(_artifact("apollo-per-sequence").data)
+    for key in ("apollo-miou-by-distance", "apollo-per-class-iou", "apollo-summary"):
+        _artifact(key)
+
+    # the same sequence again: every stage is served from the cache, nothing is computed
+    again = label_sequence_flow(request.store, ids[0], request.label, 10,
+                                DriveSource(inbox=request.inbox, annotation=WINDOW))
+    assert [s["cached"] or not s["computed"] for s in again["stages"]] == [True] * 5
+    assert [s["stage"] for s in again["stages"] if s["cached"]] == [
+        "flow/dis-fast", "teacher", "results/warp-inpaint", "results/warp-refine"]
+
+    # nightly: only the new drive; a drive with a corrupt frame fails alone and the summary lists it
+    write_apollo_layout(tmp_path / "inbox", drive_configs(1, DRIVE.model_copy(update={"seed": 2})))
+    bad = write_apollo_layout(tmp_path / "inbox", drive_configs(1, DRIVE.model_copy(update={"seed": 3})))[0]
+    broken = sorted(bad.glob("*.jpg"))[5]
+    broken.write_bytes(b"\xff\xd8 truncated")
+    nightly = relabel_new_drives_flow(request)
+    assert nightly["labelled"] == ["road03_Record001_Camera5"] and nightly["up_to_date"] == ids
+    assert list(nightly["failed"]) == ["road04_Record001_Camera5"] and broken.name in nightly["failed"]["road04_Record001_Camera5"]
+    summary = str(_artifact("apollo-summary").data)
+    assert "road04_Record001_Camera5" in summary and "failed: **1**" in summary
+    assert SequenceStore.open(request.store).sequence_ids() == ids + ["road03_Record001_Camera5"]
+
+
+def test_settings_need_their_checkpoints() -> None:
+    from autolabel.errors import ConfigError
+    from flows.run_requests import LabelSettings
+
+    with pytest.raises(ConfigError, match="needs a refiner"):
+        LabelSettings(method="warp-refine", teacher="t.pt")
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        LabelSettings(method="warp-inpaint")
