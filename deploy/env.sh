@@ -16,7 +16,11 @@ export AUTOLABEL_TEACHER="${AUTOLABEL_TEACHER:-$AUTOLABEL_REPO/runs/teacher-apol
 export AUTOLABEL_REFINER="${AUTOLABEL_REFINER:-$AUTOLABEL_REPO/runs/refiner-apollo.pt}"
 export AUTOLABEL_EXPORT="${AUTOLABEL_EXPORT:-$AUTOLABEL_REPO/runs/export}"
 export AUTOLABEL_FLOW_BACKEND="${AUTOLABEL_FLOW_BACKEND:-dis-medium}"
-export AUTOLABEL_DEVICE="${AUTOLABEL_DEVICE:-cuda}"
+# cuda where torch sees a GPU, else cpu
+if [ -z "${AUTOLABEL_DEVICE:-}" ]; then
+  AUTOLABEL_DEVICE="$("$AUTOLABEL_VENV/bin/python" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo cpu)"
+fi
+export AUTOLABEL_DEVICE
 export AUTOLABEL_NIGHTLY_CRON="${AUTOLABEL_NIGHTLY_CRON:-0 2 * * *}"
 export AUTOLABEL_TIMEZONE="${AUTOLABEL_TIMEZONE:-UTC}"
 # flow-run heartbeats (>= 30 s) feed the zombie automation of deploy/automations.yaml

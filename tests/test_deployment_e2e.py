@@ -54,7 +54,7 @@ class Prefect:
             "AUTOLABEL_STORE": str(tmp / "apollo.zarr"), "AUTOLABEL_INBOX": str(tmp / "inbox"),
             "AUTOLABEL_TEACHER": str(tmp / "teacher.pt"), "AUTOLABEL_REFINER": str(tmp / "refiner.pt"),
             "AUTOLABEL_EXPORT": str(tmp / "export"), "AUTOLABEL_FLOW_BACKEND": "dis-fast",
-            "AUTOLABEL_DEVICE": "cpu", "PREFECT_WORKER_QUERY_SECONDS": "2", "OMP_NUM_THREADS": "1",
+            "AUTOLABEL_DEVICE": "cpu", "PREFECT_WORKER_QUERY_SECONDS": "1", "OMP_NUM_THREADS": "1",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -202,6 +202,7 @@ def test_deployments_workers_nightly_and_failures(tmp_path: Path) -> None:
         # 2. a second store while worker 0 dies mid-run: its sequence is re-submitted and finishes
         second = json.loads(json.dumps(_request(prefect.env)))
         second["store"] = str(tmp_path / "second.zarr")
+        second["watchdog_seconds"] = 45  # heartbeats every 30 s
         worker0 = int((tmp_path / "prefect-home" / "workers" / f"gpu-{host}-0.pid").read_text())
         killed: list[str] = []
 
