@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -158,7 +158,8 @@ def teacher_inference(store: str, seq_id: str, teacher: str, adapt_steps: int, d
 
 
 def _propagate(store: str, seq_id: str, propagation: PropagationConfig, flow_name: str,
-               teacher: str | None, refiner: str | None) -> tuple[bool, Callable[[], None]]:
+               teacher: str | None, refiner: str | None) -> bool:
+    """Run one propagation method over the sequence (skips when its results are current)."""
     st = SequenceStore.open(store, mode="r+")
     seq = st.sequence(seq_id)
     progress = StageProgress(seq_id, propagation.method, count_steps(seq.annotated, propagation.max_distance))
@@ -169,9 +170,8 @@ def _propagate(store: str, seq_id: str, propagation: PropagationConfig, flow_nam
         teacher_hash = file_sha256(Path(teacher)) if teacher else ""
         refiner_model.check_compatible(st.classes.names, teacher_hash, f"store {store!r}")
         feature_teacher = Teacher.load(Path(teacher), propagation.device) if teacher else None
-    computed = label_sequence(st, seq_id, propagation, flow_name, on_step=progress.advance, refiner=refiner_model,
-                              refiner_sha256=refiner_hash, feature_teacher=feature_teacher)
-    return computed, progress.advance
+    return label_sequence(st, seq_id, propagation, flow_name, on_step=progress.advance, refiner=refiner_model,
+                          refiner_sha256=refiner_hash, feature_teacher=feature_teacher)
 
 
 @task(name="warp-inpaint", **TASK_OPTIONS)
@@ -181,7 +181,7 @@ def warp_inpaint(store: str, seq_id: str, propagation: PropagationConfig, flow_n
     start = time.perf_counter()
     config = propagation.model_copy(update={"method": "warp-inpaint"})
     with gpu_slot(config.device):
-        computed, _ = _propagate(store, seq_id, config, flow_name, teacher, None)
+        computed = _propagate(store, seq_id, config, flow_name, teacher, None)
     return _stage_result(results_stage("warp-inpaint"), computed, start)
 
 
@@ -192,7 +192,7 @@ def refine(store: str, seq_id: str, propagation: PropagationConfig, flow_name: s
     start = time.perf_counter()
     config = propagation.model_copy(update={"method": "warp-refine"})
     with gpu_slot(config.device):
-        computed, _ = _propagate(store, seq_id, config, flow_name, teacher, refiner)
+        computed = _propagate(store, seq_id, config, flow_name, teacher, refiner)
     return _stage_result(results_stage("warp-refine"), computed, start)
 
 
