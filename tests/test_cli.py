@@ -179,3 +179,9 @@ def test_label_errors(tmp_path: Path, args: list[str], message: str) -> None:
     assert run_cli("synth", store, "--sequences", "1", "--frames", "3", "--size", "32x24").returncode == 0
     done = run_cli("label", store, *[a.format(tmp=tmp_path) for a in args])
     assert done.returncode == 2 and message in done.stderr.replace("\n", ""), done.stderr
+
+
+def test_run_refuses_warp_refine_without_a_refiner(tmp_path: Path) -> None:
+    done = run_cli("run", str(tmp_path / "s.zarr"), "--teacher", str(tmp_path / "t.pt"), "--method", "warp-refine")
+    assert done.returncode == 2
+    assert "needs a refiner checkpoint" in done.stderr.replace("\n", "") and "Traceback" not in done.stderr
