@@ -56,12 +56,19 @@ def sequence_summary(seq: Sequence, method: str, max_distance: int = 10) -> dict
         ``{"sequence", "frames", "annotated", "frames_labelled", "has_gt", "miou", "coverage",
         "mean_confidence", "miou_by_distance", "per_class_iou"}`` (percent; None where not defined).
     """
+    return _summary_and_confusions(seq, method, max_distance)[0]
+
+
+def _summary_and_confusions(seq: Sequence, method: str,
+                            max_distance: int) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+    """:func:`sequence_summary`'s row and the confusion matrix per distance it was computed from."""
     classes = seq.store.classes
     row: dict[str, Any] = {"sequence": seq.id, "frames": seq.num_frames, "annotated": int(seq.annotated.sum()),
                            "frames_labelled": 0, "has_gt": False, "miou": None, "coverage": None,
                            "mean_confidence": None, "miou_by_distance": {}, "per_class_iou": {}}
+    by_d: dict[int, np.ndarray] = {}
     if not seq.stage_done(results_stage(method)):
-        return row
+        return row, by_d
     labels_name, conf_name, distance_name = result_array_names(method)
     distance = np.asarray(seq.array(distance_name)[:])
     reached = (distance >= 1)
@@ -82,7 +89,7 @@ def sequence_summary(seq: Sequence, method: str, max_distance: int = 10) -> dict
         covered, conf_sum = dask.compute(valid.mean(), conf[idx].astype(np.float64).mean())
         row["coverage"] = round(float(covered) * 100, 2)
         row["mean_confidence"] = round(float(conf_sum) / 255 * 100, 2)
-    return row
+    return row, by_d
 
 
 def store_report(store: SequenceStore, methods: list[str], sequences: list[str],
@@ -101,12 +108,10 @@ def store_report(store: SequenceStore, methods: list[str], sequences: list[str],
         by_distance = {d: np.zeros((c, c + 1), np.int64) for d in range(1, max_distance + 1)}
         rows = []
         for seq_id in sequences:
-            seq = store.sequence(seq_id)
-            rows.append(sequence_summary(seq, method, max_distance))
-            if rows[-1]["has_gt"]:
-                _, per_d = dask_confusion(seq, method, max_distance)
-                for d, cm in per_d.items():
-                    by_distance[d] += cm
+            row, per_d = _summary_and_confusions(store.sequence(seq_id), method, max_distance)
+            rows.append(row)
+            for d, cm in per_d.items():
+                by_distance[d] += cm
         miou_d = {str(d): (round(mean_iou(cm), 2) if cm.sum() else None) for d, cm in by_distance.items()}
         values = [v for v in miou_d.values() if v is not None]
         iou = iou_per_class(sum(by_distance.values())) * 100
