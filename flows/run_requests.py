@@ -37,6 +37,9 @@ class LabelSettings(BaseModel):
     @model_validator(mode="after")
     def _checkpoints(self) -> Self:
         cls = method_class(self.method)
+        if self.method not in ("warp-inpaint", "warp-refine"):
+            raise ConfigError(f"the flows label with warp-inpaint or warp-refine, not {self.method!r}; "
+                              "use `autolabel label --method ...` for the baselines")
         if cls.needs_teacher and not self.teacher:
             raise ConfigError(f"method {self.method!r} needs a teacher checkpoint (teacher=...); train one with "
                               "`autolabel train-teacher`")

@@ -116,3 +116,5 @@ def test_settings_need_their_checkpoints() -> None:
         LabelSettings(method="warp-refine", teacher="t.pt")
     with pytest.raises(ConfigError, match="needs a teacher"):
         LabelSettings(method="warp-inpaint")
+    with pytest.raises(ConfigError, match="baselines"):
+        LabelSettings(method="motion-only")
