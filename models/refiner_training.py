@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from autolabel.errors import ConfigError
 from models.cycle import CycleSample
 from models.metrics import confusion_matrix, mean_iou
+from models.optimisation import apply_step, poly_adamw
 from models.refiner import Refiner, RefinerInput
 from models.rmi import rmi_loss
 from models.teacher import Teacher, to_tensor
@@ -122,8 +123,7 @@ def train_refiner(refiner: Refiner, teacher: Teacher, samples: Sequence[CycleSam
     device = torch.device(cfg.device)
     teacher.to(device)
     net = refiner.net.to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(1.0 - s / cfg.steps, 0.0) ** 0.9)
+    optimizer, schedule = poly_adamw(net.parameters(), cfg.lr, cfg.weight_decay, cfg.steps)
     use_bf16 = device.type == "cuda"
     ignore = refiner.ignore_index
     losses: list[float] = []
@@ -141,12 +141,8 @@ def train_refiner(refiner: Refiner, teacher: Teacher, samples: Sequence[CycleSam
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = net(x)
             loss = refiner_loss(logits, target, ignore, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            losses.append(apply_step(loss, optimizer, schedule))
             step += 1
-            losses.append(float(loss.detach()))
             if progress is not None:
                 progress(step, cfg.steps, losses[-1])
             if step >= cfg.steps:

@@ -23,7 +23,12 @@ from torch import nn
 from autolabel.errors import ClassSetMismatchError
 from autolabel.registry import Registry
 from models._checks import check_shape
-from models.checkpoints import file_sha256, load_checkpoint, load_weights, save_checkpoint
+from models.checkpoints import (
+    file_sha256,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 
 __all__ = ["TEACHER_ARCHS", "Teacher", "TeacherOutput", "file_sha256", "to_tensor"]
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.errors import ConfigError
+from models.optimisation import apply_step, poly_adamw
 from models.teacher import Teacher, to_tensor
 
 Sample = tuple[np.ndarray, np.ndarray]
@@ -128,8 +129,7 @@ def train_teacher(teacher: Teacher, samples: Sequence[Sample], cfg: TeacherTrain
         weight = torch.from_numpy(class_weights(samples, num_classes, teacher.ignore_index)).to(device)
     steps_per_epoch = math.ceil(len(samples) / cfg.batch_size)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(1.0 - s / total, 0.0) ** 0.9)
+    optimizer, schedule = poly_adamw(net.parameters(), cfg.lr, cfg.weight_decay, total)
     use_bf16 = device.type == "cuda"
     net.train()
     step, start, losses = 0, time.perf_counter(), []
@@ -140,12 +140,8 @@ def train_teacher(teacher: Teacher, samples: Sequence[Sample], cfg: TeacherTrain
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = net(x).logits
             loss = F.cross_entropy(logits.float(), y, weight=weight, ignore_index=teacher.ignore_index)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            losses.append(apply_step(loss, optimizer, schedule))
             step += 1
-            losses.append(float(loss.detach()))
             if progress is not None:
                 progress(step, total, losses[-1])
             if step >= total:
