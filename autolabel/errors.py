@@ -103,6 +103,10 @@ class ConfigError(AutolabelError):
     """
 
 
+class SelectionError(ConfigError, LookupError):
+    """A sequence id or glob pattern (``--sequence``) matches no sequence."""
+
+
 class RegistryError(ConfigError, KeyError):
     """A name was looked up in a registry that does not hold it."""
 

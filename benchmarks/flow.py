@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._report import machine, print_table, write_json  # noqa: E402
-from models.optical_flow import FlowConfig, FlowEstimator, create_backend, endpoint_error, read_flo  # noqa: E402
-from storage.synthetic import SyntheticConfig, SyntheticDrive  # noqa: E402
+from autolabel.models.optical_flow import FlowConfig, FlowEstimator, create_backend, endpoint_error, read_flo  # noqa: E402
+from autolabel.storage.synthetic import SyntheticConfig, SyntheticDrive  # noqa: E402
 
 BACKENDS = [("dis-ultrafast", False), ("dis-fast", False), ("dis-medium", False), ("dis-medium", True), ("farneback", False)]
 

@@ -30,14 +30,14 @@ sys.path.insert(0, {repo!r})
 mode, arg, store, frames = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 start = time.perf_counter()
 if mode == "ingest":
-    from storage.ingest import ingest
-    from storage.readers import read_dataset
+    from autolabel.storage.ingest import ingest
+    from autolabel.storage.readers import read_dataset
     report = ingest(read_dataset(arg.split(":")[0], arg.split(":", 1)[1]), store)
     assert report.ok, report.failed
     written = report.frames_written
 else:
-    from storage.synthetic import SyntheticConfig
-    from storage.synthetic_io import write_synthetic_store
+    from autolabel.storage.synthetic import SyntheticConfig
+    from autolabel.storage.synthetic_io import write_synthetic_store
     w, h = (int(v) for v in arg.split("x"))
     report = write_synthetic_store(store, [SyntheticConfig(width=w, height=h, frames=frames, seed=0)])
     written = report.frames_written
@@ -57,8 +57,8 @@ def run_child(mode: str, arg: str, store: Path, frames: int = 0) -> dict:
 
 def make_jpeg_drive(folder: Path, frames: int, distinct: int = 60) -> Path:
     """An ApolloScape-layout drive of ``frames`` 854x480 JPEGs (``distinct`` rendered, then repeated)."""
-    from storage.synthetic import SyntheticConfig
-    from storage.synthetic_io import write_apollo_layout
+    from autolabel.storage.synthetic import SyntheticConfig
+    from autolabel.storage.synthetic_io import write_apollo_layout
 
     cfg = SyntheticConfig(width=854, height=480, frames=min(frames, distinct), seed=0)
     camera = write_apollo_layout(folder, [cfg])[0]

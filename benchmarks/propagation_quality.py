@@ -35,22 +35,22 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks._report import machine, print_table, write_json  # noqa: E402
-from models.optical_flow import FlowConfig  # noqa: E402
-from models.propagation import PropagationConfig  # noqa: E402
-from models.refiner_training import RefinerTrainConfig  # noqa: E402
-from models.teacher import Teacher  # noqa: E402
-from models.teacher_training import TeacherTrainConfig, train_teacher  # noqa: E402
-from storage.annotation import AnnotationPolicy  # noqa: E402
-from storage.ids import select_ids  # noqa: E402
-from storage.ingest import IngestOptions, ingest  # noqa: E402
-from storage.readers import read_dataset  # noqa: E402
-from storage.store import SequenceStore  # noqa: E402
-from storage.synthetic import SyntheticConfig, drive_configs  # noqa: E402
-from storage.synthetic_io import write_synthetic_store  # noqa: E402
-from storage.training_data import AnnotatedFrames  # noqa: E402
-from tasks.evaluate import evaluate_store  # noqa: E402
-from tasks.label import LabelRequest, label_store  # noqa: E402
-from tasks.refiner_training import RefinerRequest, train_refiner_from_stores  # noqa: E402
+from autolabel.models.optical_flow import FlowConfig  # noqa: E402
+from autolabel.models.propagation import PropagationConfig  # noqa: E402
+from autolabel.models.refiner_training import RefinerTrainConfig  # noqa: E402
+from autolabel.models.teacher import Teacher  # noqa: E402
+from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher  # noqa: E402
+from autolabel.storage.annotation import AnnotationPolicy  # noqa: E402
+from autolabel.storage.ids import select_ids  # noqa: E402
+from autolabel.storage.ingest import IngestOptions, ingest  # noqa: E402
+from autolabel.storage.readers import read_dataset  # noqa: E402
+from autolabel.storage.store import SequenceStore  # noqa: E402
+from autolabel.storage.synthetic import SyntheticConfig, drive_configs  # noqa: E402
+from autolabel.storage.synthetic_io import write_synthetic_store  # noqa: E402
+from autolabel.storage.training_data import AnnotatedFrames  # noqa: E402
+from autolabel.tasks.evaluate import evaluate_store  # noqa: E402
+from autolabel.tasks.label import LabelRequest, label_store  # noqa: E402
+from autolabel.tasks.refiner_training import RefinerRequest, train_refiner_from_stores  # noqa: E402
 
 METHODS = ["motion-only", "semantic-only", "warp-inpaint", "warp-refine"]
 WINDOW = AnnotationPolicy(mode="window", n=21)

@@ -26,22 +26,22 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks._report import machine, print_table, write_json  # noqa: E402
-from models.optical_flow import FlowConfig, FlowEstimator  # noqa: E402
-from models.cycle import cycle_plan, cycle_sample  # noqa: E402
-from models.propagation import PropagationConfig, WarpInpaint  # noqa: E402
-from models.refiner import Refiner  # noqa: E402
-from models.refiner_training import RefinerTrainConfig, train_refiner  # noqa: E402
-from models.teacher import Teacher, file_sha256  # noqa: E402
-from storage.annotation import AnnotationPolicy  # noqa: E402
-from storage.classes import CAMVID11  # noqa: E402
-from storage.ingest import IngestOptions, ingest  # noqa: E402
-from storage.readers import read_dataset  # noqa: E402
-from storage.store import SequenceStore  # noqa: E402
-from storage.synthetic import SyntheticConfig, drive_configs  # noqa: E402
-from storage.synthetic_io import write_synthetic_store  # noqa: E402
-from tasks.flow_estimation import estimate_flow  # noqa: E402
-from tasks.propagate import StoreSequenceInputs, label_sequence  # noqa: E402
-from tasks.teacher_inference import infer_teacher  # noqa: E402
+from autolabel.models.optical_flow import FlowConfig, FlowEstimator  # noqa: E402
+from autolabel.models.cycle import cycle_plan, cycle_sample  # noqa: E402
+from autolabel.models.propagation import PropagationConfig, WarpInpaint  # noqa: E402
+from autolabel.models.refiner import Refiner  # noqa: E402
+from autolabel.models.refiner_training import RefinerTrainConfig, train_refiner  # noqa: E402
+from autolabel.models.teacher import Teacher, file_sha256  # noqa: E402
+from autolabel.storage.annotation import AnnotationPolicy  # noqa: E402
+from autolabel.storage.classes import CAMVID11  # noqa: E402
+from autolabel.storage.ingest import IngestOptions, ingest  # noqa: E402
+from autolabel.storage.readers import read_dataset  # noqa: E402
+from autolabel.storage.store import SequenceStore  # noqa: E402
+from autolabel.storage.synthetic import SyntheticConfig, drive_configs  # noqa: E402
+from autolabel.storage.synthetic_io import write_synthetic_store  # noqa: E402
+from autolabel.tasks.flow_estimation import estimate_flow  # noqa: E402
+from autolabel.tasks.propagate import StoreSequenceInputs, label_sequence  # noqa: E402
+from autolabel.tasks.teacher_inference import infer_teacher  # noqa: E402
 
 
 def run(store_url: str, teacher: Teacher, teacher_hash: str, flow: FlowConfig, device: str, method: str,

@@ -10,7 +10,6 @@ sequence. Either way one failing sequence never stops the others.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import time
 from datetime import datetime, timezone
@@ -25,31 +24,21 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_run
 from prefect.states import Crashed, StateType
 
-from flows.dashboard import publish
-from flows.label_sequence import label_sequence_flow
-from flows.run_requests import AutolabelRequest, DriveSource, stale_reason
-from storage.store import SequenceStore
-from storage.readers import read_dataset
-from tasks.summary import store_report
+from autolabel.flows.dashboard import publish
+from autolabel.flows.label_sequence import label_sequence_flow
+from autolabel.flows.run_requests import AutolabelRequest
+from autolabel.storage.ids import select_ids
+from autolabel.storage.readers import read_dataset
+from autolabel.storage.store import SequenceStore
+from autolabel.tasks.evaluate import evaluate_store
+from autolabel.tasks.pipeline import check_checkpoints, stale_reason
 
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 
 
-def _select(ids: list[str], patterns: list[str] | None) -> list[str]:
-    if not patterns:
-        return ids
-    return [i for i in ids if any(fnmatch.fnmatchcase(i, p) for p in patterns)]
-
-
-def _source(request: AutolabelRequest, seq_id: str, drives: set[str]) -> DriveSource | None:
-    if request.inbox is None or seq_id not in drives:
-        return None
-    return DriveSource(inbox=request.inbox, layout=request.layout, annotation=request.annotation)
-
-
-def _child_parameters(request: AutolabelRequest, seq_id: str, source: DriveSource | None) -> dict[str, Any]:
+def _child_parameters(request: AutolabelRequest, seq_id: str, drives: set[str]) -> dict[str, Any]:
+    source = request.source(seq_id, drives)
     return {"store": request.store, "seq_id": seq_id, "settings": request.label.model_dump(mode="json"),
-            "max_distance": request.max_distance,
             "source": source.model_dump(mode="json") if source is not None else None}
 
 
@@ -59,8 +48,8 @@ def _run_in_process(request: AutolabelRequest, ids: list[str], drives: set[str],
     workers: dict[str, str] = {}
     failures: dict[str, str] = {}
     for i, seq_id in enumerate(ids):
-        state = label_sequence_flow(request.store, seq_id, request.label, request.max_distance,
-                                    _source(request, seq_id, drives), return_state=True)
+        state = label_sequence_flow(request.store, seq_id, request.label, request.source(seq_id, drives),
+                                    return_state=True)
         if state.is_completed():
             workers[seq_id] = state.result()["worker"]
         else:
@@ -118,7 +107,7 @@ def _fan_out(request: AutolabelRequest, ids: list[str], drives: set[str], finger
         content = fingerprints.get(seq_id) or (store.sequence(seq_id).content_hash if seq_id in known else "new")
         key = f"{request.store}:{seq_id}:{content}:{digest}{attempt}"
         return run_deployment(request.label_deployment, timeout=0, idempotency_key=key, as_subflow=True,
-                              parameters=_child_parameters(request, seq_id, _source(request, seq_id, drives)))
+                              parameters=_child_parameters(request, seq_id, drives))
 
     runs: dict[str, Any] = {seq_id: submit(seq_id, "") for seq_id in ids}
     resubmitted: dict[str, int] = {}
@@ -175,12 +164,12 @@ def run_autolabel(request: AutolabelRequest) -> dict[str, Any]:
         drives = {s.id for s in dataset.sequences}
         fingerprints = {s.id: s.fingerprint() for s in dataset.sequences}
     store = SequenceStore.open(request.store, mode="r+")
+    check_checkpoints(store, request.label)  # a wrong checkpoint fails here, not on every worker
     known = set(store.sequence_ids())
-    ids = _select(sorted(known | drives), request.sequences)
+    ids = select_ids(sorted(known | drives), request.sequences, f"store {request.store!r} and its inbox")
     skipped: list[str] = []
     if request.only_stale:
-        reasons = {i: stale_reason(store.sequence(i) if i in known else None, request.label, fingerprints.get(i))
-                   for i in ids}
+        reasons = {i: stale_reason(store, i, request.label, fingerprints.get(i)) for i in ids}
         skipped = [i for i, r in reasons.items() if r is None]
         ids = [i for i, r in reasons.items() if r is not None]
         for i in ids:
@@ -193,9 +182,9 @@ def run_autolabel(request: AutolabelRequest) -> dict[str, Any]:
         workers, label_failures = _run_in_process(request, ids, drives, progress_id)
     update_progress_artifact(progress_id, progress=100.0)
     failures.update(label_failures)
-    done = [i for i in _select(SequenceStore.open(request.store).sequence_ids(), request.sequences)
-            if i not in failures]
-    report = store_report(SequenceStore.open(request.store), request.label.methods, done, request.max_distance)
+    store = SequenceStore.open(request.store)
+    done = [i for i in store.sequence_ids() if i in set(ids) | set(skipped) and i not in failures]
+    report = evaluate_store(store, request.label.methods, request.label.max_distance, done)
     exported = request.label.export_dir
     counts = {"labelled": len([i for i in ids if i not in failures]), "skipped": len(skipped)}
     keys = publish(request.store, report, request.label.method, workers, failures, exported, counts)

@@ -6,31 +6,14 @@ follows the steps and the run's result is the training summary (loss, seconds, s
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from pydantic import BaseModel, ConfigDict, Field
 
-from models.refiner_training import RefinerTrainConfig
-from models.teacher import Teacher
-from models.teacher_training import TeacherTrainConfig, train_teacher
-from storage.store import SequenceStore
-from storage.training_data import AnnotatedFrames
-from tasks.refiner_training import RefinerRequest, train_refiner_from_stores
-from tasks.stage_tasks import gpu_slot
-
-
-class TeacherRequest(BaseModel):
-    """What ``train-teacher`` trains on and where it writes."""
-
-    model_config = ConfigDict(frozen=True)
-
-    stores: list[str] = Field(min_length=1)
-    out: str
-    sequences: list[str] | None = None
-    train: TeacherTrainConfig = TeacherTrainConfig()
+from autolabel.tasks.refiner_training import RefinerRequest, train_refiner_from_stores
+from autolabel.tasks.stage_tasks import gpu_slot
+from autolabel.tasks.teacher_training import TeacherRequest, train_teacher_from_stores
 
 
 def _progress(description: str) -> Any:
@@ -47,14 +30,8 @@ def _progress(description: str) -> Any:
 
 @task(name="train-teacher")
 def train_teacher_task(request: TeacherRequest) -> dict[str, Any]:
-    data = AnnotatedFrames([SequenceStore.open(s) for s in request.stores], request.sequences)
-    classes = data.classes
-    teacher = Teacher.create(request.train.arch, classes.names, [list(c) for c in classes.palette],
-                             classes.ignore_index)
     with gpu_slot(request.train.device):
-        info = train_teacher(teacher, data, request.train, _progress(f"train-teacher -> {request.out}"))
-    teacher.train_info = {**info, "stores": list(request.stores)}
-    info["sha256"] = teacher.save(Path(request.out))
+        info = train_teacher_from_stores(request, _progress(f"train-teacher -> {request.out}"))
     get_run_logger().info("wrote %s (%d steps, %.1f s, loss %.3f)", request.out, info["steps"], info["seconds"],
                           info["final_loss"])
     return info
@@ -82,4 +59,4 @@ def train_refiner_flow(request: RefinerRequest) -> dict[str, Any]:
     return train_refiner_task(request)
 
 
-__all__ = ["RefinerRequest", "RefinerTrainConfig", "TeacherRequest", "train_refiner_flow", "train_teacher_flow"]
+__all__ = ["RefinerRequest", "TeacherRequest", "train_refiner_flow", "train_teacher_flow"]

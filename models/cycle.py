@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from autolabel.errors import ConfigError
-from models.propagation import LabelState, SequenceInputs, WarpInpaint, WarpInpaintStep
+from autolabel.models.propagation import LabelState, SequenceInputs, WarpInpaint, WarpInpaintStep
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from autolabel.errors import CheckpointError, ConfigError, MissingDependencyError
 from autolabel.registry import Registry
@@ -41,12 +41,20 @@ class FlowConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    backend: str = "dis-medium"
+    backend: str = Field("dis-medium", description="dis-ultrafast, dis-fast, dis-medium, farneback, raft, or "
+                                                   "'exact' (synthetic drives' stored flow)")
     variational_refinement: bool = Field(False, description="DIS only: add variational refinement")
     raft_weights: Path | None = Field(None, description="RAFT only: local state-dict file")
     raft_small: bool = Field(False, description="RAFT only: the small model")
     workers: int = Field(0, ge=0, description="processes; 0 = auto (see resolved_workers)")
     device: str = "cpu"
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, backend: str) -> str:
+        if backend != EXACT:
+            FLOW_BACKENDS.get(backend)  # a RegistryError lists the known names
+        return backend
 
     def settings_key(self) -> dict[str, Any]:
         """What determines the flow values (workers and device do not)."""

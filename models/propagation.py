@@ -49,8 +49,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from autolabel.errors import ConfigError
 from autolabel.registry import Registry
-from models.refiner import Refiner, RefinerInput
-from models.warping import backward_warp, fb_consistency, photometric_error, warp_labels
+from autolabel.models.refiner import Refiner, RefinerInput
+from autolabel.models.warping import backward_warp, fb_consistency, photometric_error, warp_labels
 
 
 class PropagationConfig(BaseModel):

@@ -29,9 +29,9 @@ from torch import nn
 
 from autolabel.errors import CheckpointError, ClassSetMismatchError
 from autolabel.registry import Registry
-from models._checks import check_same_hw, check_shape
-from models.checkpoints import load_checkpoint, load_weights, save_checkpoint
-from models.teacher import MEAN, STD, conv_bn_relu
+from autolabel.models._checks import check_same_hw, check_shape
+from autolabel.models.checkpoints import load_checkpoint, load_weights, save_checkpoint
+from autolabel.models.teacher import MEAN, STD, conv_bn_relu
 
 CHECKPOINT_FORMAT = "autolabel.refiner"
 CHECKPOINT_VERSION = 1

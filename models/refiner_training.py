@@ -16,15 +16,15 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from autolabel.errors import ConfigError
-from models.cycle import CycleSample
-from models.metrics import confusion_matrix, mean_iou
-from models.optimisation import apply_step, poly_adamw
-from models.refiner import Refiner, RefinerInput
-from models.rmi import rmi_loss
-from models.teacher import Teacher, to_tensor
+from autolabel.models.cycle import CycleSample
+from autolabel.models.metrics import confusion_matrix, mean_iou
+from autolabel.models.optimisation import apply_step, poly_adamw
+from autolabel.models.refiner import REFINER_ARCHS, Refiner, RefinerInput
+from autolabel.models.rmi import rmi_loss
+from autolabel.models.teacher import Teacher, to_tensor
 
 ProgressFn = Callable[[int, int, float], None]
 
@@ -34,19 +34,26 @@ class RefinerTrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    arch: str = "refine-unet-fr"
+    @field_validator("arch", check_fields=False)
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        REFINER_ARCHS.get(arch)  # a RegistryError lists the known names
+        return arch
+
+    arch: str = Field("refine-unet-fr", description="refine-unet-fr (full-resolution head), refine-unet, or "
+                                                      "refine-tiny for tests")
     max_cycle: int = Field(6, ge=1, description="cycles of every length 1..max_cycle")
-    steps: int = Field(1500, ge=1)
-    batch_size: int = Field(8, ge=1)
+    steps: int = Field(1500, ge=1, description="training steps")
+    batch_size: int = Field(8, ge=1, description="cycle samples per step")
     crop: int = Field(256, ge=32, description="square training crop (pixels)")
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW, poly schedule)")
     weight_decay: float = Field(1e-4, ge=0)
     scale: tuple[float, float] = (0.75, 1.5)
     flip: bool = True
     rmi_weight: float = Field(0.5, ge=0, description="loss = CE + rmi_weight * RMI")
     rmi_radius: int = Field(3, ge=1)
-    seed: int = 0
-    device: str = "cpu"
+    seed: int = Field(0, description="random seed")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
 
 
 MAPS = ("labels", "confidence", "trusted", "warped_image", "target_image", "annotation")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autolabel.errors import ShapeError
-from models._checks import check_shape
+from autolabel.models._checks import check_shape
 
 
 def rmi_lower_bound(y: torch.Tensor, p: torch.Tensor, eps: float = 5e-4) -> torch.Tensor:

@@ -22,8 +22,8 @@ from torch import nn
 
 from autolabel.errors import ClassSetMismatchError
 from autolabel.registry import Registry
-from models._checks import check_shape
-from models.checkpoints import (
+from autolabel.models._checks import check_shape
+from autolabel.models.checkpoints import (
     file_sha256,
     load_checkpoint,
     load_weights,

@@ -16,11 +16,11 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from autolabel.errors import ConfigError
-from models.optimisation import apply_step, poly_adamw
-from models.teacher import Teacher, to_tensor
+from autolabel.models.optimisation import apply_step, poly_adamw
+from autolabel.models.teacher import TEACHER_ARCHS, Teacher, to_tensor
 
 Sample = tuple[np.ndarray, np.ndarray]
 ProgressFn = Callable[[int, int, float], None]
@@ -31,20 +31,26 @@ class TeacherTrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    arch: str = "unet-lite"
-    epochs: int = Field(40, ge=1)
+    @field_validator("arch", check_fields=False)
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        TEACHER_ARCHS.get(arch)  # a RegistryError lists the known names
+        return arch
+
+    arch: str = Field("unet-lite", description="teacher architecture (unet-lite; unet-tiny for tests)")
+    epochs: int = Field(40, ge=1, description="passes over the annotated frames")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (tests, adaptation)")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="frames per step")
     crop: int = Field(256, ge=64, description="square training crop (pixels); >= 64 keeps 2x2 at 1/32 scale")
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW, poly schedule)")
     weight_decay: float = Field(1e-4, ge=0)
     scale: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
     blur_prob: float = Field(0.3, ge=0, le=1)
     jitter: float = Field(0.3, ge=0, lt=1, description="brightness / contrast / saturation range")
     class_balance: bool = True
-    seed: int = 0
-    device: str = "cpu"
+    seed: int = Field(0, description="random seed")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
 
 
 def augment(image: np.ndarray, label: np.ndarray, cfg: TeacherTrainConfig, rng: np.random.Generator,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models._checks import check_same_hw, check_shape
+from autolabel.models._checks import check_same_hw, check_shape
 
 
 def source_coords(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from autolabel.errors import StageNotDoneError
-from storage.images import write_png_atomic
-from storage.stages import GROUND_TRUTH, result_array_names, results_stage
-from storage.store import Sequence
+from autolabel.storage.images import write_png_atomic
+from autolabel.storage.stages import GROUND_TRUTH, result_array_names, results_stage
+from autolabel.storage.store import Sequence
+
 
 def label_frames(seq: Sequence, method: str) -> tuple[list[int], Callable[[int], np.ndarray]]:
     """Frames that carry labels of ``method`` and a reader for one frame's (H, W) uint8 labels.
@@ -31,21 +33,59 @@ def label_frames(seq: Sequence, method: str) -> tuple[list[int], Callable[[int],
     return frames, lambda t: np.asarray(labels[t])
 
 
-def overlay(frame: np.ndarray, colours: np.ndarray, valid: np.ndarray, alpha: float) -> np.ndarray:
-    """Blend ``colours`` (H, W, 3) over ``frame`` (H, W, 3) where ``valid`` (H, W); uint8 out."""
+OVERLAY_ALPHA = 0.6  # class colours clearly visible, the scene still readable beneath
+
+
+def class_boundaries(label: np.ndarray) -> np.ndarray:
+    """bool (H, W): pixels whose right or lower neighbour has another label (one-pixel outlines)."""
+    edge = np.zeros(label.shape, dtype=bool)
+    edge[:, :-1] |= label[:, :-1] != label[:, 1:]
+    edge[:-1, :] |= label[:-1, :] != label[1:, :]
+    return edge
+
+
+def overlay(frame: np.ndarray, colours: np.ndarray, valid: np.ndarray, alpha: float = OVERLAY_ALPHA,
+            boundaries: np.ndarray | None = None) -> np.ndarray:
+    """Blend ``colours`` (H, W, 3) over ``frame`` (H, W, 3) where ``valid`` (H, W); uint8 out.
+
+    ``boundaries`` (H, W) bool, when given, are drawn in white on top so that neighbouring classes
+    of similar colour stay apart.
+    """
     out = frame.astype(np.float32)
     out[valid] = (1 - alpha) * out[valid] + alpha * colours[valid].astype(np.float32)
+    if boundaries is not None:
+        out[boundaries] = 255.0
     return out.round().astype(np.uint8)
 
 
+def _marker(out: Path, seq: Sequence) -> Path:
+    return out / seq.id / ".exported.json"
+
+
+def _export_record(seq: Sequence, method: str, with_overlay: bool) -> dict[str, object]:
+    source = seq.stages.get(results_stage(method), {}) if method != GROUND_TRUTH else seq.stages.get("ingest", {})
+    return {"method": method, "overlay": with_overlay, "source_finished_at": source.get("finished_at"),
+            "content_hash": seq.content_hash}
+
+
+def export_is_current(seq: Sequence, method: str, out: Path, with_overlay: bool = True) -> bool:
+    """Whether ``out/<seq>/`` already holds this export of exactly the labels stored now."""
+    try:
+        return json.loads(_marker(out, seq).read_text()) == _export_record(seq, method, with_overlay)
+    except (OSError, ValueError):
+        return False
+
+
 def export_sequence(
-    seq: Sequence, method: str, out: Path, *, with_overlay: bool = False, alpha: float = 0.5,
+    seq: Sequence, method: str, out: Path, *, with_overlay: bool = False, alpha: float = OVERLAY_ALPHA,
     on_frame: Callable[[], None] | None = None,
 ) -> int:
     """Write ``out/<seq>/{index,color[,overlay]}/<frame>.png`` for every labelled frame.
 
     Index PNGs are palette PNGs whose pixel values are the class ids (ignore index kept), so
-    they read back as class indices and display in colour. Returns the number of frames written.
+    they read back as class indices and display in colour; overlays blend the class colours at
+    ``alpha`` over the frame and outline class boundaries. A marker file records what was
+    exported (:func:`export_is_current`). Returns the number of frames written.
     """
     frames, read = label_frames(seq, method)
     classes = seq.store.classes
@@ -58,8 +98,11 @@ def export_sequence(
         write_png_atomic(base / "index" / f"{names[t]}.png", label, palette=lut)
         write_png_atomic(base / "color" / f"{names[t]}.png", colours)
         if with_overlay:
-            blended = overlay(seq.frame(t), colours, label != classes.ignore_index, alpha)
+            blended = overlay(seq.frame(t), colours, label != classes.ignore_index, alpha,
+                              class_boundaries(label))
             write_png_atomic(base / "overlay" / f"{names[t]}.png", blended)
         if on_frame is not None:
             on_frame()
+    _marker(out, seq).parent.mkdir(parents=True, exist_ok=True)
+    _marker(out, seq).write_text(json.dumps(_export_record(seq, method, with_overlay)))
     return len(frames)

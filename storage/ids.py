@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 
-from autolabel.errors import InvalidSequenceIdError
+from autolabel.errors import InvalidSequenceIdError, SelectionError
 
 _VALID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -38,19 +38,18 @@ def make_sequence_id(*parts: str) -> str:
     return "_".join(c for c in cleaned if c)
 
 
-def select_ids(available: list[str], patterns: list[str] | None, where: str) -> list[str]:
+def select_ids(available: list[str], patterns: list[str] | None, where: str, must_match: bool = True) -> list[str]:
     """Ids in ``available`` matching any of ``patterns`` (exact ids or globs like ``train_*``).
 
-    All of ``available`` when ``patterns`` is empty; a pattern that matches nothing is an error
-    naming ``where`` and some of the ids that exist.
+    The one way every command and flow selects sequences. All of ``available`` when ``patterns``
+    is empty; a pattern that matches nothing is an error naming ``where`` and some of the ids that
+    exist (unless ``must_match`` is False, for one of several stores).
     """
-    from autolabel.errors import UnknownLayoutError
-
     if not patterns:
         return list(available)
     chosen = [i for i in available if any(fnmatch.fnmatchcase(i, p) for p in patterns)]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(i, p) for i in available)]
-    if unmatched:
+    if unmatched and must_match:
         some = ", ".join(sorted(available)[:15])
-        raise UnknownLayoutError(f"{where}: no sequence {unmatched}; found {len(available)} sequences, e.g. {some}")
+        raise SelectionError(f"{where}: no sequence {unmatched}; found {len(available)} sequences, e.g. {some}")
     return chosen

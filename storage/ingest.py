@@ -16,9 +16,9 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from autolabel.errors import AutolabelError, EmptySequenceError, InvalidSequenceIdError
-from storage.annotation import AnnotationPolicy
-from storage.readers.base import DatasetSource, SequenceSource
-from storage.store import SequenceStore, StoreLayout
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.readers.base import DatasetSource, SequenceSource
+from autolabel.storage.store import SequenceStore, StoreLayout
 
 
 class IngestOptions(BaseModel):

@@ -37,3 +37,11 @@ def results_stage(method: str) -> str:
 def result_array_names(method: str) -> tuple[str, str, str]:
     """labels uint8 (T, H, W), confidence uint8 (T, H, W), distance int8 (T,) of a method."""
     return f"results/{method}/labels", f"results/{method}/confidence", f"results/{method}/distance"
+
+
+def evaluation_stage(method: str) -> str:
+    """Stage under which the evaluate stage stores a method's confusion matrices for a sequence."""
+    return f"evaluation/{method}"
+
+
+LABELLED = "labelled"  # marked by the pipeline when every stage of a request is done

@@ -42,9 +42,9 @@ from autolabel.errors import (
     StoreError,
     StoreNotFoundError,
 )
-from storage.classes import ClassSet
-from storage.ids import validate_sequence_id
-from storage.stages import INGEST
+from autolabel.storage.classes import ClassSet
+from autolabel.storage.ids import validate_sequence_id
+from autolabel.storage.stages import INGEST
 
 SCHEMA_VERSION = 1
 

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autolabel.errors import ConfigError
-from storage.classes import CAMVID11, ClassSet
+from autolabel.storage.classes import CAMVID11, ClassSet
 
 SYNTHETIC_CLASSES: list[str] = list(CAMVID11.names)
 

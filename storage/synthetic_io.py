@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from storage.annotation import AnnotationPolicy
-from storage.classes import APOLLO_LABELS
-from storage.images import write_png_atomic
-from storage.ingest import IngestReport, SequenceOutcome
-from storage.stages import flow_array_names, flow_stage
-from storage.store import SequenceStore, StoreLayout
-from storage.synthetic import SyntheticConfig, SyntheticDrive
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.classes import APOLLO_LABELS
+from autolabel.storage.images import write_png_atomic
+from autolabel.storage.ingest import IngestReport, SequenceOutcome
+from autolabel.storage.stages import flow_array_names, flow_stage
+from autolabel.storage.store import SequenceStore, StoreLayout
+from autolabel.storage.synthetic import SyntheticConfig, SyntheticDrive
 
 EXACT_FLOW = "exact"
 

@@ -6,14 +6,14 @@ never see the evaluation-only ground truth of other frames.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable
 
 import numpy as np
 
 from autolabel.errors import ClassSetMismatchError
-from storage.classes import ClassSet
-from storage.store import Sequence, SequenceStore
+from autolabel.storage.classes import ClassSet
+from autolabel.storage.ids import select_ids
+from autolabel.storage.store import Sequence, SequenceStore
 
 
 class AnnotatedFrames:
@@ -38,15 +38,15 @@ class AnnotatedFrames:
         patterns = list(sequences) if sequences is not None else None
         self._seqs: list[Sequence] = []
         self.index: list[tuple[int, int]] = []  # (position in _seqs, frame)
+        every_id: list[str] = []
         for st in self.stores:
-            ids = st.sequence_ids()
-            if patterns is not None:
-                ids = [i for i in ids if any(fnmatch.fnmatchcase(i, p) for p in patterns)]
-            for seq_id in ids:
+            every_id.extend(st.sequence_ids())
+            for seq_id in select_ids(st.sequence_ids(), patterns, f"store {st.url!r}", must_match=False):
                 seq = st.sequence(seq_id)
                 self._seqs.append(seq)
                 for t in np.flatnonzero(seq.annotated):
                     self.index.append((len(self._seqs) - 1, int(t)))
+        select_ids(every_id, patterns, f"stores {[st.url for st in self.stores]}")  # a typo is an error
 
     @classmethod
     def from_sequence(cls, seq: Sequence) -> AnnotatedFrames:

@@ -1,8 +1,14 @@
-"""Evaluation stage: mIoU of each method by propagation distance, per class and per sequence.
+"""Evaluation stage, the one evaluator: mIoU by propagation distance, per class and per sequence.
 
-Scored frames: those with ground truth that are not annotations and that the method reached
-at distance 1..K. One confusion matrix is accumulated per (method, distance); the per-class IoU
-pools distances 1..K; each sequence's mIoU pools its own frames.
+Scored frames (:func:`scored_frames`): ground truth present, not an annotation, reached by the
+method at distance 1..K. Each sequence's frames are read one chunk (frame) at a time and reduced
+to one confusion matrix per distance; the sequence's row and every pooled number come from those
+matrices (summed over sequences, never averaged as mIoUs). The evaluate stage of the pipeline
+stores each sequence's matrices in the store (stage ``evaluation/<method>``), so a report over
+many sequences - the CLI's, the dashboard's, a benchmark's - reads no label array twice.
+
+Every number is a percentage (0-100) rounded to two decimals; None where undefined (no frame
+scored, or a class absent from ground truth and prediction).
 """
 
 from __future__ import annotations
@@ -12,79 +18,220 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, Field, computed_field
 
-from models.metrics import confusion_matrix, iou_per_class, mean_iou
-from storage.stages import result_array_names, results_stage
-from storage.store import Sequence, SequenceStore
-
-
-def _finite(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+from autolabel.models.metrics import confusion_matrix, iou_per_class, mean_iou
+from autolabel.storage.stages import evaluation_stage, result_array_names, results_stage
+from autolabel.storage.store import Sequence, SequenceStore
 
 
-def sequence_confusions(seq: Sequence, method: str, max_distance: int) -> tuple[dict[int, np.ndarray], int]:
-    """Confusion matrix (C, C+1) per distance 1..K for one sequence and method, read frame by frame,
-    and the number of frames scored."""
+def percent(value: float | None) -> float | None:
+    """A percentage rounded for reports; None for None or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), 2)
+
+
+def scored_frames(seq: Sequence, distance: np.ndarray, max_distance: int) -> np.ndarray:
+    """bool (T,): frames scored against ground truth (labelled, not annotated, distance 1..K)."""
+    return seq.has_gt & ~seq.annotated & (distance >= 1) & (distance <= max_distance)
+
+
+def results_max_distance(seq: Sequence, method: str) -> int | None:
+    """The K that ``method``'s stored results of ``seq`` were propagated with (None: not labelled)."""
+    stage = seq.stages.get(results_stage(method))
+    if stage is None:
+        return None
+    return int(stage.get("settings", {}).get("max_distance", 0)) or None
+
+
+class SequenceEvaluation(BaseModel):
+    """One sequence scored for one method (a dashboard row)."""
+
+    sequence: str
+    method: str
+    max_distance: int
+    frames: int
+    annotated: int
+    frames_labelled: int = Field(description="frames holding a label (annotated or reached)")
+    frames_scored: int
+    has_gt: bool = Field(description="whether any frame was scored against ground truth")
+    miou: float | None = None
+    miou_by_distance: dict[str, float | None] = Field(default_factory=dict)
+    per_class_iou: dict[str, float | None] = Field(default_factory=dict)
+    coverage: float | None = Field(None, description="share of pixels of reached frames holding a class")
+    mean_confidence: float | None = Field(None, description="mean confidence over reached frames")
+    confusion: dict[str, list[list[int]]] = Field(
+        default_factory=dict, exclude=True, repr=False,
+        description="(C, C+1) confusion matrix per distance; kept for pooling, left out of reports")
+
+    def confusions(self) -> dict[int, np.ndarray]:
+        return {int(d): np.asarray(cm, dtype=np.int64) for d, cm in self.confusion.items()}
+
+
+class MethodEvaluation(BaseModel):
+    """One method pooled over sequences."""
+
+    method: str
+    miou_mean: float | None = Field(description="mean of the mIoU at each distance 1..K that was scored")
+    miou_by_distance: dict[str, float | None]
+    per_class_iou: dict[str, float | None]
+    frames_scored: int
+    sequences: list[SequenceEvaluation]
+    sequences_missing: list[str] = Field(description="selected sequences with no results of this method")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def per_sequence_miou(self) -> dict[str, float | None]:
+        return {s.sequence: s.miou for s in self.sequences if s.has_gt}
+
+
+class EvaluationReport(BaseModel):
+    """What ``autolabel evaluate --json`` writes, the dashboard shows and the benchmarks record."""
+
+    store: str
+    max_distance: int
+    methods: dict[str, MethodEvaluation]
+
+
+def _class_ious(cm: np.ndarray, names: list[str]) -> dict[str, float | None]:
+    return {n: percent(v * 100) for n, v in zip(names, iou_per_class(cm))}
+
+
+def score_sequence(seq: Sequence, method: str, max_distance: int,
+                   on_frame: Callable[[], None] | None = None) -> SequenceEvaluation:
+    """Score the stored results of ``method`` on ``seq``, reading one frame at a time.
+
+    Needs the method's results stage to be done. Without ground truth the row still carries
+    frames labelled, coverage and mean confidence.
+    """
     classes = seq.store.classes
-    labels_name, _, distance_name = result_array_names(method)
-    labels = seq.array(labels_name)
+    c, ignore = classes.num_classes, classes.ignore_index
+    labels_name, conf_name, distance_name = result_array_names(method)
+    labels, conf = seq.array(labels_name), seq.array(conf_name)
     distance = np.asarray(seq.array(distance_name)[:])
-    scored = seq.has_gt & ~seq.annotated & (distance >= 1) & (distance <= max_distance)
-    out: dict[int, np.ndarray] = {}
-    for t in np.flatnonzero(scored):
-        cm = confusion_matrix(seq.ground_truth(int(t)), np.asarray(labels[int(t)]), classes.num_classes,
-                              classes.ignore_index)
-        d = int(distance[t])
-        out[d] = out[d] + cm if d in out else cm
-    return out, int(scored.sum())
+    scored = scored_frames(seq, distance, max_distance)
+    by_d: dict[int, np.ndarray] = {}
+    covered = pixels = 0
+    conf_sum = 0.0
+    for t in np.flatnonzero(distance >= 1):
+        t = int(t)
+        lab = np.asarray(labels[t])
+        covered += int((lab != ignore).sum())
+        pixels += lab.size
+        conf_sum += float(np.asarray(conf[t], dtype=np.float64).sum())
+        if scored[t]:
+            d = int(distance[t])
+            cm = confusion_matrix(seq.ground_truth(t), lab, c, ignore)
+            by_d[d] = by_d[d] + cm if d in by_d else cm
+        if on_frame is not None:
+            on_frame()
+    row = SequenceEvaluation(
+        sequence=seq.id, method=method, max_distance=max_distance, frames=seq.num_frames,
+        annotated=int(seq.annotated.sum()), frames_labelled=int((distance >= 0).sum()),
+        frames_scored=int(scored.sum()), has_gt=bool(by_d),
+        coverage=percent(100 * covered / pixels) if pixels else None,
+        mean_confidence=percent(100 * conf_sum / 255 / pixels) if pixels else None,
+        confusion={str(d): cm.tolist() for d, cm in sorted(by_d.items())},
+    )
+    if by_d:
+        pooled = sum(by_d.values())
+        row.miou = percent(mean_iou(pooled))
+        row.miou_by_distance = {str(d): percent(mean_iou(cm)) for d, cm in sorted(by_d.items())}
+        row.per_class_iou = _class_ious(pooled, classes.names)
+    return row
+
+
+def _evaluation_settings(seq: Sequence, method: str, max_distance: int) -> dict[str, Any]:
+    """What a stored evaluation depends on: the results it scored (when they were finished) and K."""
+    results = seq.stages.get(results_stage(method), {})
+    return {"results_finished_at": results.get("finished_at"), "max_distance": max_distance}
+
+
+def stored_evaluation(seq: Sequence, method: str, max_distance: int) -> SequenceEvaluation | None:
+    """The evaluation the evaluate stage stored for these results and K, or None when it is not current."""
+    stage = seq.stages.get(evaluation_stage(method))
+    if stage is None or stage.get("settings") != _evaluation_settings(seq, method, max_distance):
+        return None
+    return SequenceEvaluation(**stage["evaluation"], confusion=stage["confusion"])
+
+
+def evaluation_is_current(seq: Sequence, methods: Iterable[str], max_distance: int) -> bool:
+    return all(stored_evaluation(seq, m, max_distance) is not None for m in methods)
+
+
+def evaluate_sequence(store: SequenceStore, seq_id: str, methods: Iterable[str], max_distance: int,
+                      on_frame: Callable[[], None] | None = None) -> list[SequenceEvaluation]:
+    """The evaluate stage: score each method's results of ``seq_id`` and store the matrices.
+
+    A method whose stored evaluation is current is not scored again.
+    """
+    rows = []
+    for method in methods:
+        seq = store.writable_sequence(seq_id)
+        row = stored_evaluation(seq, method, max_distance)
+        if row is None:
+            row = score_sequence(seq, method, max_distance, on_frame)
+            store.mark_stage_done(seq_id, evaluation_stage(method), {
+                "settings": _evaluation_settings(seq, method, max_distance),
+                "evaluation": row.model_dump(), "confusion": row.confusion})
+        rows.append(row)
+    return rows
+
+
+def pool(method: str, rows: list[SequenceEvaluation], missing: list[str], max_distance: int,
+         class_names: list[str]) -> MethodEvaluation:
+    """One method's numbers over many sequences, from the sum of their confusion matrices."""
+    c = len(class_names)
+    by_distance = {d: np.zeros((c, c + 1), np.int64) for d in range(1, max_distance + 1)}
+    for row in rows:
+        for d, cm in row.confusions().items():
+            if d <= max_distance:
+                by_distance[d] += cm
+    miou_d = {str(d): percent(mean_iou(cm)) if cm.sum() else None for d, cm in by_distance.items()}
+    scored = [v for v in miou_d.values() if v is not None]
+    return MethodEvaluation(
+        method=method, miou_mean=percent(float(np.mean(scored))) if scored else None,
+        miou_by_distance=miou_d, per_class_iou=_class_ious(sum(by_distance.values()), class_names),
+        frames_scored=sum(r.frames_scored for r in rows), sequences=rows, sequences_missing=missing)
 
 
 def evaluate_store(
     store: SequenceStore,
     methods: Iterable[str],
-    max_distance: int = 10,
+    max_distance: int | None = None,
     sequences: Iterable[str] | None = None,
     on_sequence: Callable[[str, str], None] | None = None,
-) -> dict[str, Any]:
-    """The evaluation report (percent, 0-100; NaN written as null).
+) -> EvaluationReport:
+    """Score ``methods`` on the (selected) sequences of ``store``.
 
-    Returns:
-        ``{"store": str, "methods": {method: {"miou_mean", "miou_by_distance": {"1": ...},
-        "per_class_iou": {name: ...}, "per_sequence_miou": {seq: ...}, "frames_scored": int,
-        "sequences_missing": [...]}}}``
+    Args:
+        max_distance: score distances 1..K; None takes the K each method's results were made with.
+        sequences: ids to score (default: all); those without results of a method are listed in
+            ``sequences_missing``.
+        on_sequence: called with (method, sequence id) after each sequence.
+
+    Stored evaluations of the evaluate stage are used where current; others are scored here.
     """
-    classes = store.classes
-    c = classes.num_classes
     ids = list(sequences) if sequences is not None else store.sequence_ids()
-    report: dict[str, Any] = {"store": store.url, "max_distance": max_distance, "methods": {}}
+    methods = list(methods)
+    report_k = max_distance
+    pooled: dict[str, MethodEvaluation] = {}
     for method in methods:
-        by_distance = {d: np.zeros((c, c + 1), np.int64) for d in range(1, max_distance + 1)}
-        per_sequence: dict[str, float | None] = {}
+        rows: list[SequenceEvaluation] = []
         missing: list[str] = []
-        frames = 0
+        method_k = max_distance or 1
         for seq_id in ids:
             seq = store.sequence(seq_id)
-            if not seq.stage_done(results_stage(method)):
+            k = max_distance or results_max_distance(seq, method)
+            if k is None:
                 missing.append(seq_id)
                 continue
-            confusions, scored = sequence_confusions(seq, method, max_distance)
+            method_k = max(method_k, k)
+            row = stored_evaluation(seq, method, k) or score_sequence(seq, method, k)
+            rows.append(row)
             if on_sequence is not None:
                 on_sequence(method, seq_id)
-            frames += scored
-            if confusions:
-                per_sequence[seq_id] = _finite(mean_iou(sum(confusions.values())))
-            for d, cm in confusions.items():
-                by_distance[d] += cm
-        miou_d = {str(d): _finite(mean_iou(cm)) if cm.sum() else None for d, cm in by_distance.items()}
-        values = [v for v in miou_d.values() if v is not None]
-        pooled_all = sum(by_distance.values())
-        iou = iou_per_class(pooled_all) * 100
-        report["methods"][method] = {
-            "miou_mean": _finite(float(np.mean(values))) if values else None,
-            "miou_by_distance": miou_d,
-            "per_class_iou": {name: _finite(v) for name, v in zip(classes.names, iou)},
-            "per_sequence_miou": per_sequence,
-            "frames_scored": frames,
-            "sequences_missing": missing,
-        }
-    return report
+        pooled[method] = pool(method, rows, missing, method_k, store.classes.names)
+        report_k = max(report_k or 1, method_k)
+    return EvaluationReport(store=store.url, max_distance=report_k or 1, methods=pooled)

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import numpy as np
 
 from autolabel.errors import StageNotDoneError
-from models.optical_flow import EXACT, FlowConfig, FlowEstimator
-from storage.stages import flow_array_names, flow_stage
-from storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
+from autolabel.models.optical_flow import EXACT, FlowConfig, FlowEstimator
+from autolabel.storage.stages import flow_array_names, flow_stage
+from autolabel.storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
 
 # flow compresses little (about 1.8x at best); zstd-1 with byte shuffle encodes 2.5x faster
 # than zstd-3 bitshuffle for nearly the same ratio

@@ -9,10 +9,10 @@ import numpy as np
 import zarr
 
 from autolabel.errors import StageNotDoneError
-from models.propagation import Candidate, PropagationConfig, create_method, method_class, propagate_frames
-from models.refiner import Refiner
-from models.teacher import Teacher
-from storage.stages import (
+from autolabel.models.propagation import Candidate, PropagationConfig, create_method, method_class, propagate_frames
+from autolabel.models.refiner import Refiner
+from autolabel.models.teacher import Teacher
+from autolabel.storage.stages import (
     TEACHER,
     flow_stage,
     TEACHER_CONFIDENCE,
@@ -20,8 +20,8 @@ from storage.stages import (
     result_array_names,
     results_stage,
 )
-from storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
-from tasks.flow_estimation import flow_arrays
+from autolabel.storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
+from autolabel.tasks.flow_estimation import flow_arrays
 
 
 class StoreSequenceInputs:
@@ -129,7 +129,7 @@ def results_are_current(seq: Sequence, config: PropagationConfig, flow_name: str
         return False
 
 
-def label_sequence(
+def propagate_sequence(
     store: SequenceStore,
     seq_id: str,
     config: PropagationConfig,

@@ -6,7 +6,6 @@ so the ground truth that non-annotated frames may hold for evaluation is never s
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,18 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.errors import ClassSetMismatchError, ConfigError
-from models.cycle import CycleSample, cycle_plan, cycle_sample
-from models.optical_flow import FlowConfig, FlowEstimator
-from models.propagation import PropagationConfig, WarpInpaint
-from models.refiner import Refiner
-from models.refiner_training import RefinerTrainConfig, score_on_samples, train_refiner
-from models.teacher import Teacher, file_sha256
-from storage.stages import TEACHER
-from storage.store import SequenceStore
-from tasks.label import LabelProgress, _Quiet, prepare_sequence
-from tasks.propagate import StoreSequenceInputs
+from autolabel.models.cycle import CycleSample, cycle_plan, cycle_sample
+from autolabel.models.optical_flow import FlowConfig, FlowEstimator
+from autolabel.models.propagation import PropagationConfig, WarpInpaint
+from autolabel.models.refiner import Refiner
+from autolabel.models.refiner_training import RefinerTrainConfig, score_on_samples, train_refiner
+from autolabel.models.teacher import Teacher, file_sha256
+from autolabel.storage.stages import TEACHER
+from autolabel.storage.store import SequenceStore
+from autolabel.storage.ids import select_ids
+from autolabel.tasks.checkpoints import checkpoint_sha256, load_teacher
+from autolabel.tasks.pipeline import FlowStage, Progress, QuietProgress, TeacherStage
+from autolabel.tasks.propagate import StoreSequenceInputs
 
 
 class RefinerRequest(BaseModel):
@@ -44,52 +45,44 @@ class RefinerRequest(BaseModel):
 
 
 def collect_cycles(request: RefinerRequest, teacher: Teacher, teacher_hash: str,
-                   progress: LabelProgress | None = None,
+                   progress: Progress | None = None,
                    on_sample: Callable[[int, int], None] | None = None) -> list[CycleSample]:
     """All cycle samples of the request's stores (flow and teacher stages computed where missing)."""
-    progress = progress or _Quiet()
+    progress = progress or QuietProgress()
     method = WarpInpaint(request.propagation)
     plan: list[tuple[SequenceStore, str, int, int, int]] = []
-    estimator: FlowEstimator | None = None
     classes = None
-    matched: set[str] = set()
+    every_id: list[str] = []
     rng = np.random.default_rng(request.train.seed)
-    try:
-        for url in request.stores:
-            store = SequenceStore.open(url, mode="r+")
-            if classes is not None and store.classes != classes:
-                raise ClassSetMismatchError(f"store {url!r} has classes {store.classes.names}, the first store "
-                                            f"{classes.names}; train one refiner per class set")
-            classes = store.classes
-            teacher.check_classes(store.classes.names, store.classes.ignore_index, f"store {url!r}")
-            store_plan: list[tuple[SequenceStore, str, int, int, int]] = []
-            ids = store.sequence_ids()
-            if request.sequences is not None:
-                ids = [i for i in ids if any(fnmatch.fnmatchcase(i, p) for p in request.sequences)]
-                matched.update(p for p in request.sequences if any(fnmatch.fnmatchcase(i, p) for i in ids))
-            for seq_id in ids:
-                seq = store.sequence(seq_id)
-                cycles = list(cycle_plan(seq.annotated, request.train.max_cycle))
-                if not cycles:
-                    continue  # single frames (e.g. CamVid train keyframes) have no neighbours
-                if estimator is None and request.flow.backend != "exact":
-                    estimator = FlowEstimator(request.flow)
-                # teacher output of this checkpoint is reused whatever its adaptation (labelling may have
-                # adapted it per sequence); otherwise it is computed with ``adapt_steps``
-                done = seq.stages.get(TEACHER, {}).get("settings", {}).get("checkpoint_sha256") == teacher_hash
-                prepare_sequence(store, seq_id, request.flow, estimator, None if done else teacher, teacher_hash,
-                                 request.adapt_steps, progress)
-                store_plan.extend((store, seq_id, t, length, d) for t, length, d in cycles)
-            if request.max_samples is not None and len(store_plan) > request.max_samples:
-                keep = np.sort(rng.choice(len(store_plan), request.max_samples, replace=False))
-                store_plan = [store_plan[int(i)] for i in keep]
-            plan.extend(store_plan)
-    finally:
-        if estimator is not None:
-            estimator.close()
-    unmatched = sorted(set(request.sequences or []) - matched)
-    if unmatched:
-        raise ConfigError(f"no sequence matches {unmatched} in any of the stores {request.stores}")
+    flow_stage = FlowStage(flow=request.flow)
+    teacher_stage = TeacherStage(teacher=str(request.teacher), adapt_steps=request.adapt_steps,
+                                 on_device=request.train.device)
+    for url in request.stores:
+        store = SequenceStore.open(url, mode="r+")
+        if classes is not None and store.classes != classes:
+            raise ClassSetMismatchError(f"store {url!r} has classes {store.classes.names}, the first store "
+                                        f"{classes.names}; train one refiner per class set")
+        classes = store.classes
+        teacher.check_classes(store.classes.names, store.classes.ignore_index, f"store {url!r}")
+        store_plan: list[tuple[SequenceStore, str, int, int, int]] = []
+        every_id.extend(store.sequence_ids())
+        ids = select_ids(store.sequence_ids(), request.sequences, f"store {url!r}", must_match=False)
+        for seq_id in ids:
+            seq = store.sequence(seq_id)
+            cycles = list(cycle_plan(seq.annotated, request.train.max_cycle))
+            if not cycles:
+                continue  # single frames (e.g. CamVid train keyframes) have no neighbours
+            flow_stage.run(store, seq_id, progress)
+            # teacher output of this checkpoint is reused whatever its adaptation (labelling may have
+            # adapted it per sequence); otherwise it is computed with ``adapt_steps``
+            if seq.stages.get(TEACHER, {}).get("settings", {}).get("checkpoint_sha256") != teacher_hash:
+                teacher_stage.run(store, seq_id, progress)
+            store_plan.extend((store, seq_id, t, length, d) for t, length, d in cycles)
+        if request.max_samples is not None and len(store_plan) > request.max_samples:
+            keep = np.sort(rng.choice(len(store_plan), request.max_samples, replace=False))
+            store_plan = [store_plan[int(i)] for i in keep]
+        plan.extend(store_plan)
+    select_ids(every_id, request.sequences, f"stores {request.stores}")  # a pattern matching nothing is an error
     if not plan:
         raise ConfigError(f"no annotated frame with neighbouring frames in {request.stores}: the refiner trains on "
                           "cycles through video, so give it stores of sequences (not single keyframes)")

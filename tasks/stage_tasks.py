@@ -1,11 +1,15 @@
-"""Prefect tasks: thin wrappers over the stage functions of ``tasks/``.
+"""The pipeline's stages as Prefect tasks: one thin wrapper, named after each stage.
 
-Each task takes a store URL and a sequence id (never arrays), retries on I/O failures only, and
-has a cache key made of (store, sequence content hash, stage settings, checkpoint hash, code
-version). The flows pass ``refresh_cache=True`` whenever the store says a stage is not done, so a
-cached record can never stand in for output that is missing; a killed run therefore resumes
-from the store's stage status. GPU stages hold a slot of the global concurrency limit of their
-worker's GPU (:func:`gpu_limit_name`) while they run; long stages move a progress artifact.
+:func:`prefect_runner` is the runner ``autolabel.tasks.pipeline.label_sequence`` takes inside the
+``label-sequence`` flow. Each stage becomes a task run named after it (``flow-estimation``,
+``teacher-inference``, ``warp-inpaint``, ``refine``, ``evaluate``, ``export``, ``ingest-drive``) that
+takes the store URL, the sequence id and the stage value (never arrays), retries on I/O failures
+only, and has a cache key made of (task, store, sequence content hash, stage settings, checkpoint
+hashes, code version). The runner asks the stage whether the store already holds its output
+(:meth:`Stage.is_current`) and passes ``refresh_cache`` when it does not, so a cached record can
+never stand in for missing output and a killed run resumes from the store. GPU stages hold a slot
+of their worker's GPU concurrency limit (:func:`gpu_limit_name`); long stages move a progress
+artifact.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -26,20 +29,10 @@ from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 
 import autolabel
-from autolabel.errors import AutolabelError, InputDataError
-from models.optical_flow import FlowConfig
-from models.propagation import PropagationConfig, count_steps
-from models.refiner import Refiner
-from models.teacher import Teacher, file_sha256
-from storage.annotation import AnnotationPolicy
-from storage.ingest import IngestOptions, ingest
-from storage.readers import read_dataset
-from storage.stages import TEACHER, flow_stage, results_stage
-from storage.store import SequenceStore
-from tasks.flow_estimation import estimate_flow
-from tasks.propagate import label_sequence
-from tasks.summary import sequence_summary
-from tasks.teacher_inference import infer_teacher
+from autolabel.errors import AutolabelError
+from autolabel.storage.store import SequenceStore
+from autolabel.tasks.checkpoints import checkpoint_sha256
+from autolabel.tasks.pipeline import AnyStage, Stage, run_stage
 
 CODE_VERSION = autolabel.__version__
 
@@ -53,11 +46,6 @@ def gpu_limit_name() -> str:
     return f"gpu-{socket.gethostname()}-{device}"
 
 
-def worker_name() -> str:
-    """Who runs this: ``$AUTOLABEL_WORKER_NAME`` (set by deploy/start-workers.sh) or ``local-<host>``."""
-    return os.environ.get("AUTOLABEL_WORKER_NAME") or f"local-{socket.gethostname()}"
-
-
 def retry_on_io(task_: Any, task_run: Any, state: Any) -> bool:
     """Retry condition: I/O failures (OSError) that are not autolabel's own input errors."""
     exc = state.result(raise_on_failure=False)
@@ -69,29 +57,32 @@ def _digest(value: Any) -> str:
 
 
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """(task, store, sequence content hash, settings, checkpoint hashes, code version) as one key."""
+    """(task, store, sequence content hash, stage settings, checkpoint hashes, code version) as one key."""
+    stage: Stage = parameters["stage"]
     store = SequenceStore.open(parameters["store"])
-    content = store.sequence(parameters["seq_id"]).content_hash
-    settings = {k: v for k, v in parameters.items() if k not in ("store", "seq_id")}
-    for name in ("teacher", "refiner"):
-        if settings.get(name):
-            settings[name] = file_sha256(Path(settings[name]))
-    return f"{context.task.name}-{_digest([parameters['store'], content, settings, CODE_VERSION])}"
+    seq_id = parameters["seq_id"]
+    content = store.sequence(seq_id).content_hash if seq_id in store else "not-ingested"
+    hashes = [checkpoint_sha256(c) for c in stage.checkpoints()]
+    return f"{context.task.name}-{_digest([parameters['store'], seq_id, content, stage.model_dump(mode='json'), hashes, CODE_VERSION])}"
 
 
-class StageProgress:
-    """A Prefect progress artifact for one stage of one sequence, updated at most every 2 s."""
+class ArtifactProgress:
+    """A Prefect progress artifact per stage and sequence, updated at most every 2 s."""
 
-    def __init__(self, seq_id: str, stage: str, total: int) -> None:
-        self.total = max(total, 1)
+    def __init__(self) -> None:
+        self.total = 1
         self.done = 0
         self._last = 0.0
-        self.artifact_id = create_progress_artifact(progress=0.0, description=f"{seq_id}: {stage}")
+        self.artifact_id: Any = None
+
+    def start(self, seq_id: str, title: str, total: int) -> None:
+        self.total, self.done = max(total, 1), 0
+        self.artifact_id = create_progress_artifact(progress=0.0, description=f"{seq_id}: {title}")
 
     def advance(self) -> None:
         self.done += 1
         now = time.monotonic()
-        if now - self._last >= 2.0 or self.done >= self.total:
+        if self.artifact_id is not None and (now - self._last >= 2.0 or self.done >= self.total):
             self._last = now
             update_progress_artifact(self.artifact_id, progress=min(100.0, 100.0 * self.done / self.total))
 
@@ -107,102 +98,21 @@ def gpu_slot(device: str) -> Iterator[None]:
         yield
 
 
-def _stage_result(stage: str, computed: bool, start: float, **extra: Any) -> dict[str, Any]:
-    return {"stage": stage, "computed": computed, "seconds": round(time.perf_counter() - start, 2),
-            "worker": worker_name(), **extra}
+@task(name="stage", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io,
+      cache_key_fn=stage_cache_key, persist_result=True)
+def stage_task(store: str, seq_id: str, stage: AnyStage) -> dict[str, Any]:
+    """Run one pipeline stage of one sequence (see the module docstring)."""
+    if stage.uses_gpu:
+        with gpu_slot(stage.device):
+            return run_stage(store, seq_id, stage, ArtifactProgress())
+    return run_stage(store, seq_id, stage, ArtifactProgress())
 
 
-TASK_OPTIONS: dict[str, Any] = {
-    "retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_on_io,
-    "cache_key_fn": stage_cache_key, "persist_result": True,
-}
-
-
-@task(name="ingest-drive", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
-def ingest_drive(inbox: str, layout: str, store: str, seq_id: str, annotation: AnnotationPolicy) -> dict[str, Any]:
-    """Ingest one drive of ``inbox`` into ``store`` if it is new or its files changed.
-
-    Raises InputDataError naming the file when the drive cannot be read (its run fails alone).
-    """
-    start = time.perf_counter()
-    dataset = read_dataset(layout, Path(inbox))
-    report = ingest(dataset, store, IngestOptions(annotation=annotation, sequences=[seq_id], replace_changed=True))
-    if report.failed:
-        raise InputDataError(f"drive {seq_id!r} of inbox {inbox}: {report.failed[0].error}")
-    if not report.outcomes:
-        raise InputDataError(f"drive {seq_id!r} is not in inbox {inbox} (layout {layout!r})")
-    return _stage_result("ingest", report.outcomes[0].status == "ingested", start)
-
-
-@task(name="flow-estimation", **TASK_OPTIONS)
-def flow_estimation(store: str, seq_id: str, flow: FlowConfig) -> dict[str, Any]:
-    """Forward and backward optical flow of every frame pair (skips when stored with these settings)."""
-    start = time.perf_counter()
-    st = SequenceStore.open(store, mode="r+")
-    progress = StageProgress(seq_id, f"flow {flow.stored_name}", st.sequence(seq_id).num_frames - 1)
-    computed = estimate_flow(st, seq_id, flow, None, progress.advance)
-    return _stage_result(flow_stage(flow.stored_name), computed, start)
-
-
-@task(name="teacher-inference", **TASK_OPTIONS)
-def teacher_inference(store: str, seq_id: str, teacher: str, adapt_steps: int, device: str) -> dict[str, Any]:
-    """The teacher's labels and confidence for every frame (GPU stage)."""
-    start = time.perf_counter()
-    st = SequenceStore.open(store, mode="r+")
-    progress = StageProgress(seq_id, "teacher", st.sequence(seq_id).num_frames)
-    with gpu_slot(device):
-        model = Teacher.load(Path(teacher), device)
-        computed = infer_teacher(st, seq_id, model, file_sha256(Path(teacher)), adapt_steps=adapt_steps,
-                                 on_frame=progress.advance)
-    return _stage_result(TEACHER, computed, start)
-
-
-def _propagate(store: str, seq_id: str, propagation: PropagationConfig, flow_name: str,
-               teacher: str | None, refiner: str | None) -> bool:
-    """Run one propagation method over the sequence (skips when its results are current)."""
-    st = SequenceStore.open(store, mode="r+")
-    seq = st.sequence(seq_id)
-    progress = StageProgress(seq_id, propagation.method, count_steps(seq.annotated, propagation.max_distance))
-    refiner_model = refiner_hash = feature_teacher = None
-    if refiner is not None:
-        refiner_model = Refiner.load(Path(refiner), propagation.device)
-        refiner_hash = file_sha256(Path(refiner))
-        teacher_hash = file_sha256(Path(teacher)) if teacher else ""
-        refiner_model.check_compatible(st.classes.names, teacher_hash, f"store {store!r}")
-        feature_teacher = Teacher.load(Path(teacher), propagation.device) if teacher else None
-    return label_sequence(st, seq_id, propagation, flow_name, on_step=progress.advance, refiner=refiner_model,
-                          refiner_sha256=refiner_hash, feature_teacher=feature_teacher)
-
-
-@task(name="warp-inpaint", **TASK_OPTIONS)
-def warp_inpaint(store: str, seq_id: str, propagation: PropagationConfig, flow_name: str,
-                 teacher: str) -> dict[str, Any]:
-    """Psi_W: warp along the flow, inpaint untrusted pixels from the teacher (GPU stage)."""
-    start = time.perf_counter()
-    config = propagation.model_copy(update={"method": "warp-inpaint"})
-    with gpu_slot(config.device):
-        computed = _propagate(store, seq_id, config, flow_name, teacher, None)
-    return _stage_result(results_stage("warp-inpaint"), computed, start)
-
-
-@task(name="refine", **TASK_OPTIONS)
-def refine(store: str, seq_id: str, propagation: PropagationConfig, flow_name: str, teacher: str,
-           refiner: str) -> dict[str, Any]:
-    """Psi_R: warp-inpaint then the refiner at every step (GPU stage)."""
-    start = time.perf_counter()
-    config = propagation.model_copy(update={"method": "warp-refine"})
-    with gpu_slot(config.device):
-        computed = _propagate(store, seq_id, config, flow_name, teacher, refiner)
-    return _stage_result(results_stage("warp-refine"), computed, start)
-
-
-@task(name="evaluate", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
-def evaluate_sequence(store: str, seq_id: str, methods: list[str], max_distance: int) -> dict[str, Any]:
-    """Dashboard rows of one sequence per method: mIoU where ground truth exists, else coverage."""
-    seq = SequenceStore.open(store).sequence(seq_id)
-    return {m: sequence_summary(seq, m, max_distance) for m in methods}
-
-
-def stage_done(store: str, seq_id: str, stage: str) -> bool:
-    """Whether the store marks ``stage`` done for ``seq_id`` (cheap: one metadata read)."""
-    return SequenceStore.open(store).sequence(seq_id).stage_done(stage)
+def prefect_runner(store: str, seq_id: str, stage: Stage) -> dict[str, Any]:
+    """Submit ``stage`` as a task run named after it and wait; the result says if it came from the cache."""
+    fresh = seq_id not in SequenceStore.open(store) or not stage.is_current(SequenceStore.open(store), seq_id)
+    state = stage_task.with_options(name=stage.task_name, refresh_cache=fresh)(store, seq_id, stage,
+                                                                                return_state=True)
+    result = dict(state.result())
+    result["cached"] = state.name == "Cached"
+    return result

@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models.teacher import Teacher
-from models.teacher_training import adapt_teacher
-from storage.stages import TEACHER, TEACHER_CONFIDENCE, TEACHER_LABELS
-from storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
-from storage.training_data import AnnotatedFrames
+from autolabel.models.teacher import Teacher
+from autolabel.models.teacher_training import adapt_teacher
+from autolabel.storage.stages import TEACHER, TEACHER_CONFIDENCE, TEACHER_LABELS
+from autolabel.storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
+from autolabel.storage.training_data import AnnotatedFrames
 
 
 def teacher_settings(teacher_hash: str, adapt_steps: int) -> dict[str, object]:

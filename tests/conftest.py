@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -9,8 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from autolabel.models.teacher import Teacher
+from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
 from autolabel.settings import shared_data_dir
-from storage.synthetic import SyntheticConfig
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.store import SequenceStore
+from autolabel.storage.synthetic import SyntheticConfig, SyntheticDrive, drive_configs
+from autolabel.storage.synthetic_io import write_synthetic_store
+from autolabel.storage.training_data import AnnotatedFrames
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = SyntheticConfig(width=64, height=48, frames=25, seed=0)
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -59,3 +72,78 @@ def random_rgb(rng: np.random.Generator, h: int = 12, w: int = 16) -> np.ndarray
 
 def random_label(rng: np.random.Generator, values: list[int], h: int = 12, w: int = 16) -> np.ndarray:
     return rng.choice(np.asarray(values, dtype=np.uint8), size=(h, w))
+
+
+def classes_file(tmp_path: Path) -> Path:
+    """A three-class JSON class file for the folder layout."""
+    path = tmp_path / "classes.json"
+    path.write_text(json.dumps({"names": ["road", "car", "sky"], "palette": [[1, 1, 1], [2, 2, 2], [3, 3, 3]]}))
+    return path
+
+
+def good_sequence(root: Path, labels: Path, name: str, frames: int = 3, seed: int = 3) -> None:
+    """A folder-layout sequence of random frames with a label on frame 0."""
+    rng = np.random.default_rng(seed)
+    for i in range(frames):
+        save_rgb(root / name / f"{i:04d}.png", random_rgb(rng))
+    save_label(labels / name / "0000.png", random_label(rng, [0, 1, 2]))
+
+
+def run_cli(*args: str, cwd: Path | None = None, columns: int = 250) -> subprocess.CompletedProcess[str]:
+    """``autolabel ARGS`` in a subprocess, as a user runs it (no colour, ``columns`` wide)."""
+    env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "autolabel.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+class DriveInputs:
+    """SequenceInputs over a rendered drive; the 'teacher' is the truth with chosen confidence."""
+
+    def __init__(self, cfg: SyntheticConfig, annotated: list[int], teacher_conf: float = 0.95,
+                 teacher_noise: float = 0.0) -> None:
+        drive = SyntheticDrive(cfg)
+        self.frames = [drive.render(t) for t in range(cfg.frames)]
+        self.num_frames, self.height, self.width = cfg.frames, cfg.height, cfg.width
+        self.annotated = np.zeros(cfg.frames, bool)
+        self.annotated[annotated] = True
+        self.num_classes, self.ignore_index = len(cfg.classes), 255
+        rng = np.random.default_rng(0)
+        self._teacher = []
+        for f in self.frames:
+            labels = f.label.copy()
+            flip = rng.random(labels.shape) < teacher_noise
+            labels[flip] = (labels[flip] + 1) % self.num_classes
+            self._teacher.append((labels, np.full(labels.shape, teacher_conf, np.float32)))
+
+    def annotation(self, t: int) -> np.ndarray:
+        assert self.annotated[t], "propagation read a non-annotated frame's label"
+        return self.frames[t].label
+
+    def frame(self, t: int) -> np.ndarray:
+        return self.frames[t].rgb
+
+    def flow_to_next(self, t: int) -> np.ndarray:
+        return self.frames[t].flow_next
+
+    def flow_to_prev(self, t: int) -> np.ndarray:
+        return self.frames[t].flow_prev
+
+    def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._teacher[t]
+
+
+@pytest.fixture
+def synth_store(store_url: str) -> str:
+    write_synthetic_store(store_url, drive_configs(2, TINY), AnnotationPolicy(mode="window", n=21))
+    return store_url
+
+
+@pytest.fixture
+def teacher_path(synth_store: str, tmp_path: Path) -> Path:
+    store = SequenceStore.open(synth_store)
+    data = AnnotatedFrames([store])
+    teacher = Teacher.create("unet-tiny", store.classes.names, [list(c) for c in store.classes.palette])
+    train_teacher(teacher, data, TeacherTrainConfig(arch="unet-tiny", max_steps=4, batch_size=2, crop=64))
+    path = tmp_path / "teacher.pt"
+    teacher.save(path)
+    return path

@@ -13,17 +13,10 @@ import pytest
 import zarr
 from PIL import Image
 
-from storage.store import SequenceStore
-from tests.conftest import random_label, random_rgb, save_label, save_rgb
+from autolabel.storage.store import SequenceStore
+from tests.conftest import REPO, random_label, random_rgb, run_cli, save_label, save_rgb
 
-REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(11)
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "250", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "autolabel.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
 
 
 def _davis(root: Path, sequences: dict[str, int]) -> Path:
@@ -102,8 +95,13 @@ def test_export_gt_writes_index_colour_and_overlay(tmp_path: Path) -> None:
     colour = np.asarray(Image.open(out / "synth-0000" / "color" / "000001.png").convert("RGB"))
     np.testing.assert_array_equal(colour, seq.store.classes.colour_lut()[seq.ground_truth(1)])
     blended = np.asarray(Image.open(out / "synth-0000" / "overlay" / "000001.png"))
-    expected = (0.5 * seq.frame(1).astype(float) + 0.5 * colour).round()
-    assert np.abs(blended - expected).max() <= 1
+    # class colours at a visible alpha (0.6), class boundaries drawn in white
+    edge = np.zeros(index.shape, bool)
+    edge[:, :-1] |= index[:, :-1] != index[:, 1:]
+    edge[:-1, :] |= index[:-1, :] != index[1:, :]
+    assert edge.any() and (blended[edge] == 255).all()
+    expected = (0.4 * seq.frame(1).astype(float) + 0.6 * colour).round()
+    assert np.abs(blended.astype(float) - expected)[~edge].max() <= 1
     assert sorted(p.name for p in (out / "synth-0000" / "index").iterdir()) == ["000000.png", "000001.png", "000002.png"]
 
 
@@ -170,9 +168,9 @@ def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--method", "warp-inpaint"], "needs a teacher: pass --teacher"),
+    (["--method", "warp-inpaint"], "needs a teacher checkpoint: pass --teacher"),
     (["--method", "motion-only", "--max-distance", "0"], "must be at least 1"),
-    (["--method", "semantic-only", "--teacher", "{tmp}/none.pt"], "teacher checkpoint not found"),
+    (["--method", "semantic-only", "--teacher", "{tmp}/none.pt"], "none.pt does not exist; make one with"),
 ])
 def test_label_errors(tmp_path: Path, args: list[str], message: str) -> None:
     store = str(tmp_path / "s.zarr")

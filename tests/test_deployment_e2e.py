@@ -24,10 +24,10 @@ import numpy as np
 import psutil
 import pytest
 
-from storage.store import SequenceStore
-from storage.synthetic import SyntheticConfig, drive_configs
-from storage.synthetic_io import write_apollo_layout
-from tests.test_cli import REPO
+from autolabel.storage.store import SequenceStore
+from autolabel.storage.synthetic import SyntheticConfig, drive_configs
+from autolabel.storage.synthetic_io import write_apollo_layout
+from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from autolabel.registry import Registry
-from storage.readers.base import DatasetSource, ReaderOptions
+from autolabel.storage.readers.base import DatasetSource, ReaderOptions
 
 Reader = Callable[[Path, ReaderOptions], DatasetSource]
 READERS: Registry[Reader] = Registry("dataset layout")
 
 # importing the modules registers them
-from storage.readers import apollo, camvid, cityscapes, davis, folder  # noqa: E402,F401
+from autolabel.storage.readers import apollo, camvid, cityscapes, davis, folder  # noqa: E402,F401
 
 
 def read_dataset(layout: str, root: Path | str, options: ReaderOptions | None = None) -> DatasetSource:

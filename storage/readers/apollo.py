@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from autolabel.errors import UnknownLayoutError
-from storage.classes import APOLLO22, APOLLO_ID_TO_TRAIN, lookup_table
-from storage.ids import make_sequence_id
-from storage.readers import READERS
-from storage.readers.base import (
+from autolabel.storage.classes import APOLLO22, APOLLO_ID_TO_TRAIN, lookup_table
+from autolabel.storage.ids import make_sequence_id
+from autolabel.storage.readers import READERS
+from autolabel.storage.readers.base import (
     DatasetSource,
     FrameFile,
     ImageFileSequence,

@@ -16,8 +16,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from autolabel.errors import UnknownLayoutError
-from storage.classes import ClassSet
-from storage.images import check_same_size, map_colour_label, map_label, read_label_raw, read_rgb
+from autolabel.storage.classes import ClassSet
+from autolabel.storage.images import check_same_size, map_colour_label, map_label, read_label_raw, read_rgb
 
 T = TypeVar("T")
 
@@ -174,7 +174,7 @@ class DatasetSource:
 
     def select(self, ids: list[str] | None) -> list[SequenceSource]:
         """The sequences named in ``ids`` (exact ids or globs; all when None); unknown ids raise."""
-        from storage.ids import select_ids
+        from autolabel.storage.ids import select_ids
 
         chosen = set(select_ids([s.id for s in self.sequences], ids, f"{self.root} ({self.layout})"))
         return [s for s in self.sequences if s.id in chosen]

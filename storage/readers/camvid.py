@@ -13,10 +13,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from autolabel.errors import UnknownLayoutError
-from storage.classes import CAMVID11, lookup_table
-from storage.ids import make_sequence_id
-from storage.readers import READERS
-from storage.readers.base import (
+from autolabel.storage.classes import CAMVID11, lookup_table
+from autolabel.storage.ids import make_sequence_id
+from autolabel.storage.readers import READERS
+from autolabel.storage.readers.base import (
     DatasetSource,
     FrameFile,
     ImageFileSequence,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.classes import CITYSCAPES19, CITYSCAPES_ID_TO_TRAIN, lookup_table
-from storage.ids import make_sequence_id
-from storage.images import map_label, read_label_raw
-from storage.readers import READERS
-from storage.readers.base import (
+from autolabel.storage.classes import CITYSCAPES19, CITYSCAPES_ID_TO_TRAIN, lookup_table
+from autolabel.storage.ids import make_sequence_id
+from autolabel.storage.images import map_label, read_label_raw
+from autolabel.storage.readers import READERS
+from autolabel.storage.readers.base import (
     DatasetSource,
     FrameFile,
     ImageFileSequence,

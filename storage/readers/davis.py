@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from storage.classes import DAVIS_BINARY, lookup_table
-from storage.ids import make_sequence_id
-from storage.readers import READERS
-from storage.readers.base import (
+from autolabel.storage.classes import DAVIS_BINARY, lookup_table
+from autolabel.storage.ids import make_sequence_id
+from autolabel.storage.readers import READERS
+from autolabel.storage.readers.base import (
     DatasetSource,
     FrameFile,
     ImageFileSequence,

@@ -22,11 +22,11 @@ import numpy as np
 from pydantic import ValidationError
 
 from autolabel.errors import ConfigError, ImageReadError, UnknownLayoutError
-from storage.classes import ClassSet, lookup_table
-from storage.ids import make_sequence_id
-from storage.images import check_same_size
-from storage.readers import READERS
-from storage.readers.base import (
+from autolabel.storage.classes import ClassSet, lookup_table
+from autolabel.storage.ids import make_sequence_id
+from autolabel.storage.images import check_same_size
+from autolabel.storage.readers import READERS
+from autolabel.storage.readers.base import (
     IMAGE_SUFFIXES,
     DatasetSource,
     FrameFile,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from storage.annotation import AnnotationPolicy
-from storage.store import SequenceStore
-from storage.synthetic import SyntheticConfig, drive_configs
-from storage.synthetic_io import write_apollo_layout
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.store import SequenceStore
+from autolabel.storage.synthetic import SyntheticConfig, drive_configs
+from autolabel.storage.synthetic_io import write_apollo_layout
 
 DRIVE = SyntheticConfig(width=64, height=48, frames=23, seed=0)
 WINDOW = AnnotationPolicy(mode="window", n=21)
@@ -27,14 +27,14 @@ def harness() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny teacher and refiner for the ApolloScape class set, trained on two other drives."""
-    from models.optical_flow import FlowConfig
-    from models.refiner_training import RefinerTrainConfig
-    from models.teacher import Teacher
-    from models.teacher_training import TeacherTrainConfig, train_teacher
-    from storage.ingest import IngestOptions, ingest
-    from storage.readers import read_dataset
-    from storage.training_data import AnnotatedFrames
-    from tasks.refiner_training import RefinerRequest, train_refiner_from_stores
+    from autolabel.models.optical_flow import FlowConfig
+    from autolabel.models.refiner_training import RefinerTrainConfig
+    from autolabel.models.teacher import Teacher
+    from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
+    from autolabel.storage.ingest import IngestOptions, ingest
+    from autolabel.storage.readers import read_dataset
+    from autolabel.storage.training_data import AnnotatedFrames
+    from autolabel.tasks.refiner_training import RefinerRequest, train_refiner_from_stores
 
     tmp = tmp_path_factory.mktemp("ckpt")
     write_apollo_layout(tmp / "inbox", drive_configs(2, DRIVE.model_copy(update={"seed": 50})))
@@ -51,8 +51,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _request(tmp: Path, checkpoints: tuple[Path, Path], **kw):  # noqa: ANN003, ANN202
-    from flows.run_requests import AutolabelRequest, LabelSettings
-    from models.optical_flow import FlowConfig
+    from autolabel.flows.run_requests import AutolabelRequest, LabelSettings
+    from autolabel.models.optical_flow import FlowConfig
 
     teacher, refiner = checkpoints
     return AutolabelRequest(store=str(tmp / "apollo.zarr"), inbox=str(tmp / "inbox"), annotation=WINDOW,
@@ -72,9 +72,9 @@ def _artifact(key: str):  # noqa: ANN202 - a prefect Artifact
 
 
 def test_label_rerun_nightly_and_a_corrupt_drive(harness: None, checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
-    from flows.autolabel_flow import autolabel_flow, relabel_new_drives_flow
-    from flows.label_sequence import label_sequence_flow
-    from flows.run_requests import DriveSource
+    from autolabel.flows.autolabel_flow import autolabel_flow, relabel_new_drives_flow
+    from autolabel.flows.label_sequence import label_sequence_flow
+    from autolabel.flows.run_requests import DriveSource
 
     write_apollo_layout(tmp_path / "inbox", drive_configs(2, DRIVE))
     request = _request(tmp_path, checkpoints)
@@ -110,7 +110,7 @@ def test_label_rerun_nightly_and_a_corrupt_drive(harness: None, checkpoints: tup
 
 def test_settings_need_their_checkpoints() -> None:
     from autolabel.errors import ConfigError
-    from flows.run_requests import LabelSettings
+    from autolabel.flows.run_requests import LabelSettings
 
     with pytest.raises(ConfigError, match="needs a refiner"):
         LabelSettings(method="warp-refine", teacher="t.pt")

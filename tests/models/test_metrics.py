@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from models.metrics import confusion_matrix, iou_per_class, mean_iou
+from autolabel.models.metrics import confusion_matrix, iou_per_class, mean_iou
 
 
 def test_hand_computed_confusion_and_iou() -> None:

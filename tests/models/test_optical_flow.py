@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from autolabel.errors import ConfigError, MissingDependencyError, RegistryError
-from models.optical_flow import FLOW_BACKENDS, FlowConfig, FlowEstimator, create_backend, endpoint_error, read_flo
-from storage.synthetic import value_noise
+from autolabel.models.optical_flow import FLOW_BACKENDS, FlowConfig, FlowEstimator, create_backend, endpoint_error, read_flo
+from autolabel.storage.synthetic import value_noise
 
 
 def _textured_pair(dx: float, dy: float, h: int = 96, w: int = 128) -> tuple[np.ndarray, np.ndarray]:

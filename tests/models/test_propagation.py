@@ -8,45 +8,10 @@ import pytest
 from autolabel.errors import ConfigError, RegistryError
 import torch
 
-from models.propagation import Candidate, LabelState, PropagationConfig, WarpInpaint, fuse, propagate, propagate_frames
-from models.warping import inside_mask, warp_labels
-from storage.synthetic import SyntheticConfig, SyntheticDrive
-
-
-class DriveInputs:
-    """SequenceInputs over a rendered drive; the 'teacher' is the truth with chosen confidence."""
-
-    def __init__(self, cfg: SyntheticConfig, annotated: list[int], teacher_conf: float = 0.95,
-                 teacher_noise: float = 0.0) -> None:
-        drive = SyntheticDrive(cfg)
-        self.frames = [drive.render(t) for t in range(cfg.frames)]
-        self.num_frames, self.height, self.width = cfg.frames, cfg.height, cfg.width
-        self.annotated = np.zeros(cfg.frames, bool)
-        self.annotated[annotated] = True
-        self.num_classes, self.ignore_index = len(cfg.classes), 255
-        rng = np.random.default_rng(0)
-        self._teacher = []
-        for f in self.frames:
-            labels = f.label.copy()
-            flip = rng.random(labels.shape) < teacher_noise
-            labels[flip] = (labels[flip] + 1) % self.num_classes
-            self._teacher.append((labels, np.full(labels.shape, teacher_conf, np.float32)))
-
-    def annotation(self, t: int) -> np.ndarray:
-        assert self.annotated[t], "propagation read a non-annotated frame's label"
-        return self.frames[t].label
-
-    def frame(self, t: int) -> np.ndarray:
-        return self.frames[t].rgb
-
-    def flow_to_next(self, t: int) -> np.ndarray:
-        return self.frames[t].flow_next
-
-    def flow_to_prev(self, t: int) -> np.ndarray:
-        return self.frames[t].flow_prev
-
-    def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._teacher[t]
+from autolabel.models.propagation import Candidate, LabelState, PropagationConfig, WarpInpaint, fuse, propagate, propagate_frames
+from autolabel.models.warping import inside_mask, warp_labels
+from autolabel.storage.synthetic import SyntheticConfig
+from tests.conftest import DriveInputs
 
 
 CFG = SyntheticConfig(width=96, height=72, frames=9, seed=2, ego_speed=(2.0, 3.0), fps=30.0)
@@ -80,7 +45,7 @@ class TestRecursion:
         assert [o.distance for o in out] == [1, 0, 1, 2, 1, 0, 1, 2, 3]
 
     def test_step_count_matches_the_recursion(self) -> None:
-        from models.propagation import count_steps
+        from autolabel.models.propagation import count_steps
 
         annotated = np.zeros(30, bool)
         annotated[[10, 13]] = True

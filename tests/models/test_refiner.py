@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from autolabel.errors import CheckpointError, ClassSetMismatchError, ConfigError, ShapeError
-from models.cycle import cycle_path, cycle_plan, cycle_sample, run_cycle
-from models.propagation import PropagationConfig, WarpInpaint, create_method, propagate
-from models.refiner import Refiner, RefinerInput
-from models.refiner_training import RefinerTrainConfig, augment_cycle, score_on_samples, train_refiner
-from models.teacher import Teacher
-from storage.classes import CAMVID11
-from storage.synthetic import SyntheticConfig
-from tests.models.test_propagation import DriveInputs
+from autolabel.models.cycle import cycle_path, cycle_plan, cycle_sample, run_cycle
+from autolabel.models.propagation import PropagationConfig, WarpInpaint, create_method, propagate
+from autolabel.models.refiner import Refiner, RefinerInput
+from autolabel.models.refiner_training import RefinerTrainConfig, augment_cycle, score_on_samples, train_refiner
+from autolabel.models.teacher import Teacher
+from autolabel.storage.classes import CAMVID11
+from autolabel.storage.synthetic import SyntheticConfig
+from tests.conftest import DriveInputs
 
 CFG = SyntheticConfig(width=96, height=72, frames=13, seed=4)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autolabel.errors import ShapeError
-from models.rmi import RMILoss, region_vectors, rmi_loss, rmi_lower_bound
+from autolabel.models.rmi import RMILoss, region_vectors, rmi_loss, rmi_lower_bound
 
 EPS = 5e-4
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from autolabel.errors import CheckpointError, ClassSetMismatchError, ConfigError, ShapeError
-from models.teacher import TEACHER_ARCHS, Teacher
-from models.teacher_training import TeacherTrainConfig, adapt_teacher, augment, class_weights, train_teacher
+from autolabel.models.teacher import TEACHER_ARCHS, Teacher
+from autolabel.models.teacher_training import TeacherTrainConfig, adapt_teacher, augment, class_weights, train_teacher
 
 NAMES = ["red", "green", "blue"]
 PALETTE = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]

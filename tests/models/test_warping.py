@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autolabel.errors import ShapeError
-from models.warping import BackwardWarp, backward_warp, fb_consistency, inside_mask, photometric_error, warp_labels
+from autolabel.models.warping import BackwardWarp, backward_warp, fb_consistency, inside_mask, photometric_error, warp_labels
 
 
 def _constant_flow(b: int, h: int, w: int, dx: float, dy: float) -> torch.Tensor:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.store import SequenceStore
-from tests.test_cli import run_cli
+from autolabel.storage.store import SequenceStore
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.realdata
 

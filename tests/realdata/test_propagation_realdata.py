@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.optical_flow import FlowConfig, create_backend, endpoint_error, read_flo
-from models.propagation import PropagationConfig
-from storage.annotation import AnnotationPolicy
-from storage.ingest import IngestOptions, ingest
-from storage.readers import read_dataset
-from storage.store import SequenceStore
-from tasks.evaluate import evaluate_store
-from tasks.label import LabelRequest, label_store
+from autolabel.models.optical_flow import FlowConfig, create_backend, endpoint_error, read_flo
+from autolabel.models.propagation import PropagationConfig
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.ingest import IngestOptions, ingest
+from autolabel.storage.readers import read_dataset
+from autolabel.storage.store import SequenceStore
+from autolabel.tasks.evaluate import evaluate_store
+from autolabel.tasks.pipeline import LabelSettings, label_store
 
 pytestmark = pytest.mark.realdata
 
@@ -34,10 +34,10 @@ def test_motion_only_on_camvid_dense(shared_data: Path, tmp_path: Path) -> None:
     store = str(tmp_path / "dense.zarr")
     ingest(read_dataset("camvid", shared_data / "camvid"), store,
            IngestOptions(annotation=AnnotationPolicy(mode="window", n=21), sequences=["dense_*"]))
-    report = label_store(store, LabelRequest(propagation=PropagationConfig(method="motion-only"),
-                                             flow=FlowConfig(backend="dis-fast")))
+    report = label_store(store, LabelSettings(propagation=PropagationConfig(method="motion-only"),
+                                              flow=FlowConfig(backend="dis-fast")))
     assert not report.failed
-    result = evaluate_store(SequenceStore.open(store), ["motion-only"])["methods"]["motion-only"]
-    assert result["frames_scored"] == 40  # two windows of 21, centres annotated
-    by_d = result["miou_by_distance"]
+    result = evaluate_store(SequenceStore.open(store), ["motion-only"]).methods["motion-only"]
+    assert result.frames_scored == 40  # two windows of 21, centres annotated
+    by_d = result.miou_by_distance
     assert by_d["1"] > 75 and by_d["1"] > by_d["10"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from autolabel.errors import ConfigError
-from storage.annotation import AnnotationPolicy
+from autolabel.storage.annotation import AnnotationPolicy
 
 
 def _annotated(policy: AnnotationPolicy, frames: int, labelled: list[int] | None = None) -> list[int]:

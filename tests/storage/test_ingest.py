@@ -15,32 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.ingest import IngestOptions, ingest
-from storage.readers import ReaderOptions, read_dataset
-from storage.readers.base import FrameItem, SequenceSource
-from storage.store import SequenceStore
-from tests.conftest import random_label, random_rgb, save_label, save_rgb
+from autolabel.storage.ingest import IngestOptions, ingest
+from autolabel.storage.readers import ReaderOptions, read_dataset
+from autolabel.storage.readers.base import FrameItem, SequenceSource
+from autolabel.storage.store import SequenceStore
+from tests.conftest import classes_file, good_sequence, random_label, random_rgb, save_label, save_rgb
 
 RNG = np.random.default_rng(3)
-
-
-def _classes_file(tmp_path: Path) -> Path:
-    path = tmp_path / "classes.json"
-    path.write_text(json.dumps({"names": ["road", "car", "sky"], "palette": [[1, 1, 1], [2, 2, 2], [3, 3, 3]]}))
-    return path
-
-
-def _good_sequence(root: Path, labels: Path, name: str, frames: int = 3) -> None:
-    for i in range(frames):
-        save_rgb(root / name / f"{i:04d}.png", random_rgb(RNG))
-    save_label(labels / name / "0000.png", random_label(RNG, [0, 1, 2]))
 
 
 def _folder(tmp_path: Path, bad: str) -> tuple[Path, Path, Path]:
     """Sequences good-a, bad, good-b; ``bad`` is broken in the way named. Returns (root, labels, culprit)."""
     root, labels = tmp_path / "drives", tmp_path / "labels"
-    _good_sequence(root, labels, "good-a")
-    _good_sequence(root, labels, "good-b")
+    good_sequence(root, labels, "good-a")
+    good_sequence(root, labels, "good-b")
     seq = root / "bad"
     seq.mkdir(parents=True)
     culprit = seq
@@ -73,7 +61,7 @@ def _folder(tmp_path: Path, bad: str) -> tuple[Path, Path, Path]:
 ])
 def test_bad_sequence_fails_alone(tmp_path: Path, store_url: str, bad: str, message: str) -> None:
     root, labels, culprit = _folder(tmp_path, bad)
-    ds = read_dataset("folder", root, ReaderOptions(labels=labels, classes_file=_classes_file(tmp_path)))
+    ds = read_dataset("folder", root, ReaderOptions(labels=labels, classes_file=classes_file(tmp_path)))
     report = ingest(ds, store_url)
     assert [o.id for o in report.failed] == ["bad"]
     error = report.failed[0].error or ""
@@ -86,9 +74,9 @@ def test_bad_sequence_fails_alone(tmp_path: Path, store_url: str, bad: str, mess
 
 def test_unsafe_sequence_id_fails_alone(tmp_path: Path, store_url: str) -> None:
     root, labels = tmp_path / "drives", tmp_path / "labels"
-    _good_sequence(root, labels, "good")
-    _good_sequence(root, labels, "..evil")
-    ds = read_dataset("folder", root, ReaderOptions(labels=labels, classes_file=_classes_file(tmp_path)))
+    good_sequence(root, labels, "good")
+    good_sequence(root, labels, "..evil")
+    ds = read_dataset("folder", root, ReaderOptions(labels=labels, classes_file=classes_file(tmp_path)))
     report = ingest(ds, store_url)
     assert [o.id for o in report.failed] == ["..evil"]
     assert str(root / "..evil") in (report.failed[0].error or "")
@@ -98,8 +86,8 @@ def test_unsafe_sequence_id_fails_alone(tmp_path: Path, store_url: str) -> None:
 
 def test_selecting_an_unknown_sequence_is_refused(tmp_path: Path, store_url: str) -> None:
     root, labels = tmp_path / "drives", tmp_path / "labels"
-    _good_sequence(root, labels, "good")
-    ds = read_dataset("folder", root, ReaderOptions(labels=labels, classes_file=_classes_file(tmp_path)))
+    good_sequence(root, labels, "good")
+    ds = read_dataset("folder", root, ReaderOptions(labels=labels, classes_file=classes_file(tmp_path)))
     with pytest.raises(Exception, match=r"no sequence \['../x'\].*found 1 sequences, e.g. good"):
         ingest(ds, store_url, IngestOptions(sequences=["../x"]))
 
@@ -124,8 +112,8 @@ class _Interrupted(SequenceSource):
 def test_ctrl_c_leaves_no_partial_sequence_and_a_rerun_resumes(tmp_path: Path, store_url: str) -> None:
     root, labels = tmp_path / "drives", tmp_path / "labels"
     for name in ("a", "b", "c"):
-        _good_sequence(root, labels, name, frames=4)
-    options = ReaderOptions(labels=labels, classes_file=_classes_file(tmp_path))
+        good_sequence(root, labels, name, frames=4)
+    options = ReaderOptions(labels=labels, classes_file=classes_file(tmp_path))
     ds = read_dataset("folder", root, options)
     ds.sequences[1] = _Interrupted(ds.sequences[1], after=2)
     with pytest.raises(KeyboardInterrupt):
@@ -140,8 +128,8 @@ def test_ctrl_c_leaves_no_partial_sequence_and_a_rerun_resumes(tmp_path: Path, s
 _KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from storage.ingest import ingest, NoProgress
-    from storage.readers import ReaderOptions, read_dataset
+    from autolabel.storage.ingest import ingest, NoProgress
+    from autolabel.storage.readers import ReaderOptions, read_dataset
 
     root, labels, classes, store = sys.argv[1:5]
 
@@ -162,8 +150,8 @@ _KILLER = textwrap.dedent("""
 def test_killed_process_leaves_an_invisible_partial_that_the_rerun_replaces(tmp_path: Path, local_store_url: str) -> None:
     root, labels = tmp_path / "drives", tmp_path / "labels"
     for name in ("a", "b", "c"):
-        _good_sequence(root, labels, name, frames=6)
-    classes = _classes_file(tmp_path)
+        good_sequence(root, labels, name, frames=6)
+    classes = classes_file(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", _KILLER, str(root), str(labels), str(classes), local_store_url],
                           env=env, capture_output=True, text=True, timeout=120)

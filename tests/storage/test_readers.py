@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from autolabel.errors import ConfigError, LabelValueError, RegistryError, UnknownLayoutError
-from storage.classes import APOLLO22, CAMVID11, CITYSCAPES19, DAVIS_BINARY
-from storage.ingest import ingest
-from storage.readers import READERS, ReaderOptions, read_dataset
-from storage.readers.base import consecutive_runs
-from storage.store import SequenceStore
+from autolabel.storage.classes import APOLLO22, CAMVID11, CITYSCAPES19, DAVIS_BINARY
+from autolabel.storage.ingest import ingest
+from autolabel.storage.readers import READERS, ReaderOptions, read_dataset
+from autolabel.storage.readers.base import consecutive_runs
+from autolabel.storage.store import SequenceStore
 from tests.conftest import random_label, random_rgb, save_label, save_rgb
 
 RNG = np.random.default_rng(7)

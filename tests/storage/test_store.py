@@ -17,8 +17,8 @@ from autolabel.errors import (
     SizeMismatchError,
     StoreNotFoundError,
 )
-from storage.classes import CAMVID11, DAVIS_BINARY
-from storage.store import SequenceStore, StoreLayout
+from autolabel.storage.classes import CAMVID11, DAVIS_BINARY
+from autolabel.storage.store import SequenceStore, StoreLayout
 
 RNG = np.random.default_rng(0)
 
@@ -196,7 +196,7 @@ class TestStoreErrors:
 
 class TestSelectIds:
     def test_globs_and_exact_ids(self) -> None:
-        from storage.ids import select_ids
+        from autolabel.storage.ids import select_ids
 
         ids = ["dense_0016E5_07959", "train_0001TP_006690", "train_0006R0_f02400"]
         assert select_ids(ids, ["train_*"], "x") == ids[1:]
@@ -204,8 +204,8 @@ class TestSelectIds:
         assert select_ids(ids, None, "x") == ids
 
     def test_a_pattern_matching_nothing_is_an_error(self) -> None:
-        from autolabel.errors import UnknownLayoutError
-        from storage.ids import select_ids
+        from autolabel.errors import SelectionError
+        from autolabel.storage.ids import select_ids
 
-        with pytest.raises(UnknownLayoutError, match=r"store s: no sequence \['val_\*'\]; found 1 sequences"):
+        with pytest.raises(SelectionError, match=r"store s: no sequence \['val_\*'\]; found 1 sequences"):
             select_ids(["a"], ["val_*"], "store s")

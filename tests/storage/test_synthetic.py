@@ -10,14 +10,14 @@ import pytest
 from PIL import Image
 
 from autolabel.errors import ConfigError
-from storage.annotation import AnnotationPolicy
-from storage.classes import APOLLO_ID_TO_TRAIN
-from storage.ingest import ingest
-from storage.readers import read_dataset
-from storage.store import SequenceStore, StoreLayout
-from storage.synthetic import SyntheticConfig, SyntheticDrive, drive_configs
-from storage.stages import flow_array_names
-from storage.synthetic_io import APOLLO_ID_OF, write_apollo_layout, write_synthetic_store
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.classes import APOLLO_ID_TO_TRAIN
+from autolabel.storage.ingest import ingest
+from autolabel.storage.readers import read_dataset
+from autolabel.storage.store import SequenceStore, StoreLayout
+from autolabel.storage.synthetic import SyntheticConfig, SyntheticDrive, drive_configs
+from autolabel.storage.stages import flow_array_names
+from autolabel.storage.synthetic_io import APOLLO_ID_OF, write_apollo_layout, write_synthetic_store
 
 
 def _sample_nearest(image: np.ndarray, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

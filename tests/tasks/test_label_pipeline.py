@@ -7,43 +7,23 @@ from pathlib import Path
 import pytest
 
 from autolabel.errors import ClassSetMismatchError, ConfigError, StageNotDoneError
-from models.optical_flow import FlowConfig
-from models.propagation import PropagationConfig
-from models.teacher import Teacher
-from models.teacher_training import TeacherTrainConfig, train_teacher
-from storage.annotation import AnnotationPolicy
-from storage.stages import flow_array_names, flow_stage
-from storage.store import SequenceStore
-from storage.synthetic import SyntheticConfig, drive_configs
-from storage.synthetic_io import write_synthetic_store
-from storage.training_data import AnnotatedFrames
-from tasks.evaluate import evaluate_store
-from tasks.label import LabelRequest, label_store
-from tasks.propagate import label_sequence
+from autolabel.models.optical_flow import FlowConfig
+from autolabel.models.propagation import PropagationConfig
+from autolabel.models.teacher import Teacher
+from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.stages import flow_array_names, flow_stage
+from autolabel.storage.store import SequenceStore
+from autolabel.storage.synthetic import SyntheticConfig, drive_configs
+from autolabel.storage.synthetic_io import write_synthetic_store
+from autolabel.storage.training_data import AnnotatedFrames
+from autolabel.tasks.evaluate import evaluate_store
+from autolabel.tasks.pipeline import LabelSettings, label_store
+from autolabel.tasks.propagate import propagate_sequence
 
-TINY = SyntheticConfig(width=64, height=48, frames=25, seed=0)
-
-
-@pytest.fixture
-def synth_store(store_url: str) -> str:
-    write_synthetic_store(store_url, drive_configs(2, TINY), AnnotationPolicy(mode="window", n=21))
-    return store_url
-
-
-@pytest.fixture
-def teacher_path(synth_store: str, tmp_path: Path) -> Path:
-    store = SequenceStore.open(synth_store)
-    data = AnnotatedFrames([store])
-    teacher = Teacher.create("unet-tiny", store.classes.names, [list(c) for c in store.classes.palette])
-    train_teacher(teacher, data, TeacherTrainConfig(arch="unet-tiny", max_steps=4, batch_size=2, crop=64))
-    path = tmp_path / "teacher.pt"
-    teacher.save(path)
-    return path
-
-
-def _request(method: str, teacher: Path | None = None, flow: str = "dis-fast", **kw) -> LabelRequest:
-    return LabelRequest(propagation=PropagationConfig(method=method, **kw),
-                        flow=FlowConfig(backend=flow, workers=1), teacher=teacher)
+def _request(method: str, teacher: Path | None = None, flow: str = "dis-fast", **kw) -> LabelSettings:
+    return LabelSettings(propagation=PropagationConfig(method=method, **kw),
+                         flow=FlowConfig(backend=flow, workers=1), teacher=str(teacher) if teacher else None)
 
 
 def test_training_data_holds_only_annotated_frames(synth_store: str) -> None:
@@ -61,13 +41,13 @@ def test_all_methods_label_and_evaluate(synth_store: str, teacher_path: Path) ->
     distance = seq.array("results/warp-inpaint/distance")[:]
     assert distance.tolist() == [10 - t if t <= 10 else (t - 10 if t <= 20 else -1) for t in range(25)]
     report = evaluate_store(store, ["motion-only", "semantic-only", "warp-inpaint"])
-    for method, m in report["methods"].items():
-        assert m["frames_scored"] == 40, method  # 2 sequences x 20 frames within K = 10
-        assert set(m["miou_by_distance"]) == {str(d) for d in range(1, 11)}
-        assert set(m["per_class_iou"]) == set(store.classes.names)
-        assert set(m["per_sequence_miou"]) == {"synth-0000", "synth-0001"}
-        assert 0 <= m["miou_mean"] <= 100
-    motion = report["methods"]["motion-only"]["miou_by_distance"]
+    for method, m in report.methods.items():
+        assert m.frames_scored == 40, method  # 2 sequences x 20 frames within K = 10
+        assert set(m.miou_by_distance) == {str(d) for d in range(1, 11)}
+        assert set(m.per_class_iou) == set(store.classes.names)
+        assert set(m.per_sequence_miou) == {"synth-0000", "synth-0001"}
+        assert m.miou_mean is not None and 0 <= m.miou_mean <= 100
+    motion = report.methods["motion-only"].miou_by_distance
     assert motion["1"] > motion["10"]  # labels degrade with distance from the annotation
 
 
@@ -78,9 +58,9 @@ def test_rerun_skips_and_new_settings_recompute(synth_store: str, teacher_path: 
     assert again.outcomes[0].status == "labelled"
 
 
-def test_missing_teacher(synth_store: str) -> None:
-    with pytest.raises(ConfigError, match="needs a teacher: pass --teacher"):
-        label_store(synth_store, _request("warp-inpaint"))
+def test_missing_teacher() -> None:
+    with pytest.raises(ConfigError, match="needs a teacher checkpoint: pass --teacher"):
+        _request("warp-inpaint")
 
 
 def test_teacher_with_other_classes(synth_store: str, tmp_path: Path) -> None:
@@ -93,17 +73,17 @@ def test_teacher_with_other_classes(synth_store: str, tmp_path: Path) -> None:
 def test_labelling_before_flow_exists(synth_store: str) -> None:
     store = SequenceStore.open(synth_store, mode="r+")
     with pytest.raises(StageNotDoneError, match="has no dis-fast flow yet"):
-        label_sequence(store, "synth-0000", PropagationConfig(method="motion-only"), "dis-fast")
+        propagate_sequence(store, "synth-0000", PropagationConfig(method="motion-only"), "dis-fast")
 
 
 def test_exact_flow_on_a_store_without_it_fails_each_sequence(local_store_url: str, tmp_path: Path) -> None:
-    from tests.storage.test_ingest import _classes_file, _good_sequence
-    from storage.ingest import ingest
-    from storage.readers import ReaderOptions, read_dataset
+    from tests.conftest import classes_file, good_sequence
+    from autolabel.storage.ingest import ingest
+    from autolabel.storage.readers import ReaderOptions, read_dataset
 
     root, labels = tmp_path / "drives", tmp_path / "labels"
-    _good_sequence(root, labels, "real", frames=3)
-    ingest(read_dataset("folder", root, ReaderOptions(labels=labels, classes_file=_classes_file(tmp_path))), local_store_url)
+    good_sequence(root, labels, "real", frames=3)
+    ingest(read_dataset("folder", root, ReaderOptions(labels=labels, classes_file=classes_file(tmp_path))), local_store_url)
     report = label_store(local_store_url, _request("motion-only", flow="exact"))
     assert report.failed and "has no exact flow: only synthetic drives store it" in (report.failed[0].error or "")
 
@@ -116,7 +96,7 @@ def test_motion_only_with_exact_flow_reaches_98_miou_at_distance_one(local_store
     write_synthetic_store(local_store_url, drive_configs(3, cfg), AnnotationPolicy(mode="window", n=21))
     label_store(local_store_url, _request("motion-only", flow="exact"))
     report = evaluate_store(SequenceStore.open(local_store_url), ["motion-only"])
-    assert report["methods"]["motion-only"]["miou_by_distance"]["1"] >= 98.0
+    assert report.methods["motion-only"].miou_by_distance["1"] >= 98.0
 
 
 def test_reversed_flow_convention_is_caught(local_store_url: str) -> None:
@@ -134,6 +114,6 @@ def test_reversed_flow_convention_is_caught(local_store_url: str) -> None:
     store.mark_stage_done("synth-0000", flow_stage("swapped"))
     scores = {}
     for flow in ("exact", "swapped"):
-        label_sequence(store, "synth-0000", PropagationConfig(method="motion-only"), flow)
-        scores[flow] = evaluate_store(store, ["motion-only"])["methods"]["motion-only"]["miou_by_distance"]["1"]
+        propagate_sequence(store, "synth-0000", PropagationConfig(method="motion-only"), flow)
+        scores[flow] = evaluate_store(store, ["motion-only"]).methods["motion-only"].miou_by_distance["1"]
     assert scores["swapped"] < scores["exact"] - 10, scores

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.optical_flow import FlowConfig
-from storage.annotation import AnnotationPolicy
-from storage.stages import flow_array_names, flow_stage
-from storage.store import SequenceStore
-from storage.synthetic import SyntheticConfig, drive_configs
-from storage.synthetic_io import write_synthetic_store
-from tasks.flow_estimation import estimate_flow, estimate_flow_piece, finish_flow, flow_pieces
+from autolabel.models.optical_flow import FlowConfig
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.stages import flow_array_names, flow_stage
+from autolabel.storage.store import SequenceStore
+from autolabel.storage.synthetic import SyntheticConfig, drive_configs
+from autolabel.storage.synthetic_io import write_synthetic_store
+from autolabel.tasks.flow_estimation import estimate_flow, estimate_flow_piece, finish_flow, flow_pieces
 
 CONFIG = FlowConfig(backend="dis-ultrafast", workers=1)
 
@@ -53,7 +53,7 @@ def test_pieces_cover_whole_shards_and_match_the_serial_flow(long_store: str) ->
 def test_dask_flow_equals_serial(long_store: str, tmp_path: Path) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.flow_estimation import run_parallel_flow
+    from autolabel.flows.flow_estimation import run_parallel_flow
 
     store = SequenceStore.open(long_store, mode="r+")
     seq_id = store.sequence_ids()[0]

@@ -7,15 +7,14 @@ from pathlib import Path
 import pytest
 
 from autolabel.errors import CheckpointError, ConfigError
-from models.optical_flow import FlowConfig
-from models.propagation import PropagationConfig
-from models.refiner import Refiner
-from models.refiner_training import RefinerTrainConfig
-from storage.store import Sequence, SequenceStore
-from tasks.evaluate import evaluate_store
-from tasks.label import LabelRequest, label_store
-from tasks.refiner_training import RefinerRequest, train_refiner_from_stores
-from tests.tasks.test_label_pipeline import synth_store, teacher_path  # noqa: F401 - fixtures
+from autolabel.models.optical_flow import FlowConfig
+from autolabel.models.propagation import PropagationConfig
+from autolabel.models.refiner import Refiner
+from autolabel.models.refiner_training import RefinerTrainConfig
+from autolabel.storage.store import Sequence, SequenceStore
+from autolabel.tasks.evaluate import evaluate_store
+from autolabel.tasks.pipeline import LabelSettings, label_store
+from autolabel.tasks.refiner_training import RefinerRequest, train_refiner_from_stores
 
 TRAIN = RefinerTrainConfig(arch="refine-tiny", steps=3, batch_size=2, crop=32, max_cycle=2)
 
@@ -50,38 +49,38 @@ def test_training_reads_annotations_only(synth_store: str, teacher_path: Path, t
 def test_warp_refine_labels_and_evaluates_and_skips_reruns(synth_store: str, teacher_path: Path,  # noqa: F811
                                                            tmp_path: Path) -> None:
     train_refiner_from_stores(_request(synth_store, teacher_path, tmp_path / "r.pt", max_samples=3))
-    request = LabelRequest(propagation=PropagationConfig(method="warp-refine"), flow=FlowConfig(backend="exact"),
-                           teacher=teacher_path, refiner=tmp_path / "r.pt")
+    request = LabelSettings(propagation=PropagationConfig(method="warp-refine"), flow=FlowConfig(backend="exact"),
+                            teacher=str(teacher_path), refiner=str(tmp_path / "r.pt"))
     report = label_store(synth_store, request)
     assert [o.status for o in report.outcomes] == ["labelled", "labelled"], report.failed
     assert [o.status for o in label_store(synth_store, request).outcomes] == ["skipped", "skipped"]
     seq = SequenceStore.open(synth_store).sequence("synth-0000")
     assert len(seq.stages["results/warp-refine"]["settings"]["refiner_sha256"]) == 64
-    result = evaluate_store(SequenceStore.open(synth_store), ["warp-refine"])["methods"]["warp-refine"]
-    assert result["frames_scored"] == 2 * 20 and result["miou_mean"] is not None
+    assert "results/warp-inpaint" in seq.stages  # stored beside warp-refine for comparison
+    result = evaluate_store(SequenceStore.open(synth_store), ["warp-refine"]).methods["warp-refine"]
+    assert result.frames_scored == 2 * 20 and result.miou_mean is not None
 
 
 def test_warp_refine_errors(synth_store: str, teacher_path: Path, tmp_path: Path) -> None:  # noqa: F811
-    no_refiner = LabelRequest(propagation=PropagationConfig(method="warp-refine"), teacher=teacher_path)
     with pytest.raises(ConfigError, match="needs a refiner"):
-        label_store(synth_store, no_refiner)
+        LabelSettings(propagation=PropagationConfig(method="warp-refine"), teacher=str(teacher_path))
     train_refiner_from_stores(_request(synth_store, teacher_path, tmp_path / "r.pt", max_samples=2))
     other_teacher = tmp_path / "other.pt"
-    from models.teacher import Teacher
+    from autolabel.models.teacher import Teacher
 
     t = Teacher.load(teacher_path)
     t.train_info = {"other": True}
     t.save(other_teacher)
-    wrong = LabelRequest(propagation=PropagationConfig(method="warp-refine"), teacher=other_teacher,
-                         refiner=tmp_path / "r.pt")
+    wrong = LabelSettings(propagation=PropagationConfig(method="warp-refine"), teacher=str(other_teacher),
+                          refiner=str(tmp_path / "r.pt"))
     with pytest.raises(CheckpointError, match="retrain the refiner"):
         label_store(synth_store, wrong)
 
 
 def test_single_frames_give_no_cycles(tmp_path: Path, teacher_path: Path) -> None:  # noqa: F811
-    from storage.annotation import AnnotationPolicy
-    from storage.synthetic import SyntheticConfig, drive_configs
-    from storage.synthetic_io import write_synthetic_store
+    from autolabel.storage.annotation import AnnotationPolicy
+    from autolabel.storage.synthetic import SyntheticConfig, drive_configs
+    from autolabel.storage.synthetic_io import write_synthetic_store
 
     store = str(tmp_path / "single.zarr")
     write_synthetic_store(store, drive_configs(1, SyntheticConfig(width=64, height=48, frames=1)),

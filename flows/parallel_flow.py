@@ -9,17 +9,19 @@ The stage is marked done only after every piece is written.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from prefect import flow, task
 from prefect.futures import wait
 from prefect_dask import DaskTaskRunner
 
-from models.optical_flow import FlowConfig
-from storage.stages import flow_stage
-from storage.store import SequenceStore
-from tasks.flow_estimation import estimate_flow_piece, finish_flow, flow_pieces
-from tasks.stage_tasks import retry_on_io
+from autolabel.models.optical_flow import FlowConfig
+from autolabel.storage.stages import flow_stage
+from autolabel.storage.store import SequenceStore
+from autolabel.tasks.flow_estimation import estimate_flow_piece, finish_flow, flow_pieces
+from autolabel.tasks.pipeline import worker_name
+from autolabel.tasks.stage_tasks import retry_on_io
 
 
 @task(name="flow-piece", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
@@ -41,6 +43,7 @@ def dask_runner(address: str | None = None, workers: int | None = None) -> DaskT
 @flow(name="estimate-flow")
 def estimate_flow_parallel(store: str, seq_id: str, config: FlowConfig, piece_pairs: int = 32) -> dict[str, Any]:
     """Compute and store the flow of every pair of ``seq_id``, pieces in parallel (see module docstring)."""
+    start = time.perf_counter()
     st = SequenceStore.open(store, mode="r+")
     pieces = flow_pieces(st, seq_id, config, piece_pairs)
     futures = [flow_piece.submit(store, seq_id, config, a, b) for a, b in pieces]
@@ -48,7 +51,7 @@ def estimate_flow_parallel(store: str, seq_id: str, config: FlowConfig, piece_pa
     done = sum(f.result() for f in futures)
     finish_flow(st, seq_id, config)
     return {"stage": flow_stage(config.stored_name), "computed": True, "pairs": done, "pieces": len(pieces),
-            "cached": False}
+            "cached": False, "seconds": round(time.perf_counter() - start, 2), "worker": worker_name()}
 
 
 def run_parallel_flow(store: str, seq_id: str, config: FlowConfig, address: str | None = None,

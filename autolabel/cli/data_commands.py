@@ -1,0 +1,141 @@
+"""Commands about data: ``ingest``, ``info``, ``synth``, ``export``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from autolabel.cli.console import IngestBar, console, print_failures, progress_display
+from autolabel.cli.options import KeyframeEvery, Sequences, Window, parse_size
+from autolabel.cli.reports import print_ingest_report, print_store_summary
+from autolabel.errors import AutolabelError, ConfigError
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.export import OVERLAY_ALPHA
+
+
+def ingest(
+    layout: Annotated[str, typer.Argument(help="dataset layout: camvid, davis, cityscapes, apollo, folder")],
+    src: Annotated[Path, typer.Argument(help="dataset root (a video file or frame folder for 'folder')")],
+    store: Annotated[str, typer.Option("--store", help="store path or fsspec URL (created if missing)")],
+    window: Window = None,
+    keyframe_every: KeyframeEvery = None,
+    sequence: Sequences = None,
+    labels: Annotated[Path | None, typer.Option(help="folder layout: directory of sparse label PNGs")] = None,
+    classes: Annotated[Path | None, typer.Option(help="folder layout: class file (JSON names/palette/ignore_index)")] = None,
+    fps: Annotated[float | None, typer.Option(help="frame rate to record when the layout has none")] = None,
+    overwrite: Annotated[bool, typer.Option(help="rewrite sequences already in the store")] = False,
+) -> None:
+    """Ingest a dataset into a store; each sequence is written fully or not at all."""
+    from autolabel.storage.ingest import IngestOptions
+    from autolabel.storage.ingest import ingest as run_ingest
+    from autolabel.storage.readers import ReaderOptions, read_dataset
+    from autolabel.storage.store import SequenceStore
+
+    policy = AnnotationPolicy.from_options(window=window, keyframe_every=keyframe_every)
+    existing = None
+    if layout == "folder" and classes is None:
+        try:
+            existing = SequenceStore.open(store).classes
+        except AutolabelError:
+            existing = None
+    dataset = read_dataset(layout, src, ReaderOptions(labels=labels, classes_file=classes, classes=existing, fps=fps))
+    options = IngestOptions(annotation=policy, sequences=sequence or None, overwrite=overwrite)
+    selected = dataset.select(options.sequences)
+    console.print(f"{layout}: {len(selected)} sequences under {src} ({policy.describe()} annotated)", highlight=False)
+    start = time.perf_counter()
+    with progress_display() as progress:
+        report = run_ingest(dataset, store, options, IngestBar(progress, sum(len(s) for s in selected)))
+    print_ingest_report(report, time.perf_counter() - start)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def info(
+    store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Show a store's sequences: frames, size, annotated and ground-truth counts, stages done."""
+    from autolabel.storage.queries import store_summary
+
+    summary = store_summary(store)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    print_store_summary(summary)
+
+
+def synth(
+    out: Annotated[str, typer.Argument(help="store path/URL, or a folder with --format apollo")],
+    sequences: Annotated[int, typer.Option(help="number of drives")] = 3,
+    frames: Annotated[int, typer.Option(help="frames per drive")] = 30,
+    size: Annotated[str, typer.Option(help="frame size WIDTHxHEIGHT")] = "320x240",
+    seed: Annotated[int, typer.Option(help="seed of the first drive (drive i uses seed + i)")] = 0,
+    fps: Annotated[float, typer.Option(help="frame rate")] = 15.0,
+    format: Annotated[str, typer.Option("--format", help="store (frames, labels, exact flow) or apollo (ApolloScape folder)")] = "store",
+    window: Window = None,
+    keyframe_every: Annotated[int | None, typer.Option(help="store: annotate frames 0, N, 2N, ... (default 10)")] = None,
+) -> None:
+    """Render synthetic drives with exact labels and flow."""
+    from autolabel.storage.synthetic import SyntheticConfig, drive_configs
+    from autolabel.storage.synthetic_io import write_apollo_layout, write_synthetic_store
+
+    width, height = parse_size(size)
+    if format not in ("store", "apollo"):
+        raise ConfigError(f"--format must be 'store' or 'apollo', got {format!r}")
+    policy = AnnotationPolicy.from_options(window=window, keyframe_every=keyframe_every)
+    if policy.mode == "all":
+        policy = AnnotationPolicy(mode="keyframe-every", n=10)
+    configs = drive_configs(sequences, SyntheticConfig(width=width, height=height, frames=frames, seed=seed, fps=fps))
+    start = time.perf_counter()
+    with progress_display() as progress:
+        task = progress.add_task("render", total=sequences * frames)
+
+        def tick() -> None:
+            progress.advance(task)
+
+        if format == "apollo":
+            written = write_apollo_layout(Path(out), configs, on_frame=tick)
+            console.print(f"wrote {len(written)} ApolloScape-layout drives under {out}", highlight=False)
+            return
+        report = write_synthetic_store(out, configs, policy, on_frame=tick)
+    print_ingest_report(report, time.perf_counter() - start)
+
+
+def export(
+    store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
+    method: Annotated[str, typer.Option(help="'gt' for the stored labels, or a propagation method")],
+    out: Annotated[Path, typer.Option(help="output folder")],
+    overlay: Annotated[bool, typer.Option(help="also write the labels blended over the frames, with class "
+                                                "boundaries")] = False,
+    alpha: Annotated[float, typer.Option(help="overlay opacity of the class colours")] = OVERLAY_ALPHA,
+    sequence: Sequences = None,
+) -> None:
+    """Export labels as index PNG, colour PNG and (with --overlay) an overlay on the frame."""
+    from autolabel.storage.export import export_sequence
+    from autolabel.storage.ids import select_ids
+    from autolabel.storage.store import SequenceStore
+
+    st = SequenceStore.open(store)
+    seqs = [st.sequence(s) for s in select_ids(st.sequence_ids(), sequence, f"store {store!r}")]
+    total, failures = 0, []
+    with progress_display() as progress:
+        task = progress.add_task(f"export {method}", total=sum(s.num_frames for s in seqs))
+        for seq in seqs:
+            try:
+                total += export_sequence(seq, method, out, with_overlay=overlay, alpha=alpha,
+                                         on_frame=lambda: progress.advance(task))
+            except AutolabelError as exc:
+                failures.append((seq.id, str(exc)))
+    console.print(f"exported {total} frames of {len(seqs) - len(failures)} sequences to {out}", highlight=False)
+    print_failures(failures)
+    if failures:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    for command in (ingest, info, synth, export):
+        app.command()(command)

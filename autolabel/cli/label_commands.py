@@ -1,0 +1,115 @@
+"""Commands that label and score a store: ``flow``, ``label``, ``evaluate``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from autolabel.cli import options as opt
+from autolabel.cli.console import StageBar, console, err_console, progress_display
+from autolabel.cli.options import default, describe
+from autolabel.cli.reports import print_evaluation
+from autolabel.models.optical_flow import FlowConfig
+from autolabel.models.propagation import PropagationConfig
+from autolabel.tasks.pipeline import LabelSettings
+
+
+def flow(
+    store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
+    backend: opt.FlowBackend = default(FlowConfig, "backend"),
+    variational_refinement: Annotated[bool, typer.Option(help=describe(FlowConfig, "variational_refinement"))]
+    = default(FlowConfig, "variational_refinement"),
+    raft_weights: Annotated[Path | None, typer.Option(help=describe(FlowConfig, "raft_weights"))] = None,
+    workers: opt.FlowWorkers = default(FlowConfig, "workers"),
+    sequence: opt.Sequences = None,
+) -> None:
+    """Compute and store forward and backward optical flow of every frame pair (the pipeline's flow stage)."""
+    from autolabel.storage.ids import select_ids
+    from autolabel.storage.store import SequenceStore
+    from autolabel.tasks.pipeline import FlowStage, run_stage
+
+    stage = FlowStage(flow=FlowConfig(backend=backend, variational_refinement=variational_refinement,
+                                      raft_weights=raft_weights, workers=workers))
+    ids = select_ids(SequenceStore.open(store).sequence_ids(), sequence, f"store {store!r}")
+    with progress_display() as progress:
+        computed = sum(run_stage(store, seq_id, stage, StageBar(progress))["computed"] for seq_id in ids)
+    console.print(f"{stage.title}: computed for {computed} sequences, {len(ids) - computed} already had it",
+                  highlight=False)
+
+
+def label(
+    store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
+    method: Annotated[str, typer.Option(help="motion-only, semantic-only, warp-inpaint, warp-refine")],
+    teacher: opt.Teacher = None,
+    refiner: opt.Refiner = None,
+    max_distance: opt.MaxDistance = default(PropagationConfig, "max_distance"),
+    tau: opt.Tau = default(PropagationConfig, "tau"),
+    inpaint_confidence: opt.InpaintConfidence = default(PropagationConfig, "inpaint_confidence"),
+    override_confidence: opt.OverrideConfidence = default(PropagationConfig, "override_confidence"),
+    flow_backend: opt.FlowBackend = default(FlowConfig, "backend"),
+    workers: opt.FlowWorkers = default(FlowConfig, "workers"),
+    adapt_steps: opt.AdaptSteps = default(LabelSettings, "adapt_steps"),
+    device: opt.Device = default(LabelSettings, "device"),
+    compare: opt.Compare = default(LabelSettings, "compare_with_warp_inpaint"),
+    export: opt.Export = None,
+    sequence: opt.Sequences = None,
+) -> None:
+    """Label sequences with a method: flow -> teacher -> propagate -> evaluate (-> export), in this process.
+
+    Each stage is skipped where the store already holds its output made with the same settings.
+    """
+    opt.set_threads()
+    from autolabel.tasks.pipeline import label_store
+
+    settings = opt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
+                                  override_confidence, flow_backend, workers, adapt_steps, device, compare, export)
+    start = time.perf_counter()
+    with progress_display() as progress:
+        report = label_store(store, settings, sequence or None, StageBar(progress))
+    console.print(f"{method}: labelled {report.count('labelled')}, skipped {report.count('skipped')} "
+                  f"(already done), failed {report.count('failed')} in {time.perf_counter() - start:.1f} s",
+                  highlight=False)
+    for o in report.failed:
+        err_console.print(f"[red]failed[/] {o.id}: {o.error}", highlight=False, soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def evaluate(
+    store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
+    method: Annotated[list[str], typer.Option(help="method to score (repeatable)")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    max_distance: Annotated[int | None, typer.Option(help="score distances 1..K (default: the K the results "
+                                                          "were labelled with)")] = None,
+    sequence: opt.Sequences = None,
+    plot: Annotated[Path | None, typer.Option(help="write mIoU-vs-distance and per-class IoU PNGs here")] = None,
+) -> None:
+    """Score labelled methods against the stored ground truth: mIoU by distance, class, sequence."""
+    from autolabel.storage.ids import select_ids
+    from autolabel.storage.store import SequenceStore
+    from autolabel.tasks.evaluate import evaluate_store
+
+    st = SequenceStore.open(store)
+    ids = select_ids(st.sequence_ids(), sequence, f"store {store!r}")
+    report = evaluate_store(st, method, max_distance, sequences=ids)
+    print_evaluation(report)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(report.model_dump_json(indent=2))
+        console.print(f"wrote {json_out}", highlight=False)
+    if plot is not None:
+        from autolabel.tasks.plots import plot_report
+
+        for path in plot_report(report, plot):
+            console.print(f"wrote {path}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    for command in (flow, label, evaluate):
+        app.command()(command)
+
+
+__all__ = ["evaluate", "flow", "label", "register"]

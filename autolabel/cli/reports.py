@@ -1,0 +1,78 @@
+"""Printed reports of the commands: ingest outcome, store summary, evaluation, a flow run's result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autolabel.cli.console import console, err_console, fmt, human_bytes, print_failures, print_table, table
+
+
+def print_ingest_report(report: Any, seconds: float) -> None:
+    ingested, skipped, failed = (report.by_status(s) for s in ("ingested", "skipped", "failed"))
+    frames = report.frames_written
+    rate = f", {frames / seconds:.1f} frames/s" if frames and seconds > 0 else ""
+    console.print(f"ingested {len(ingested)} sequences ({frames} frames{rate}), skipped {len(skipped)}, "
+                  f"failed {len(failed)} -> {report.store}", highlight=False)
+    if failed:
+        out = table(["sequence", "error"], [])
+        for o in failed:
+            out.add_row(o.id, o.error or "")
+        print_table("failures", out)
+
+
+def print_store_summary(summary: dict[str, Any], limit: int = 40) -> None:
+    """``autolabel info``: one row per sequence (stages listed), totals last."""
+    out = table(["sequence", "stages"], ["frames", "size", "annot.", "gt", "bytes"])
+    for r in summary["sequences"][:limit]:
+        out.add_row(r["id"], ", ".join(r["stages"]), str(r["frames"]), f"{r['width']}x{r['height']}",
+                    str(r["annotated"]), str(r["ground_truth"]), human_bytes(r["bytes"]))
+    hidden = len(summary["sequences"]) - limit
+    if hidden > 0:
+        out.add_row(f"... {hidden} more", "", "", "", "", "", "")
+    t = summary["totals"]
+    out.add_section()
+    out.add_row(f"{t['sequences']} sequences", "", str(t["frames"]), "", str(t["annotated"]),
+                str(t["ground_truth"]), human_bytes(t["bytes"]))
+    print_table(f"{summary['store']} ({len(summary['classes'])} classes)", out,
+                "annot.: annotated frames (propagation sources); gt: frames with ground truth")
+    if summary["incomplete"]:
+        console.print(f"[yellow]{len(summary['incomplete'])} incomplete sequences[/] (interrupted ingest; "
+                      f"run the same ingest again): {', '.join(summary['incomplete'][:10])}", highlight=False)
+
+
+def print_evaluation(report: Any) -> None:
+    """mIoU by distance: one row per distance, one column per method (fits 80 columns for 4 methods)."""
+    methods = report.methods
+    out = table(["distance"], list(methods))
+    for d in range(1, report.max_distance + 1):
+        out.add_row(f"d={d}", *[fmt(m.miou_by_distance.get(str(d))) for m in methods.values()])
+    out.add_section()
+    out.add_row("mean", *[fmt(m.miou_mean) for m in methods.values()])
+    out.add_row("frames", *[str(m.frames_scored) for m in methods.values()])
+    print_table(f"mIoU (%) by propagation distance - {report.store}", out)
+    for name, m in methods.items():
+        if m.sequences_missing:
+            console.print(f"[yellow]{name}[/]: no results for {len(m.sequences_missing)} sequences "
+                          f"({', '.join(m.sequences_missing[:5])}); run `autolabel label` first", highlight=False)
+
+
+def print_sequences(report: Any, method: str, workers: dict[str, str] | None = None) -> None:
+    """One row per sequence: mIoU where it has ground truth, else coverage and mean confidence."""
+    rows = report.methods[method].sequences
+    text = ["sequence", "worker"] if workers else ["sequence"]
+    out = table(text, ["frames", "labelled", "mIoU", "cover", "conf"])
+    for r in rows:
+        cells = [r.sequence, workers.get(r.sequence, "-")] if workers else [r.sequence]
+        out.add_row(*cells, str(r.frames), str(r.frames_labelled), fmt(r.miou) if r.has_gt else "-",
+                    fmt(r.coverage), fmt(r.mean_confidence))
+    print_table(f"{method}: per sequence", out, "mIoU (%) against ground truth, - where a drive has none; "
+                "cover: % of pixels labelled; conf: mean confidence (%)")
+
+
+def print_flow_result(result: dict[str, Any], method: str) -> None:
+    """The end of ``autolabel run`` / ``demo``: per-sequence rows, mIoU by distance, failures."""
+    print_sequences(result["report"], method, result["workers"])
+    print_evaluation(result["report"])
+    print_failures(sorted(result["failed"].items()))
+    if result["failed"]:
+        err_console.print(f"{len(result['failed'])} sequences failed", highlight=False)

@@ -1,0 +1,106 @@
+"""Training commands: ``train-teacher`` and ``train-refiner`` (defaults from their configs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from autolabel.cli import options as opt
+from autolabel.cli.console import StageBar, console, progress_display
+from autolabel.cli.options import default, describe
+from autolabel.models.optical_flow import FlowConfig
+from autolabel.models.refiner_training import RefinerTrainConfig
+from autolabel.models.teacher_training import TeacherTrainConfig
+from autolabel.tasks.refiner_training import RefinerRequest
+
+T, R = TeacherTrainConfig, RefinerTrainConfig
+
+
+def train_teacher(
+    store: Annotated[list[str], typer.Option("--store", help="store with annotated frames (repeatable)")],
+    out: Annotated[Path, typer.Option(help="checkpoint file to write")],
+    epochs: Annotated[int, typer.Option(help=describe(T, "epochs"))] = default(T, "epochs"),
+    max_steps: Annotated[int | None, typer.Option(help=describe(T, "max_steps"))] = default(T, "max_steps"),
+    arch: Annotated[str, typer.Option(help=describe(T, "arch"))] = default(T, "arch"),
+    batch_size: Annotated[int, typer.Option(help=describe(T, "batch_size"))] = default(T, "batch_size"),
+    crop: Annotated[int, typer.Option(help=describe(T, "crop"))] = default(T, "crop"),
+    lr: Annotated[float, typer.Option(help=describe(T, "lr"))] = default(T, "lr"),
+    sequence: opt.Sequences = None,
+    device: Annotated[str, typer.Option(help=describe(T, "device"))] = default(T, "device"),
+    seed: Annotated[int, typer.Option(help=describe(T, "seed"))] = default(T, "seed"),
+) -> None:
+    """Train the semantic teacher on the annotated frames of one or more stores."""
+    opt.set_threads()
+    from autolabel.tasks.teacher_training import TeacherRequest, train_teacher_from_stores, training_frames
+
+    request = TeacherRequest(stores=store, out=str(out), sequences=sequence or None, train=TeacherTrainConfig(
+        arch=arch, epochs=epochs, max_steps=max_steps, batch_size=batch_size, crop=crop, lr=lr, device=device,
+        seed=seed))
+    data = training_frames(request)
+    console.print(f"training {arch} on {data.describe()}", highlight=False)
+    with progress_display() as progress:
+        task = progress.add_task("train", total=None)
+
+        def report(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, description=f"train loss {loss:.3f}")
+
+        info = train_teacher_from_stores(request, report, data)
+    console.print(f"wrote {out} ({info['steps']} steps, {info['seconds']} s, final loss {info['final_loss']:.3f}, "
+                  f"sha256 {info['sha256'][:12]})", highlight=False)
+
+
+def train_refiner(
+    store: Annotated[list[str], typer.Option("--store", help="store of annotated sequences (repeatable)")],
+    teacher: Annotated[Path, typer.Option(help="teacher checkpoint (its labels inpaint, its features feed the "
+                                                "refiner)")],
+    out: Annotated[Path, typer.Option(help="refiner checkpoint to write")],
+    max_cycle: Annotated[int, typer.Option(help=describe(R, "max_cycle"))] = default(R, "max_cycle"),
+    steps: Annotated[int, typer.Option(help=describe(R, "steps"))] = default(R, "steps"),
+    batch_size: Annotated[int, typer.Option(help=describe(R, "batch_size"))] = default(R, "batch_size"),
+    crop: Annotated[int, typer.Option(help=describe(R, "crop"))] = default(R, "crop"),
+    lr: Annotated[float, typer.Option(help=describe(R, "lr"))] = default(R, "lr"),
+    rmi_weight: Annotated[float, typer.Option(help=describe(R, "rmi_weight"))] = default(R, "rmi_weight"),
+    arch: Annotated[str, typer.Option(help=describe(R, "arch"))] = default(R, "arch"),
+    flow_backend: opt.FlowBackend = default(FlowConfig, "backend"),
+    adapt_steps: Annotated[int, typer.Option(help=describe(RefinerRequest, "adapt_steps"))]
+    = default(RefinerRequest, "adapt_steps"),
+    max_samples: Annotated[int | None, typer.Option(help=describe(RefinerRequest, "max_samples"))] = None,
+    sequence: opt.Sequences = None,
+    device: Annotated[str, typer.Option(help=describe(R, "device"))] = default(R, "device"),
+    seed: Annotated[int, typer.Option(help=describe(R, "seed"))] = default(R, "seed"),
+) -> None:
+    """Train the refinement network on forward-backward cycles from the annotated frames (no extra labels)."""
+    opt.set_threads()
+    from autolabel.models.propagation import PropagationConfig
+    from autolabel.tasks.refiner_training import train_refiner_from_stores
+
+    request = RefinerRequest(
+        stores=store, teacher=teacher, out=out, adapt_steps=adapt_steps, max_samples=max_samples,
+        sequences=sequence or None, flow=FlowConfig(backend=flow_backend, device=device),
+        propagation=PropagationConfig(method="warp-inpaint", device=device),
+        train=RefinerTrainConfig(arch=arch, max_cycle=max_cycle, steps=steps, batch_size=batch_size, crop=crop,
+                                 lr=lr, rmi_weight=rmi_weight, device=device, seed=seed),
+    )
+    with progress_display() as progress:
+        cycles = progress.add_task("cycles", total=None)
+        train = progress.add_task("train", total=None)
+
+        def on_sample(done: int, total: int) -> None:
+            progress.update(cycles, completed=done, total=total, description="cycles")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(train, completed=step, total=total, description=f"train loss {loss:.3f}")
+
+        info = train_refiner_from_stores(request, StageBar(progress), on_sample, on_step)
+    fit = info["fit"]
+    console.print(f"wrote {out} ({info['samples']} cycles, {info['steps']} steps, {info['seconds']} s, "
+                  f"{info['samples_per_second']} samples/s, final loss {info['final_loss']:.3f}; on the cycles: "
+                  f"mIoU {fit['cycled_miou']} -> {fit['refined_miou']}; sha256 {info['sha256'][:12]})",
+                  highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train-teacher")(train_teacher)
+    app.command("train-refiner")(train_refiner)

@@ -1,0 +1,549 @@
+"""The per-sequence labelling pipeline, written once.
+
+    ingest (if the drive comes from an inbox) -> flow -> teacher -> propagate (each method)
+    -> evaluate -> export (if asked)
+
+:func:`sequence_stages` lists the stages a request needs; each stage is a small pydantic value
+(so a Prefect task can take it as a parameter and hash it into a cache key) that owns its
+currency check (:meth:`Stage.is_current`: does the store hold this stage's output made with
+exactly these settings?) and its work (:meth:`Stage.run`, which skips when current).
+:func:`label_sequence` runs them in order through a *runner*: :func:`run_stage` calls the stage
+directly (the CLI), ``autolabel.flows.label_sequence`` submits each as a Prefect task. Nothing
+else in the code chains the stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from autolabel.errors import AutolabelError, ConfigError, InputDataError
+from autolabel.models.optical_flow import EXACT, FlowConfig
+from autolabel.models.propagation import PropagationConfig, count_steps, method_class
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.export import export_is_current, export_sequence
+from autolabel.storage.ids import select_ids
+from autolabel.storage.ingest import IngestOptions, ingest
+from autolabel.storage.readers import read_dataset
+from autolabel.storage.stages import INGEST, LABELLED, TEACHER, flow_stage, results_stage
+from autolabel.storage.store import SequenceStore
+from autolabel.tasks.checkpoints import checkpoint_sha256, load_refiner, load_teacher
+from autolabel.tasks.evaluate import SequenceEvaluation, evaluate_sequence, evaluation_is_current
+from autolabel.tasks.flow_estimation import estimate_flow, flow_is_current
+from autolabel.tasks.propagate import propagate_sequence, results_are_current
+from autolabel.tasks.teacher_inference import infer_teacher, teacher_is_current
+
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``; anything else is a ConfigError listing those."""
+    if device.split(":")[0] not in DEVICES or (":" in device and not device.split(":", 1)[1].isdigit()):
+        raise ConfigError(f"unknown device {device!r}; use one of cpu, cuda, cuda:N")
+    return device
+
+
+# --- what to do ----------------------------------------------------------------------------------
+
+
+class DriveSource(BaseModel):
+    """Where a drive is ingested from before labelling (an inbox folder of a dataset layout)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    inbox: str
+    layout: str = "apollo"
+    annotation: AnnotationPolicy = AnnotationPolicy()
+
+
+class LabelSettings(BaseModel):
+    """How to label a sequence: one method, one K, one device, the checkpoints and each stage's settings.
+
+    The method and K are ``propagation.method`` and ``propagation.max_distance``; the device is
+    ``device`` and is handed to the flow and propagation settings (setting another device there is
+    an error).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    propagation: PropagationConfig = Field(PropagationConfig(method="warp-refine"),
+                                           description="method, K (max_distance) and its settings")
+    flow: FlowConfig = FlowConfig()
+    teacher: str | None = Field(None, description="teacher checkpoint path (on every worker)")
+    refiner: str | None = Field(None, description="refiner checkpoint path (warp-refine)")
+    adapt_steps: int = Field(0, ge=0, description="fine-tune the teacher on each sequence's annotations first")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N, for every stage")
+    compare_with_warp_inpaint: bool = Field(
+        True, description="warp-refine: also store warp-inpaint, so its gain can be shown")
+    export_dir: str | None = Field(None, description="write index / colour / overlay PNGs of the method here")
+    parallel_flow_pairs: int = Field(
+        64, ge=2, description="flows: sequences with at least this many frame pairs compute their flow in pieces "
+                              "on dask")
+    dask_address: str | None = Field(None, description="flows: existing Dask scheduler for the flow pieces "
+                                                        "(default: $AUTOLABEL_DASK_ADDRESS, else a LocalCluster)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        return check_device(device)
+
+    @model_validator(mode="after")
+    def _one_device_and_checkpoints(self) -> Self:
+        for name in ("propagation", "flow"):
+            config = getattr(self, name)
+            if "device" in config.model_fields_set and config.device != self.device:
+                raise ConfigError(f"{name}.device is {config.device!r} but the device is {self.device!r}; "
+                                  "set the device once (LabelSettings.device, --device)")
+            object.__setattr__(self, name, config.model_copy(update={"device": self.device}))
+        cls = method_class(self.method)
+        if cls.needs_teacher and not self.teacher:
+            raise ConfigError(f"method {self.method!r} needs a teacher checkpoint: pass --teacher CHECKPOINT "
+                              "(train one with `autolabel train-teacher --store ... --out teacher.pt`)")
+        if cls.needs_refiner and not self.refiner:
+            raise ConfigError(f"method {self.method!r} needs a refiner checkpoint: pass --refiner CHECKPOINT "
+                              "(train one with `autolabel train-refiner --store ... --teacher ... --out refiner.pt`)")
+        return self
+
+    @property
+    def method(self) -> str:
+        return self.propagation.method
+
+    @property
+    def max_distance(self) -> int:
+        return self.propagation.max_distance
+
+    @property
+    def methods(self) -> list[str]:
+        """Methods stored for each sequence: warp-refine runs after (and is compared with) warp-inpaint."""
+        if self.method == "warp-refine" and self.compare_with_warp_inpaint:
+            return ["warp-inpaint", "warp-refine"]
+        return [self.method]
+
+    @property
+    def needs_flow(self) -> bool:
+        return any(method_class(m).needs_flow for m in self.methods)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(method_class(m).needs_teacher for m in self.methods)
+
+    def digest(self) -> str:
+        """A short hash of the settings (idempotency keys, change detection)."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- progress --------------------------------------------------------------------------------------
+
+
+class Progress(Protocol):
+    """How a stage reports its progress (a rich bar in the CLI, a Prefect artifact in the flows)."""
+
+    def start(self, seq_id: str, title: str, total: int) -> None: ...
+    def advance(self) -> None: ...
+
+
+class QuietProgress:
+    def start(self, seq_id: str, title: str, total: int) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+
+# --- the stages ------------------------------------------------------------------------------------
+
+
+class Stage(BaseModel, ABC):
+    """One stage of the pipeline for one sequence: its settings, currency check and work."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    TASK: ClassVar[str] = ""
+    uses_gpu: ClassVar[bool] = False
+
+    @property
+    def task_name(self) -> str:
+        """The Prefect task name this stage runs under (``flow-estimation``, ``refine`` ...)."""
+        return self.TASK
+
+    @property
+    @abstractmethod
+    def title(self) -> str:
+        """What the stage is, for progress and logs (e.g. ``flow dis-fast``, ``warp-refine``)."""
+
+    @property
+    @abstractmethod
+    def output(self) -> str:
+        """The store stage it writes (``flow/dis-fast``, ``teacher``, ``results/warp-refine`` ...)."""
+
+    @abstractmethod
+    def is_current(self, store: SequenceStore, seq_id: str) -> bool:
+        """Whether the store already holds this stage's output made with exactly these settings."""
+
+    @abstractmethod
+    def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
+        """Do the work unless current; returns at least ``{"computed": bool}``."""
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    def checkpoints(self) -> list[str]:
+        """Checkpoint files whose content the output depends on (hashed into cache keys)."""
+        return []
+
+
+class IngestStage(Stage):
+    kind: Literal["ingest"] = "ingest"
+    source: DriveSource
+    TASK: ClassVar[str] = "ingest-drive"
+
+    @property
+    def title(self) -> str:
+        return "ingest"
+
+    @property
+    def output(self) -> str:
+        return INGEST
+
+    def _drive(self, seq_id: str) -> Any:
+        dataset = read_dataset(self.source.layout, Path(self.source.inbox))
+        for drive in dataset.sequences:
+            if drive.id == seq_id:
+                return dataset, drive
+        raise InputDataError(f"drive {seq_id!r} is not in inbox {self.source.inbox} (layout {self.source.layout!r})")
+
+    def is_current(self, store: SequenceStore, seq_id: str) -> bool:
+        if seq_id not in store:
+            return False
+        stored = store.sequence(seq_id).source_fingerprint
+        return stored is not None and stored == self._drive(seq_id)[1].fingerprint()
+
+    def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
+        dataset, drive = self._drive(seq_id)
+        progress.start(seq_id, self.title, len(drive))
+        report = ingest(dataset, store.url, IngestOptions(annotation=self.source.annotation, sequences=[seq_id],
+                                                          replace_changed=True))
+        if report.failed:
+            raise InputDataError(f"drive {seq_id!r} of inbox {self.source.inbox}: {report.failed[0].error}")
+        return {"computed": report.outcomes[0].status == "ingested"}
+
+
+class FlowStage(Stage):
+    kind: Literal["flow"] = "flow"
+    flow: FlowConfig
+    TASK: ClassVar[str] = "flow-estimation"
+
+    @property
+    def title(self) -> str:
+        return f"flow {self.flow.stored_name}"
+
+    @property
+    def output(self) -> str:
+        return flow_stage(self.flow.stored_name)
+
+    def is_current(self, store: SequenceStore, seq_id: str) -> bool:
+        return flow_is_current(store.sequence(seq_id), self.flow)
+
+    def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
+        progress.start(seq_id, self.title, store.sequence(seq_id).num_frames - 1)
+        return {"computed": estimate_flow(store, seq_id, self.flow, None, progress.advance)}
+
+
+class TeacherStage(Stage):
+    kind: Literal["teacher"] = "teacher"
+    teacher: str
+    adapt_steps: int = 0
+    on_device: str = "cpu"
+    TASK: ClassVar[str] = "teacher-inference"
+    uses_gpu: ClassVar[bool] = True
+
+    @property
+    def title(self) -> str:
+        return "teacher"
+
+    @property
+    def output(self) -> str:
+        return TEACHER
+
+    @property
+    def device(self) -> str:
+        return self.on_device
+
+    def checkpoints(self) -> list[str]:
+        return [self.teacher]
+
+    def is_current(self, store: SequenceStore, seq_id: str) -> bool:
+        return teacher_is_current(store.sequence(seq_id), checkpoint_sha256(self.teacher), self.adapt_steps)
+
+    def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
+        progress.start(seq_id, self.title, store.sequence(seq_id).num_frames)
+        computed = infer_teacher(store, seq_id, load_teacher(self.teacher, self.device),
+                                 checkpoint_sha256(self.teacher), adapt_steps=self.adapt_steps,
+                                 on_frame=progress.advance)
+        return {"computed": computed}
+
+
+class PropagateStage(Stage):
+    kind: Literal["propagate"] = "propagate"
+    propagation: PropagationConfig
+    flow_name: str | None = None
+    teacher: str | None = None
+    refiner: str | None = None
+    uses_gpu: ClassVar[bool] = True
+
+    @property
+    def task_name(self) -> str:
+        return "refine" if self.propagation.method == "warp-refine" else self.propagation.method
+
+    @property
+    def title(self) -> str:
+        return self.propagation.method
+
+    @property
+    def output(self) -> str:
+        return results_stage(self.propagation.method)
+
+    @property
+    def device(self) -> str:
+        return self.propagation.device
+
+    def checkpoints(self) -> list[str]:
+        return [c for c in (self.teacher, self.refiner) if c]
+
+    def _refiner_hash(self) -> str | None:
+        return checkpoint_sha256(self.refiner) if self.refiner else None
+
+    def is_current(self, store: SequenceStore, seq_id: str) -> bool:
+        return results_are_current(store.sequence(seq_id), self.propagation, self.flow_name, self._refiner_hash())
+
+    def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
+        seq = store.sequence(seq_id)
+        progress.start(seq_id, self.title, count_steps(seq.annotated, self.propagation.max_distance))
+        refiner = feature_teacher = None
+        if self.refiner is not None and self.teacher is not None:
+            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}")
+            feature_teacher = load_teacher(self.teacher, self.device)
+        computed = propagate_sequence(store, seq_id, self.propagation, self.flow_name, on_step=progress.advance,
+                                      refiner=refiner, refiner_sha256=self._refiner_hash(),
+                                      feature_teacher=feature_teacher)
+        return {"computed": computed}
+
+
+class EvaluateStage(Stage):
+    kind: Literal["evaluate"] = "evaluate"
+    methods: list[str]
+    max_distance: int
+    TASK: ClassVar[str] = "evaluate"
+
+    @property
+    def title(self) -> str:
+        return "evaluate"
+
+    @property
+    def output(self) -> str:
+        return "evaluation"
+
+    def is_current(self, store: SequenceStore, seq_id: str) -> bool:
+        return evaluation_is_current(store.sequence(seq_id), self.methods, self.max_distance)
+
+    def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
+        current = self.is_current(store, seq_id)
+        progress.start(seq_id, self.title, 0 if current else store.sequence(seq_id).num_frames * len(self.methods))
+        rows = evaluate_sequence(store, seq_id, self.methods, self.max_distance, progress.advance)
+        return {"computed": not current, "evaluation": {r.method: r.model_dump() for r in rows}}
+
+
+class ExportStage(Stage):
+    kind: Literal["export"] = "export"
+    method: str
+    out_dir: str
+    TASK: ClassVar[str] = "export"
+
+    @property
+    def title(self) -> str:
+        return f"export {self.method}"
+
+    @property
+    def output(self) -> str:
+        return "export"
+
+    def is_current(self, store: SequenceStore, seq_id: str) -> bool:
+        return export_is_current(store.sequence(seq_id), self.method, Path(self.out_dir))
+
+    def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
+        seq = store.sequence(seq_id)
+        if self.is_current(store, seq_id):
+            return {"computed": False, "exported": str(Path(self.out_dir) / seq_id)}
+        progress.start(seq_id, self.title, seq.num_frames)
+        export_sequence(seq, self.method, Path(self.out_dir), with_overlay=True, on_frame=progress.advance)
+        return {"computed": True, "exported": str(Path(self.out_dir) / seq_id)}
+
+
+AnyStage = IngestStage | FlowStage | TeacherStage | PropagateStage | EvaluateStage | ExportStage
+
+
+def sequence_stages(settings: LabelSettings, source: DriveSource | None = None) -> list[Stage]:
+    """The stages that label one sequence with ``settings``, in order."""
+    stages: list[Stage] = []
+    if source is not None:
+        stages.append(IngestStage(source=source))
+    flow_name = settings.flow.stored_name if settings.needs_flow else None
+    if settings.needs_flow:
+        stages.append(FlowStage(flow=settings.flow))
+    if settings.needs_teacher:
+        assert settings.teacher is not None  # LabelSettings checks it
+        stages.append(TeacherStage(teacher=settings.teacher, adapt_steps=settings.adapt_steps,
+                                   on_device=settings.device))
+    for method in settings.methods:
+        cls = method_class(method)
+        stages.append(PropagateStage(
+            propagation=settings.propagation.model_copy(update={"method": method}),
+            flow_name=flow_name if cls.needs_flow else None,
+            teacher=settings.teacher if cls.needs_teacher else None,
+            refiner=settings.refiner if cls.needs_refiner else None))
+    stages.append(EvaluateStage(methods=settings.methods, max_distance=settings.max_distance))
+    if settings.export_dir:
+        stages.append(ExportStage(method=settings.method, out_dir=settings.export_dir))
+    return stages
+
+
+# --- running them ----------------------------------------------------------------------------------
+
+
+def worker_name() -> str:
+    """Who runs this: ``$AUTOLABEL_WORKER_NAME`` (set by deploy/start-workers.sh) or ``local-<host>``."""
+    return os.environ.get("AUTOLABEL_WORKER_NAME") or f"local-{socket.gethostname()}"
+
+
+def run_stage(store_url: str, seq_id: str, stage: Stage, progress: Progress | None = None) -> dict[str, Any]:
+    """Run one stage here and now; the result names the output stage, whether it computed and how long."""
+    start = time.perf_counter()
+    store = SequenceStore.open(store_url, mode="r+")
+    result = stage.run(store, seq_id, progress or QuietProgress())
+    return {"stage": stage.output, "seconds": round(time.perf_counter() - start, 2), "worker": worker_name(),
+            "cached": False, **result}
+
+
+StageRunner = Callable[[str, str, Stage], dict[str, Any]]
+
+
+def direct_runner(progress: Progress | None = None) -> StageRunner:
+    """A runner calling each stage in this process (the CLI's)."""
+    return lambda store, seq_id, stage: run_stage(store, seq_id, stage, progress)
+
+
+def label_sequence(store_url: str, seq_id: str, settings: LabelSettings, source: DriveSource | None = None,
+                   runner: StageRunner | None = None, marker: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Label one sequence: every stage of :func:`sequence_stages` through ``runner`` (default: here).
+
+    Marks the sequence ``labelled`` (with the worker, the settings digest and ``marker``) at the
+    end. Raises an AutolabelError naming the sequence on bad input; nothing else is touched.
+    """
+    runner = runner or direct_runner()
+    results = [runner(store_url, seq_id, stage) for stage in sequence_stages(settings, source)]
+    evaluation = next(r["evaluation"] for r in results if r["stage"] == "evaluation")
+    exported = next((r["exported"] for r in results if r["stage"] == "export"), None)
+    SequenceStore.open(store_url, mode="r+").mark_stage_done(
+        seq_id, LABELLED, {"worker": worker_name(), "settings_digest": settings.digest(), **(marker or {})})
+    return {"sequence": seq_id, "worker": worker_name(), "stages": results, "evaluation": evaluation,
+            "exported": exported, "settings_digest": settings.digest()}
+
+
+def stale_reason(store: SequenceStore, seq_id: str, settings: LabelSettings,
+                 source_fingerprint: str | None = None) -> str | None:
+    """Why ``seq_id`` must be (re)labelled with ``settings``, or None when every stage is current.
+
+    A drive not in the store yet is new; one whose inbox files changed (``source_fingerprint``)
+    must be ingested again; otherwise the first stage that is not current names the reason.
+    """
+    if seq_id not in store:
+        return "new drive"
+    seq = store.sequence(seq_id)
+    if seq.source_fingerprint is not None and source_fingerprint is not None \
+            and seq.source_fingerprint != source_fingerprint:
+        return "drive content changed"
+    for stage in sequence_stages(settings):
+        try:
+            current = stage.is_current(store, seq_id)
+        except AutolabelError as exc:  # a checkpoint that is gone, say: the run will report it
+            return f"{stage.title}: {exc}"
+        if not current:
+            return f"{stage.title} not done, or done with other settings or checkpoints"
+    return None
+
+
+# --- a whole store, here (the CLI) ------------------------------------------------------------------
+
+
+@dataclass
+class SequenceOutcome:
+    id: str
+    status: Literal["labelled", "skipped", "failed"]
+    seconds: float = 0.0
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+
+@dataclass
+class LabelReport:
+    store: str
+    method: str
+    outcomes: list[SequenceOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[SequenceOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+
+def check_checkpoints(store: SequenceStore, settings: LabelSettings) -> None:
+    """Fail before any work when the teacher or refiner does not fit the store (or each other)."""
+    where = f"store {store.url!r}"
+    if settings.teacher:
+        load_teacher(settings.teacher, settings.device).check_classes(store.classes.names,
+                                                                     store.classes.ignore_index, where)
+    if settings.refiner and settings.teacher:
+        load_refiner(settings.refiner, settings.device, store.classes.names, settings.teacher, where)
+
+
+def label_store(store_url: str, settings: LabelSettings, sequences: list[str] | None = None,
+                progress: Progress | None = None) -> LabelReport:
+    """Label the (selected) sequences of a store one after the other, in this process.
+
+    One failing sequence never stops the others; a sequence whose stages were all current
+    already is ``skipped``.
+    """
+    store = SequenceStore.open(store_url, mode="r+")
+    ids = select_ids(store.sequence_ids(), sequences, f"store {store_url!r}")
+    check_checkpoints(store, settings)
+    report = LabelReport(store=store_url, method=settings.method)
+    runner = direct_runner(progress)
+    for seq_id in ids:
+        start = time.perf_counter()
+        try:
+            result = label_sequence(store_url, seq_id, settings, runner=runner)
+        except AutolabelError as exc:
+            report.outcomes.append(SequenceOutcome(seq_id, "failed", time.perf_counter() - start, str(exc)))
+            continue
+        computed = any(s["computed"] and s["stage"] not in ("evaluation", "export") for s in result["stages"])
+        report.outcomes.append(SequenceOutcome(seq_id, "labelled" if computed else "skipped",
+                                               time.perf_counter() - start, result=result))
+    return report
+
+
+__all__ = ["AnyStage", "DriveSource", "LabelSettings", "SequenceEvaluation", "Stage", "label_sequence",
+           "label_store", "run_stage", "sequence_stages", "stale_reason"]

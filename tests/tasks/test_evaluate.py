@@ -1,0 +1,111 @@
+"""The one evaluator: per-sequence rows, pooled tables, K, stored evaluations, drives without ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autolabel.models.metrics import confusion_matrix, mean_iou
+from autolabel.models.optical_flow import FlowConfig
+from autolabel.models.propagation import PropagationConfig
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.ingest import IngestOptions, ingest
+from autolabel.storage.readers import read_dataset
+from autolabel.storage.stages import evaluation_stage
+from autolabel.storage.store import SequenceStore
+from autolabel.storage.synthetic import SyntheticConfig, drive_configs
+from autolabel.storage.synthetic_io import write_apollo_layout, write_synthetic_store
+from autolabel.tasks import evaluate as evaluate_module
+from autolabel.tasks.evaluate import evaluate_store, score_sequence
+from autolabel.tasks.pipeline import LabelSettings, label_store
+
+DRIVE = SyntheticConfig(width=64, height=48, frames=23, seed=0)
+
+
+def _motion(k: int = 10, backend: str = "exact") -> LabelSettings:
+    return LabelSettings(propagation=PropagationConfig(method="motion-only", max_distance=k),
+                         flow=FlowConfig(backend=backend, workers=1))
+
+
+class TestEvaluateStore:
+    def test_rows_and_pooled_numbers_come_from_the_frames(self, store_url: str) -> None:
+        write_synthetic_store(store_url, drive_configs(2, DRIVE), AnnotationPolicy(mode="window", n=21))
+        label_store(store_url, _motion())
+        store = SequenceStore.open(store_url)
+        report = evaluate_store(store, ["motion-only"]).methods["motion-only"]
+        c = store.classes.num_classes
+        pooled_by_d = {d: np.zeros((c, c + 1), np.int64) for d in range(1, 11)}
+        for row in report.sequences:
+            seq = store.sequence(row.sequence)
+            labels = seq.array("results/motion-only/labels")
+            distance = seq.array("results/motion-only/distance")[:]
+            own = np.zeros((c, c + 1), np.int64)
+            for t in range(seq.num_frames):
+                if 1 <= distance[t] <= 10 and not seq.annotated[t]:
+                    cm = confusion_matrix(seq.ground_truth(t), labels[t], c)
+                    own += cm
+                    pooled_by_d[int(distance[t])] += cm
+            assert row.miou == pytest.approx(mean_iou(own), abs=0.01)
+            assert row.frames_labelled == 21 and row.frames_scored == 20 and row.coverage == 100.0
+        for d, cm in pooled_by_d.items():
+            assert report.miou_by_distance[str(d)] == pytest.approx(mean_iou(cm), abs=0.01)
+        assert report.frames_scored == 40 and report.per_sequence_miou.keys() == {"synth-0000", "synth-0001"}
+
+    def test_k_of_the_request_is_the_k_scored(self, local_store_url: str) -> None:
+        write_synthetic_store(local_store_url, drive_configs(1, DRIVE), AnnotationPolicy(mode="window", n=21))
+        label_store(local_store_url, _motion(k=5))
+        report = evaluate_store(SequenceStore.open(local_store_url), ["motion-only"])
+        assert report.max_distance == 5
+        m = report.methods["motion-only"]
+        assert list(m.miou_by_distance) == ["1", "2", "3", "4", "5"] and m.frames_scored == 10
+
+    def test_stored_evaluation_is_used_until_the_results_change(self, local_store_url: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+        write_synthetic_store(local_store_url, drive_configs(1, DRIVE), AnnotationPolicy(mode="window", n=21))
+        label_store(local_store_url, _motion())
+        seq = SequenceStore.open(local_store_url).sequence("synth-0000")
+        assert evaluation_stage("motion-only") in seq.stages
+        fresh = score_sequence(seq, "motion-only", 10)
+
+        def forbidden(*args: object, **kw: object) -> None:
+            raise AssertionError("a current stored evaluation was scored again")
+
+        monkeypatch.setattr(evaluate_module, "score_sequence", forbidden)
+        stored = evaluate_store(SequenceStore.open(local_store_url), ["motion-only"]).methods["motion-only"]
+        assert stored.sequences[0].miou == fresh.miou and stored.sequences[0].confusion == fresh.confusion
+        monkeypatch.undo()
+        label_store(local_store_url, _motion(k=3))  # new results: the stored evaluation no longer applies
+        again = evaluate_store(SequenceStore.open(local_store_url), ["motion-only"], max_distance=3)
+        assert again.methods["motion-only"].frames_scored == 6
+
+    def test_missing_results_are_listed(self, local_store_url: str) -> None:
+        write_synthetic_store(local_store_url, drive_configs(1, DRIVE), AnnotationPolicy(mode="window", n=21))
+        report = evaluate_store(SequenceStore.open(local_store_url), ["motion-only"])
+        assert report.methods["motion-only"].sequences_missing == ["synth-0000"]
+        assert report.methods["motion-only"].miou_mean is None
+
+    def test_json_keys(self, local_store_url: str) -> None:
+        write_synthetic_store(local_store_url, drive_configs(1, DRIVE), AnnotationPolicy(mode="window", n=21))
+        label_store(local_store_url, _motion())
+        data = evaluate_store(SequenceStore.open(local_store_url), ["motion-only"]).model_dump(mode="json")
+        m = data["methods"]["motion-only"]
+        assert {"miou_mean", "miou_by_distance", "per_class_iou", "per_sequence_miou", "frames_scored",
+                "sequences", "sequences_missing"} <= set(m)
+        assert "confusion" not in m["sequences"][0]
+
+
+def test_a_drive_without_ground_truth_shows_coverage_and_confidence(tmp_path: Path) -> None:
+    write_apollo_layout(tmp_path / "inbox", drive_configs(1, DRIVE))
+    for i, label in enumerate(sorted((tmp_path / "inbox").rglob("*_bin.png"))):
+        if i != 10:
+            label.unlink()  # keep one labelled frame, the annotation: no ground truth to score
+    url = str(tmp_path / "s.zarr")
+    ingest(read_dataset("apollo", tmp_path / "inbox"), url, IngestOptions(annotation=AnnotationPolicy()))
+    seq_id = SequenceStore.open(url).sequence_ids()[0]
+    label_store(url, _motion(backend="dis-fast"))
+    row = evaluate_store(SequenceStore.open(url), ["motion-only"]).methods["motion-only"].sequences[0]
+    assert row.sequence == seq_id and not row.has_gt and row.miou is None
+    assert row.frames_labelled == 21 and row.coverage == 100.0
+    assert row.mean_confidence is not None and 50 < row.mean_confidence <= 100
