@@ -49,7 +49,7 @@ from autolabel.storage.synthetic import SyntheticConfig, drive_configs  # noqa: 
 from autolabel.storage.synthetic_io import write_synthetic_store  # noqa: E402
 from autolabel.storage.training_data import AnnotatedFrames  # noqa: E402
 from autolabel.tasks.evaluate import evaluate_store  # noqa: E402
-from autolabel.tasks.label import LabelRequest, label_store  # noqa: E402
+from autolabel.tasks.pipeline import LabelSettings, label_store  # noqa: E402
 from autolabel.tasks.refiner_training import RefinerRequest, train_refiner_from_stores  # noqa: E402
 
 METHODS = ["motion-only", "semantic-only", "warp-inpaint", "warp-refine"]
@@ -97,17 +97,17 @@ def label_and_score(store: str, teacher: Path, sequences: list[str] | None, args
                     adapt_steps: int, refiner: Path) -> dict:
     log(f"  labelling (teacher adapted {adapt_steps} steps per sequence)")
     for method in METHODS:
-        request = LabelRequest(
+        settings = LabelSettings(
             propagation=PropagationConfig(method=method, max_distance=10, tau=args.tau),
-            flow=FlowConfig(backend=args.flow, workers=args.workers), teacher=teacher, sequences=sequences,
-            adapt_steps=adapt_steps, refiner=refiner)
+            flow=FlowConfig(backend=args.flow, workers=args.workers), teacher=str(teacher),
+            adapt_steps=adapt_steps, refiner=str(refiner), compare_with_warp_inpaint=False)
         start = time.perf_counter()
-        report = label_store(store, request)
+        report = label_store(store, settings, sequences)
         if report.failed:
             raise SystemExit(f"{method} failed: {report.failed}")
         log(f"  {method}: {time.perf_counter() - start:.1f} s")
     st = SequenceStore.open(store)
-    return evaluate_store(st, METHODS, 10, sequences=select_ids(st.sequence_ids(), sequences, store))
+    return evaluate_store(st, METHODS, 10, sequences=select_ids(st.sequence_ids(), sequences, store)).model_dump()
 
 
 def camvid(args: argparse.Namespace, data: Path) -> dict:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks._report import machine, print_table, write_json  # noqa: E402
-from autolabel.models.optical_flow import FlowConfig, FlowEstimator  # noqa: E402
+from autolabel.models.optical_flow import FlowConfig  # noqa: E402
 from autolabel.models.cycle import cycle_plan, cycle_sample  # noqa: E402
 from autolabel.models.propagation import PropagationConfig, WarpInpaint  # noqa: E402
 from autolabel.models.refiner import Refiner  # noqa: E402
@@ -39,30 +39,27 @@ from autolabel.storage.readers import read_dataset  # noqa: E402
 from autolabel.storage.store import SequenceStore  # noqa: E402
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs  # noqa: E402
 from autolabel.storage.synthetic_io import write_synthetic_store  # noqa: E402
-from autolabel.tasks.flow_estimation import estimate_flow  # noqa: E402
-from autolabel.tasks.propagate import StoreSequenceInputs, label_sequence  # noqa: E402
+from autolabel.tasks.pipeline import LabelSettings, run_stage, sequence_stages  # noqa: E402
+from autolabel.tasks.propagate import StoreSequenceInputs  # noqa: E402
 from autolabel.tasks.teacher_inference import infer_teacher  # noqa: E402
 
 
-def run(store_url: str, teacher: Teacher, teacher_hash: str, flow: FlowConfig, device: str, method: str,
-        refiner: Refiner | None) -> dict:
+def run(store_url: str, teacher: Path, flow: FlowConfig, device: str, method: str, refiner: Path | None) -> dict:
+    """The pipeline's flow, teacher and propagate stages over every drive, timed per stage kind."""
     store = SequenceStore.open(store_url, mode="r+")
-    times = {"flow": 0.0, "teacher": 0.0, "propagate": 0.0}
+    settings = LabelSettings(propagation=PropagationConfig(method=method), flow=flow, teacher=str(teacher),
+                             refiner=str(refiner) if refiner else None, device=device,
+                             compare_with_warp_inpaint=False)
+    stages = [s for s in sequence_stages(settings) if s.kind in ("flow", "teacher", "propagate")]
+    times = {s.kind: 0.0 for s in stages}
     frames = 0
-    with FlowEstimator(flow) as estimator:
-        list(estimator.pairs([store.sequence(store.sequence_ids()[0]).frame(0)] * 2))  # start workers
-        for seq_id in store.sequence_ids():
-            frames += store.sequence(seq_id).num_frames
+    for seq_id in store.sequence_ids():
+        frames += store.sequence(seq_id).num_frames
+        for stage in stages:
             start = time.perf_counter()
-            estimate_flow(store, seq_id, flow, estimator)
-            times["flow"] += time.perf_counter() - start
-            start = time.perf_counter()
-            infer_teacher(store, seq_id, teacher, teacher_hash, batch_size=4)
-            times["teacher"] += time.perf_counter() - start
-            start = time.perf_counter()
-            label_sequence(store, seq_id, PropagationConfig(method=method, device=device), flow.stored_name,
-                           refiner=refiner, refiner_sha256="benchmark", feature_teacher=teacher)
-            times["propagate"] += time.perf_counter() - start
+            run_stage(store_url, seq_id, stage)
+            times[stage.kind] += time.perf_counter() - start
+    times = {"flow": times.get("flow", 0.0), "teacher": times.get("teacher", 0.0), "propagate": times["propagate"]}
     total = sum(times.values())
     return {"frames": frames, "seconds": {k: round(v, 2) for k, v in times.items()},
             "frames_per_s": {**{k: frames / v for k, v in times.items()}, "end_to_end": frames / total}}
@@ -112,11 +109,18 @@ def main() -> None:
         torch.manual_seed(0)
         teacher = Teacher.create("unet-lite", CAMVID11.names, [list(c) for c in CAMVID11.palette]).to(args.device)
         digest = "random-init"
+    work = Path(tempfile.mkdtemp(prefix="autolabel-throughput-"))
+    teacher_path = args.teacher or work / "teacher-random.pt"
+    if not args.teacher:
+        digest = teacher.save(teacher_path)
     if args.refiner:
         refiner = Refiner.load(args.refiner, args.device)
     else:
         torch.manual_seed(0)
         refiner = Refiner.create("refine-unet", teacher.classes, teacher.net.feature_channels, digest).to(args.device)
+    refiner_path = args.refiner or work / "refiner-random.pt"
+    if not args.refiner:
+        refiner.save(refiner_path)
     flow = FlowConfig(backend="dis-fast", workers=args.workers)
     results: dict = {"machine": machine(), "settings": {
         "methods": args.method, "flow": "dis-fast", "workers": args.workers, "device": args.device,
@@ -124,6 +128,7 @@ def main() -> None:
         "refiner": str(args.refiner or "refine-unet, random init"), "torch_threads": torch.get_num_threads()},
         "runs": []}
     with tempfile.TemporaryDirectory(prefix="autolabel-throughput-") as tmp:
+        refiner_for = {m: refiner_path if m == "warp-refine" else None for m in args.method}
         camvid = (args.data or shared_data_dir()) / "camvid"
         for method in args.method:
             for size in args.sizes:
@@ -133,14 +138,14 @@ def main() -> None:
                                                                              seed=0)),
                                       AnnotationPolicy(mode="window", n=21))
                 results["runs"].append({"method": method, "data": f"synthetic drives, 3 x {args.frames} frames",
-                                        "size": size, **run(synth, teacher, digest, flow, args.device, method, refiner)})
+                                        "size": size, **run(synth, teacher_path, flow, args.device, method, refiner_for[method])})
                 shutil.rmtree(synth, ignore_errors=True)
             if camvid.is_dir():
                 url = f"{tmp}/camvid-{method}.zarr"
                 ingest(read_dataset("camvid", camvid), url,
                        IngestOptions(annotation=AnnotationPolicy(mode="window", n=21), sequences=["dense_*"]))
                 results["runs"].append({"method": method, "data": "CamVid dense 0016E5, 42 frames", "size": "480x360",
-                                        **run(url, teacher, digest, flow, args.device, method, refiner)})
+                                        **run(url, teacher_path, flow, args.device, method, refiner_for[method])})
         shutil.rmtree(tmp, ignore_errors=True)
     rows = [[r["method"], r["data"], r["size"], r["frames"],
              *(f"{r['frames_per_s'][k]:.1f}" for k in ("flow", "teacher", "propagate", "end_to_end"))]

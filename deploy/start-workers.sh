@@ -5,7 +5,7 @@
 #   deploy/start-workers.sh 2          # two GPU workers
 #   NO_CONTROL_WORKER=1 deploy/...     # GPU workers only (the control worker runs elsewhere)
 # Each GPU gets a global concurrency limit gpu-<host>-<index> (1 slot) around its GPU stages.
-# Logs: $PREFECT_HOME/workers/*.log; stop with: kill $(cat $PREFECT_HOME/workers/*.pid)
+# Logs: $PREFECT_HOME/workers/*.log; stop them with deploy/stop.sh workers (the server too: deploy/stop.sh)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$AUTOLABEL_REPO"

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal, Protocol, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from autolabel.errors import AutolabelError, ConfigError, InputDataError
-from autolabel.models.optical_flow import EXACT, FlowConfig
+from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig, count_steps, method_class
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.export import export_is_current, export_sequence

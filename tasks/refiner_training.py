@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.errors import ClassSetMismatchError, ConfigError
 from autolabel.models.cycle import CycleSample, cycle_plan, cycle_sample
-from autolabel.models.optical_flow import FlowConfig, FlowEstimator
+from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig, WarpInpaint
 from autolabel.models.refiner import Refiner
 from autolabel.models.refiner_training import RefinerTrainConfig, score_on_samples, train_refiner
@@ -23,7 +23,6 @@ from autolabel.models.teacher import Teacher, file_sha256
 from autolabel.storage.stages import TEACHER
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.ids import select_ids
-from autolabel.tasks.checkpoints import checkpoint_sha256, load_teacher
 from autolabel.tasks.pipeline import FlowStage, Progress, QuietProgress, TeacherStage
 from autolabel.tasks.propagate import StoreSequenceInputs
 
@@ -97,7 +96,7 @@ def collect_cycles(request: RefinerRequest, teacher: Teacher, teacher_hash: str,
     return samples
 
 
-def train_refiner_from_stores(request: RefinerRequest, progress: LabelProgress | None = None,
+def train_refiner_from_stores(request: RefinerRequest, progress: Progress | None = None,
                               on_sample: Callable[[int, int], None] | None = None,
                               on_step: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
     """Generate cycles, train a refiner, save it to ``request.out``; returns the training summary."""

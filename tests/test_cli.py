@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ import zarr
 from PIL import Image
 
 from autolabel.storage.store import SequenceStore
-from tests.conftest import REPO, random_label, random_rgb, run_cli, save_label, save_rgb
+from tests.conftest import random_label, random_rgb, run_cli, save_label, save_rgb
 
 RNG = np.random.default_rng(11)
 

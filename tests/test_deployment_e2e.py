@@ -249,14 +249,21 @@ def test_deployments_workers_nightly_and_failures(tmp_path: Path) -> None:
         assert [r["name"] for r in failed] == ["road06_Record001_Camera5"] and len(runs) == before + 2
         summary = prefect.artifact("apollo-summary")["data"]
         assert "road06_Record001_Camera5" in summary and frame.name in summary
+
+        # 6. deploy/stop.sh stops every worker (with its flow-run processes) and the server
+        home = tmp_path / "prefect-home"
+        started = [int(p.read_text()) for p in [*(home / "workers").glob("*.pid"), home / "server.pid"]]
+        prefect.sh("bash", "deploy/stop.sh", timeout=120)
+        alive = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert len(started) == 4 and not alive, alive
     finally:
         prefect.stop()
 
 
 def _request(env: dict[str, str]) -> dict[str, Any]:
     """The apollo deployment's request with the test's paths (as deploy/prefect.yaml fills them)."""
-    label = {"method": "warp-refine", "teacher": env["AUTOLABEL_TEACHER"], "refiner": env["AUTOLABEL_REFINER"],
-             "flow": {"backend": "dis-fast", "device": "cpu"}, "propagation": {"method": "warp-refine", "device": "cpu"}}
+    label = {"propagation": {"method": "warp-refine"}, "teacher": env["AUTOLABEL_TEACHER"],
+             "refiner": env["AUTOLABEL_REFINER"], "flow": {"backend": "dis-fast"}, "device": "cpu"}
     return {"store": env["AUTOLABEL_STORE"], "inbox": env["AUTOLABEL_INBOX"], "layout": "apollo",
             "annotation": {"mode": "window", "n": 21}, "label": label, "label_deployment": "label-sequence/gpu"}
 

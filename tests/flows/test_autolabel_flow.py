@@ -56,7 +56,7 @@ def _request(tmp: Path, checkpoints: tuple[Path, Path], **kw):  # noqa: ANN003, 
 
     teacher, refiner = checkpoints
     return AutolabelRequest(store=str(tmp / "apollo.zarr"), inbox=str(tmp / "inbox"), annotation=WINDOW,
-                            label=LabelSettings(method="warp-refine", teacher=str(teacher), refiner=str(refiner),
+                            label=LabelSettings(teacher=str(teacher), refiner=str(refiner),
                                                 flow=FlowConfig(backend="dis-fast"), export_dir=str(tmp / "export")),
                             **kw)
 
@@ -81,19 +81,19 @@ def test_label_rerun_nightly_and_a_corrupt_drive(harness: None, checkpoints: tup
     first = autolabel_flow(request)
     ids = ["road01_Record001_Camera5", "road02_Record001_Camera5"]
     assert first["labelled"] == ids and first["failed"] == {}
-    rows = first["report"]["rows"]["warp-refine"]
-    assert [r["sequence"] for r in rows] == ids and all(r["has_gt"] and r["miou"] > 0 for r in rows)
+    rows = first["report"].methods["warp-refine"].sequences
+    assert [r.sequence for r in rows] == ids and all(r.has_gt and r.miou is not None and r.miou > 0 for r in rows)
     assert sorted({p.parent.parent.name for p in (tmp_path / "export").glob("*/overlay/*.png")}) == ids
     assert "road01_Record001_Camera5" in str(_artifact("apollo-per-sequence").data)
     for key in ("apollo-miou-by-distance", "apollo-per-class-iou", "apollo-summary"):
         _artifact(key)
 
     # the same sequence again: every stage is served from the cache, nothing is computed
-    again = label_sequence_flow(request.store, ids[0], request.label, 10,
+    again = label_sequence_flow(request.store, ids[0], request.label,
                                 DriveSource(inbox=request.inbox, annotation=WINDOW))
-    assert [s["cached"] or not s["computed"] for s in again["stages"]] == [True] * 5
+    assert [s["cached"] or not s["computed"] for s in again["stages"]] == [True] * 7
     assert [s["stage"] for s in again["stages"] if s["cached"]] == [
-        "flow/dis-fast", "teacher", "results/warp-inpaint", "results/warp-refine"]
+        "flow/dis-fast", "teacher", "results/warp-inpaint", "results/warp-refine", "evaluation", "export"]
 
     # nightly: only the new drive; a drive with a corrupt frame fails alone and the summary lists it
     write_apollo_layout(tmp_path / "inbox", drive_configs(1, DRIVE.model_copy(update={"seed": 2})))
@@ -108,13 +108,41 @@ def test_label_rerun_nightly_and_a_corrupt_drive(harness: None, checkpoints: tup
     assert SequenceStore.open(request.store).sequence_ids() == ids + ["road03_Record001_Camera5"]
 
 
-def test_settings_need_their_checkpoints() -> None:
-    from autolabel.errors import ConfigError
+def test_a_baseline_through_the_flows_scores_its_own_k(harness: None, tmp_path: Path) -> None:
+    """motion-only with the exact flow and K = 5: no teacher, and evaluation scores distances 1..5 only."""
+    from autolabel.flows.autolabel_flow import autolabel_flow
+    from autolabel.flows.run_requests import AutolabelRequest, LabelSettings
+    from autolabel.models.optical_flow import FlowConfig
+    from autolabel.models.propagation import PropagationConfig
+    from autolabel.storage.synthetic_io import write_synthetic_store
+
+    store = str(tmp_path / "synth.zarr")
+    write_synthetic_store(store, drive_configs(2, DRIVE), WINDOW)
+    settings = LabelSettings(propagation=PropagationConfig(method="motion-only", max_distance=5),
+                             flow=FlowConfig(backend="exact"))
+    result = autolabel_flow(AutolabelRequest(store=store, label=settings))
+    assert result["failed"] == {} and result["labelled"] == ["synth-0000", "synth-0001"]
+    report = result["report"]
+    assert report.max_distance == 5 and list(report.methods) == ["motion-only"]
+    assert list(report.methods["motion-only"].miou_by_distance) == ["1", "2", "3", "4", "5"]
+    assert report.methods["motion-only"].frames_scored == 2 * 10
+    seq = SequenceStore.open(store).sequence("synth-0000")
+    assert "teacher" not in seq.stages and seq.stages["results/motion-only"]["settings"]["max_distance"] == 5
+
+
+def test_settings_need_their_checkpoints_and_one_device() -> None:
+    from autolabel.errors import ConfigError, RegistryError
     from autolabel.flows.run_requests import LabelSettings
 
     with pytest.raises(ConfigError, match="needs a refiner"):
-        LabelSettings(method="warp-refine", teacher="t.pt")
+        LabelSettings(propagation={"method": "warp-refine"}, teacher="t.pt")
     with pytest.raises(ConfigError, match="needs a teacher"):
-        LabelSettings(method="warp-inpaint")
-    with pytest.raises(ConfigError, match="baselines"):
-        LabelSettings(method="motion-only")
+        LabelSettings(propagation={"method": "warp-inpaint"})
+    with pytest.raises(ConfigError, match="set the device once"):
+        LabelSettings(propagation={"method": "motion-only", "device": "cuda"})
+    settings = LabelSettings(propagation={"method": "motion-only"}, device="cuda")
+    assert settings.propagation.device == settings.flow.device == "cuda"
+    with pytest.raises(RegistryError, match="unknown flow backend 'dis-mediun'; known: dis-fast"):
+        LabelSettings(propagation={"method": "motion-only"}, flow={"backend": "dis-mediun"})
+    with pytest.raises(RegistryError, match="unknown propagation method 'warp-refin'"):
+        LabelSettings(propagation={"method": "warp-refin"})

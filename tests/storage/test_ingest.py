@@ -3,7 +3,6 @@ and an interrupted ingest (exception or killed process) resumes where it stopped
 
 from __future__ import annotations
 
-import json
 import re
 import os
 import subprocess

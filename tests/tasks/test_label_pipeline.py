@@ -10,7 +10,6 @@ from autolabel.errors import ClassSetMismatchError, ConfigError, StageNotDoneErr
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig
 from autolabel.models.teacher import Teacher
-from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.stages import flow_array_names, flow_stage
 from autolabel.storage.store import SequenceStore
