@@ -43,6 +43,11 @@ class Registry(Generic[T]):
             known = ", ".join(sorted(self._items)) or "none"
             raise RegistryError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
+    def check(self, name: str) -> str:
+        """``name`` if registered, else the RegistryError of :meth:`get` (for pydantic validators)."""
+        self.get(name)
+        return name
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

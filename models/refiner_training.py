@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from autolabel.errors import ConfigError
 from autolabel.models.cycle import CycleSample
@@ -34,14 +34,8 @@ class RefinerTrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    @field_validator("arch", check_fields=False)
-    @classmethod
-    def _known_arch(cls, arch: str) -> str:
-        REFINER_ARCHS.get(arch)  # a RegistryError lists the known names
-        return arch
-
-    arch: str = Field("refine-unet-fr", description="refine-unet-fr (full-resolution head), refine-unet, or "
-                                                      "refine-tiny for tests")
+    arch: Annotated[str, AfterValidator(REFINER_ARCHS.check)] = Field(
+        "refine-unet-fr", description="refine-unet-fr (full-resolution head), refine-unet, or refine-tiny for tests")
     max_cycle: int = Field(6, ge=1, description="cycles of every length 1..max_cycle")
     steps: int = Field(1500, ge=1, description="training steps")
     batch_size: int = Field(8, ge=1, description="cycle samples per step")

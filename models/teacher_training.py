@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from autolabel.errors import ConfigError
 from autolabel.models.optimisation import apply_step, poly_adamw
@@ -31,13 +31,8 @@ class TeacherTrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    @field_validator("arch", check_fields=False)
-    @classmethod
-    def _known_arch(cls, arch: str) -> str:
-        TEACHER_ARCHS.get(arch)  # a RegistryError lists the known names
-        return arch
-
-    arch: str = Field("unet-lite", description="teacher architecture (unet-lite; unet-tiny for tests)")
+    arch: Annotated[str, AfterValidator(TEACHER_ARCHS.check)] = Field(
+        "unet-lite", description="teacher architecture (unet-lite; unet-tiny for tests)")
     epochs: int = Field(40, ge=1, description="passes over the annotated frames")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (tests, adaptation)")
     batch_size: int = Field(8, ge=1, description="frames per step")
