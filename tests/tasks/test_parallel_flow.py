@@ -53,7 +53,7 @@ def test_pieces_cover_whole_shards_and_match_the_serial_flow(long_store: str) ->
 def test_dask_flow_equals_serial(long_store: str, tmp_path: Path) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
-    from autolabel.flows.flow_estimation import run_parallel_flow
+    from autolabel.flows.parallel_flow import run_parallel_flow
 
     store = SequenceStore.open(long_store, mode="r+")
     seq_id = store.sequence_ids()[0]
