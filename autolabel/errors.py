@@ -77,6 +77,26 @@ class NotAnnotatedError(StoreError, LookupError):
     """A manual annotation was asked for on a frame that has none."""
 
 
+class LeaseHeldError(StoreError, RuntimeError):
+    """Another run holds the lease on a sequence stage (and waiting for it timed out)."""
+
+
+class LeaseLostError(StoreError, RuntimeError):
+    """This run's lease on a sequence stage expired and was taken over; nothing was published."""
+
+
+class IdCollisionError(InputDataError):
+    """Two sources map to the same sequence id."""
+
+
+class IntegrityError(StoreError, ValueError):
+    """Stored data is missing or corrupt (a chunk deleted or truncated, say)."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """The store cannot be written (read-only, a file in the way, disk or file size limit full)."""
+
+
 # --- models -------------------------------------------------------------------------------------
 
 

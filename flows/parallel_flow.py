@@ -19,15 +19,15 @@ from prefect_dask import DaskTaskRunner
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.storage.stages import flow_stage
 from autolabel.storage.store import SequenceStore
-from autolabel.tasks.flow_estimation import estimate_flow_piece, finish_flow, flow_pieces
+from autolabel.tasks.flow_estimation import estimate_flow_piece, finish_flow, flow_is_current, flow_pieces
 from autolabel.tasks.pipeline import worker_name
 from autolabel.tasks.stage_tasks import retry_on_io
 
 
 @task(name="flow-piece", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
-def flow_piece(store: str, seq_id: str, config: FlowConfig, start: int, stop: int) -> int:
-    """Flow of pairs ``start..stop-1`` (runs on a dask worker)."""
-    return estimate_flow_piece(SequenceStore.open(store, mode="r+"), seq_id, config, start, stop)
+def flow_piece(store: str, seq_id: str, config: FlowConfig, version: str, start: int, stop: int) -> int:
+    """Flow of pairs ``start..stop-1`` into the version being written (runs on a dask worker)."""
+    return estimate_flow_piece(SequenceStore.open(store, mode="r+"), seq_id, config, version, start, stop)
 
 
 def dask_runner(address: str | None = None, workers: int | None = None) -> DaskTaskRunner:
@@ -45,11 +45,15 @@ def estimate_flow_parallel(store: str, seq_id: str, config: FlowConfig, piece_pa
     """Compute and store the flow of every pair of ``seq_id``, pieces in parallel (see module docstring)."""
     start = time.perf_counter()
     st = SequenceStore.open(store, mode="r+")
-    pieces = flow_pieces(st, seq_id, config, piece_pairs)
-    futures = [flow_piece.submit(store, seq_id, config, a, b) for a, b in pieces]
-    wait(futures)
-    done = sum(f.result() for f in futures)
-    finish_flow(st, seq_id, config)
+    with st.writing(seq_id, flow_stage(config.stored_name)) as out:  # the lease is held here, pieces write
+        if flow_is_current(st.sequence(seq_id), config):
+            return {"stage": flow_stage(config.stored_name), "computed": False, "pairs": 0, "pieces": 0,
+                    "cached": False, "seconds": round(time.perf_counter() - start, 2), "worker": worker_name()}
+        pieces = flow_pieces(out, config, piece_pairs)
+        futures = [flow_piece.submit(store, seq_id, config, out.path, a, b) for a, b in pieces]
+        wait(futures)
+        done = sum(f.result() for f in futures)
+        finish_flow(out, config)
     return {"stage": flow_stage(config.stored_name), "computed": True, "pairs": done, "pieces": len(pieces),
             "cached": False, "seconds": round(time.perf_counter() - start, 2), "worker": worker_name()}
 

@@ -53,6 +53,9 @@ from autolabel.models.refiner import Refiner, RefinerInput
 from autolabel.models.warping import backward_warp, fb_consistency, photometric_error, warp_labels
 
 
+MAX_DISTANCE = 127  # the store keeps each frame's distance to its keyframe as int8
+
+
 class PropagationConfig(BaseModel):
     """Settings of one propagation run."""
 
@@ -76,8 +79,9 @@ class PropagationConfig(BaseModel):
     @field_validator("max_distance")
     @classmethod
     def _k_positive(cls, k: int) -> int:
-        if k < 1:
-            raise ConfigError(f"--max-distance (K) must be at least 1, got {k}")
+        if not 1 <= k <= MAX_DISTANCE:
+            raise ConfigError(f"--max-distance (K) must be 1..{MAX_DISTANCE} frames (distances are stored "
+                              f"as int8), got {k}")
         return k
 
     @field_validator("method")

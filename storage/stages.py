@@ -29,6 +29,9 @@ TEACHER_LABELS = "teacher/labels"          # uint8 (T, H, W) argmax class
 TEACHER_CONFIDENCE = "teacher/confidence"  # uint8 (T, H, W) max probability x 255
 
 
+DISTANCE_DTYPE = "int8"  # a frame's distance to its keyframe (at most MAX_DISTANCE); -1 where not reached
+
+
 def results_stage(method: str) -> str:
     """Stage under which a propagation method's results are marked done."""
     return f"results/{method}"

@@ -10,10 +10,22 @@ Layout::
         annotated  bool  (T,)         frames whose label is a manual annotation
         has_gt     bool  (T,)         frames that carry any label in ``gt``
 
-A sequence becomes visible only when its ``ingest`` stage is marked done, which happens after
-every chunk is written: readers never see half a sequence, and a killed ingest leaves an
-*incomplete* group that the next ingest removes and writes again. Every later stage follows the
-same rule through :meth:`SequenceStore.mark_stage_done`.
+Every stage (ingest included) writes its arrays into a fresh *version* group, e.g.
+``results/warp-refine/v-1764431000-3f2a9c/labels``, while holding the lease on that stage
+(:mod:`storage.leases`: one writer per sequence stage), and publishes it with one metadata write:
+the stage's record in the sequence's ``zarr.json`` (``stages``) names the version (``at``).
+Readers resolve array names (``results/warp-refine/labels``) through those records
+(:meth:`Sequence.array`), so they never see a half-written result, and a write that fails or is
+killed leaves the previous result in place. Replaced versions are deleted
+``LeaseSettings.keep_superseded_s`` after they were replaced, so a reader that is still reading
+one is not cut off; versions left by killed runs go the same way.
+
+A sequence becomes visible only when its ``ingest`` stage is published. Re-ingesting a changed
+drive writes the new frames beside the old ones and swaps them in (dropping the old results) in
+that one metadata write; until then the old sequence and its results stay as they were.
+
+Every update of a sequence's metadata re-reads it under the short ``_meta`` lease, so two runs
+publishing different stages at once never lose each other's records.
 
 Frames and labels are read lazily, one chunk per frame; nothing loads a whole sequence.
 """
@@ -21,8 +33,11 @@ Frames and labels are read lazily, one chunk per frame; nothing loads a whole se
 from __future__ import annotations
 
 import hashlib
+import secrets
+import threading
 import time
-from collections.abc import Iterator, Sequence as SequenceABC
+from collections.abc import Callable, Iterator, Sequence as SequenceABC
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import fsspec
@@ -39,12 +54,16 @@ from autolabel.errors import (
     SchemaVersionError,
     SequenceNotFoundError,
     SizeMismatchError,
+    IntegrityError,
     StoreError,
     StoreNotFoundError,
 )
 from autolabel.storage.classes import ClassSet
 from autolabel.storage.ids import validate_sequence_id
+from autolabel.storage.leases import Lease, LeaseSettings
 from autolabel.storage.stages import INGEST
+
+META = "_meta"  # lease held while a sequence's zarr.json is read, changed and written
 
 SCHEMA_VERSION = 1
 
@@ -63,6 +82,49 @@ class StoreLayout(BaseModel):
 
     def codec(self) -> BloscCodec:
         return BloscCodec(cname="zstd", clevel=self.clevel, shuffle=self.shuffle)
+
+
+def new_version_path(prefix: str) -> str:
+    """A fresh version group path under ``prefix`` (``data`` for the ingest stage)."""
+    return f"{prefix or 'data'}/v-{int(time.time())}-{secrets.token_hex(4)}"
+
+
+def _version_created(name: str) -> float:
+    try:
+        return float(name.split("-")[1])
+    except (IndexError, ValueError):
+        return 0.0
+
+
+def resolve_array_path(stages: dict[str, dict[str, Any]], name: str) -> str:
+    """Where the array ``name`` of a published stage lives, e.g. ``results/m/labels`` -> ``results/m/v-../labels``.
+
+    The record whose ``prefix`` is the longest path prefix of ``name`` wins (the ingest record's
+    prefix is empty). Records without ``at`` (stores written before versions) keep ``name``.
+    """
+    best: tuple[int, str] | None = None
+    for record in stages.values():
+        at, prefix = record.get("at"), record.get("prefix")
+        if at is None or prefix is None:
+            continue
+        if prefix == "" or name == prefix or name.startswith(prefix + "/"):
+            if best is None or len(prefix) > best[0]:
+                rest = name[len(prefix):].lstrip("/")
+                best = (len(prefix), f"{at}/{rest}" if rest else at)
+    return best[1] if best else name
+
+
+class _ThreadLeases:
+    """Per-process, per-thread reentrancy for leases: a thread that holds a lease may take it again."""
+
+    _locks: dict[tuple[str, str, str], threading.RLock] = {}
+    _held: dict[tuple[str, str, str], tuple[Lease, int]] = {}
+    _guard = threading.Lock()
+
+    @classmethod
+    def lock(cls, key: tuple[str, str, str]) -> threading.RLock:
+        with cls._guard:
+            return cls._locks.setdefault(key, threading.RLock())
 
 
 def _open_group(url: str, mode: Literal["r", "r+", "a"]) -> zarr.Group:
@@ -86,6 +148,7 @@ class SequenceStore:
         self.url = url
         self.root = root
         self.classes = classes
+        self.leases = LeaseSettings()
         self._seq_group: zarr.Group | None = None
 
     # --- opening -----------------------------------------------------------------------------
@@ -202,7 +265,129 @@ class SequenceStore:
         for seq_id in self.sequence_ids():
             yield self.sequence(seq_id)
 
-    # --- writing -------------------------------------------------------------------------------
+    # --- leases, publishing, metadata ---------------------------------------------------------
+
+    @contextmanager
+    def lease(self, seq_id: str, stage: str, settings: LeaseSettings | None = None,
+              on_wait: Callable[[str], None] | None = None) -> Iterator[Lease]:
+        """Hold the lease on ``stage`` of ``seq_id`` (reentrant within a thread); waits for other runs."""
+        if self.root.read_only:
+            raise StoreError(f"store {self.url!r} is open read-only; open it with mode='r+' to write stages")
+        key = (self.url, validate_sequence_id(seq_id), stage)
+        lock = _ThreadLeases.lock(key)
+        settings = settings or self.leases
+        if not lock.acquire(timeout=settings.wait_s if settings.wait_s > 0 else -1):
+            raise StoreError(f"another thread of this process writes stage {stage!r} of {seq_id!r}; gave up waiting")
+        try:
+            held = _ThreadLeases._held.get(key)
+            if held is not None:
+                _ThreadLeases._held[key] = (held[0], held[1] + 1)
+                try:
+                    yield held[0]
+                finally:
+                    lease, depth = _ThreadLeases._held[key]
+                    _ThreadLeases._held[key] = (lease, depth - 1)
+                return
+            lease = Lease(self.url, seq_id, stage, settings, on_wait).acquire()
+            _ThreadLeases._held[key] = (lease, 1)
+            try:
+                yield lease
+            finally:
+                del _ThreadLeases._held[key]
+                lease.release()
+        finally:
+            lock.release()
+
+    def _lease_of(self, seq_id: str, stage: str) -> Lease:
+        """The lease this thread holds on ``stage`` of ``seq_id`` (inside :meth:`lease`)."""
+        held = _ThreadLeases._held.get((self.url, seq_id, stage))
+        if held is None:
+            raise StoreError(f"internal: no lease held on {stage!r} of {seq_id!r}")
+        return held[0]
+
+    def update_sequence(self, seq_id: str, change: Callable[[dict[str, Any]], dict[str, Any]],
+                        create: bool = False) -> dict[str, Any]:
+        """Re-read the attributes of ``seq_id`` under the ``_meta`` lease, apply ``change``, write them.
+
+        ``change`` gets a copy of the current attributes and returns the complete new set, written
+        in one atomic metadata write. ``create`` makes the group when it does not exist yet.
+        """
+        meta = self.leases.model_copy(update={"ttl_s": 30.0, "poll_s": 0.02})
+        with self.lease(seq_id, META, meta):
+            group = self._group(seq_id)
+            if group is None:
+                if not create:
+                    raise SequenceNotFoundError(f"store {self.url!r} has no sequence {seq_id!r}")
+                group = self._sequences.create_group(seq_id)
+            attrs = change(dict(group.attrs.asdict()))
+            group.attrs.put(attrs)
+            return attrs
+
+    def mark_stage_done(self, seq_id: str, stage: str, info: dict[str, Any] | None = None,
+                        extra_attrs: dict[str, Any] | None = None, only: bool = False) -> None:
+        """Record that ``stage`` finished for ``seq_id``; call only after all its chunks exist.
+
+        ``extra_attrs`` are written in the same metadata update (one atomic write of zarr.json);
+        ``only`` drops every other stage's record (a replaced sequence's old results).
+        """
+        record = {"finished_at": time.time(), "code_version": autolabel.__version__, **(info or {})}
+
+        def change(attrs: dict[str, Any]) -> dict[str, Any]:
+            stages = {} if only else dict(attrs.get("stages", {}))
+            stages[stage] = record
+            return {**attrs, **(extra_attrs or {}), "stages": stages}
+
+        self.update_sequence(seq_id, change)
+
+    @contextmanager
+    def writing(self, seq_id: str, stage: str, prefix: str | None = None) -> Iterator[StageOutput]:
+        """Write a new version of ``stage`` of ``seq_id``: holds its lease, yields a :class:`StageOutput`.
+
+        Check whether the stage is current *inside* the block (another run may just have published
+        it). Leaving the block without :meth:`StageOutput.publish` deletes what was written.
+        """
+        with self.lease(seq_id, stage) as lease:
+            out = StageOutput(self, seq_id, stage, stage if prefix is None else prefix, lease)
+            try:
+                yield out
+            finally:
+                if not out.published:
+                    out.discard()
+
+    def collect_garbage(self, seq_id: str, now: float | None = None) -> list[str]:
+        """Delete the version groups of ``seq_id`` that no record names, once their grace time passed.
+
+        A version is kept ``keep_superseded_s`` after it was replaced (or created, for one a killed
+        run left), so readers and writers still using it are not cut off. Returns the deleted paths.
+        """
+        group = self._group(seq_id)
+        if group is None:
+            return []
+        now = time.time() if now is None else now
+        used = {r.get("at") for r in group.attrs.get("stages", {}).values()}
+        deleted = []
+        for path, node in _version_groups(group):
+            if path in used:
+                continue
+            since = node.attrs.get("superseded_at") or _version_created(path.rsplit("/", 1)[-1])
+            if now - since > self.leases.keep_superseded_s:
+                parent, name = path.rsplit("/", 1)
+                try:
+                    del group[parent][name]
+                    deleted.append(path)
+                except (KeyError, FileNotFoundError):
+                    pass
+        return deleted
+
+    def _supersede(self, seq_id: str, paths: list[str]) -> None:
+        group = self._group(seq_id)
+        for path in paths:
+            try:
+                group[path].attrs["superseded_at"] = time.time()  # type: ignore[index]
+            except (KeyError, TypeError):
+                pass
+
+    # --- writing sequences ------------------------------------------------------------------------
 
     def new_sequence(
         self,
@@ -214,40 +399,30 @@ class SequenceStore:
         layout: StoreLayout | None = None,
         source_fingerprint: str | None = None,
     ) -> SequenceWriter:
-        """Start writing a sequence; any earlier (complete or incomplete) one with this id goes.
+        """Start writing (a new version of) a sequence; use the writer as a context manager.
 
+        A complete sequence with this id stays readable, with its results, until the new one is
+        finished; :meth:`SequenceWriter.finish` swaps it in and drops the old results. The writer
+        holds the ``ingest`` lease of ``seq_id`` from here until it finishes or aborts.
         ``source_fingerprint`` (names, sizes and times of the source files) lets a later ingest
         notice that the source changed.
         """
-        self.delete_sequence(seq_id)
-        writer = SequenceWriter(self, seq_id, expected_frames, source, fps, layout or StoreLayout())
+        validate_sequence_id(seq_id)
+        lease = self.lease(seq_id, INGEST)
+        lease.__enter__()
+        try:
+            writer = SequenceWriter(self, seq_id, expected_frames, source, fps, layout or StoreLayout())
+        except BaseException:
+            lease.__exit__(None, None, None)
+            raise
         writer.source_fingerprint = source_fingerprint
+        writer._lease = lease
         return writer
 
     def delete_sequence(self, seq_id: str) -> None:
-        if self._group(seq_id) is not None:
-            del self._sequences[seq_id]
-
-    def mark_stage_done(self, seq_id: str, stage: str, info: dict[str, Any] | None = None,
-                        extra_attrs: dict[str, Any] | None = None) -> None:
-        """Record that ``stage`` finished for ``seq_id``; call only after all its chunks exist.
-
-        ``extra_attrs`` are written in the same metadata update (one atomic write of zarr.json).
-        """
-        group = self._group(seq_id)
-        if group is None:
-            raise SequenceNotFoundError(f"store {self.url!r} has no sequence {seq_id!r}")
-        stages = dict(group.attrs.get("stages", {}))
-        stages[stage] = {"finished_at": time.time(), "code_version": autolabel.__version__, **(info or {})}
-        group.attrs.update({**(extra_attrs or {}), "stages": stages})
-
-    def clear_stage(self, seq_id: str, stage: str) -> None:
-        """Forget that ``stage`` finished (call before rewriting its arrays)."""
-        group = self._group(seq_id)
-        if group is not None and stage in group.attrs.get("stages", {}):
-            stages = dict(group.attrs["stages"])
-            del stages[stage]
-            group.attrs["stages"] = stages
+        with self.lease(seq_id, INGEST):
+            if self._group(seq_id) is not None:
+                del self._sequences[seq_id]
 
     def writable_sequence(self, seq_id: str) -> Sequence:
         """A complete sequence whose group later stages may write into (store opened r+)."""
@@ -264,6 +439,80 @@ class SequenceStore:
             return int(fs.du(path, total=True))
         except FileNotFoundError:
             return 0
+
+
+def _version_groups(group: zarr.Group, depth: int = 3, prefix: str = "") -> Iterator[tuple[str, zarr.Group]]:
+    """Every ``v-*`` version group under a sequence group (``data/v-..``, ``results/m/v-..``)."""
+    for name, child in group.groups():
+        path = f"{prefix}{name}"
+        if name.startswith("v-"):
+            yield path, child
+        elif depth > 1:
+            yield from _version_groups(child, depth - 1, path + "/")
+
+
+class StageOutput:
+    """A new version of one stage of one sequence, written under its lease and published at once.
+
+    Arrays go into :attr:`group` (named relative to the stage: ``labels``, not
+    ``results/m/labels``). :meth:`publish` checks the lease is still ours and writes the stage
+    record pointing at this version in one metadata write; the version it replaces is marked
+    superseded and deleted later by :meth:`SequenceStore.collect_garbage`.
+    """
+
+    def __init__(self, store: SequenceStore, seq_id: str, stage: str, prefix: str, lease: Lease) -> None:
+        self.store, self.seq_id, self.stage, self.prefix, self.lease = store, seq_id, stage, prefix, lease
+        self.path = new_version_path(prefix)
+        self.published = False
+        self._group: zarr.Group | None = None
+
+    @property
+    def group(self) -> zarr.Group:
+        """The version group (created on first use)."""
+        if self._group is None:
+            seq_group = self.store._group(self.seq_id)
+            if seq_group is None:
+                raise SequenceNotFoundError(f"store {self.store.url!r} has no sequence {self.seq_id!r}")
+            self._group = seq_group.require_group(self.path)
+        return self._group
+
+    def publish(self, info: dict[str, Any] | None = None, extra_attrs: dict[str, Any] | None = None,
+                only: bool = False, also: dict[str, dict[str, Any]] | None = None) -> None:
+        """Make this version the stage's result (one metadata write); see :meth:`SequenceStore.mark_stage_done`.
+
+        ``also``: records of further stages published in the same write.
+        """
+        self.lease.check()
+        previous: list[str] = []
+
+        def change(attrs: dict[str, Any]) -> dict[str, Any]:
+            stages = dict(attrs.get("stages", {}))
+            replaced = stages.values() if only else [stages.get(self.stage, {})]
+            previous.extend(r["at"] for r in replaced if r.get("at"))
+            stages = {} if only else stages
+            stages[self.stage] = {"finished_at": time.time(), "code_version": autolabel.__version__,
+                                  **(info or {}), "at": self.path if self._group is not None else None,
+                                  "prefix": self.prefix}
+            for name, record in (also or {}).items():
+                stages[name] = {"finished_at": time.time(), "code_version": autolabel.__version__, **record}
+            return {**attrs, **(extra_attrs or {}), "stages": stages}
+
+        self.store.update_sequence(self.seq_id, change)
+        self.published = True
+        self.store._supersede(self.seq_id, previous)
+        self.store.collect_garbage(self.seq_id)
+
+    def discard(self) -> None:
+        """Delete the unpublished version (best effort: a leftover is collected later)."""
+        if self._group is None:
+            return
+        try:
+            parent, name = self.path.rsplit("/", 1)
+            seq_group = self.store._group(self.seq_id)
+            if seq_group is not None:
+                del seq_group[parent][name]
+        except Exception:  # noqa: BLE001 - storage may be what failed; garbage collection retries
+            pass
 
 
 class Sequence:
@@ -322,11 +571,18 @@ class Sequence:
         return stage in self.stages
 
     def array(self, name: str) -> zarr.Array:
-        """A named array of this sequence (``frames``, ``gt``, ``flow_fw``...)."""
+        """A named array of a published stage (``frames``, ``gt``, ``results/warp-refine/labels``...)."""
+        path = resolve_array_path(self.stages, name)
         try:
-            return self.group[name]
+            node = self.group[path]
         except KeyError:
-            raise StoreError(f"sequence {self.id!r} has no array {name!r}") from None
+            raise IntegrityError(
+                f"sequence {self.id!r} in {self.store.url!r} has no array {name!r} ({path}) although its "
+                f"stage is recorded as done; run `autolabel verify {self.store.url}` and relabel the sequence"
+            ) from None
+        if not isinstance(node, zarr.Array):
+            raise IntegrityError(f"sequence {self.id!r}: {path} is a group, not an array")
+        return node
 
     @property
     def annotated(self) -> np.ndarray:
@@ -467,12 +723,15 @@ class SequenceWriter:
         self.store = store
         self.id = seq_id
         self.layout = layout
+        self.source, self.fps = source, fps
         self.source_fingerprint: str | None = None
         self.expected = max(int(expected_frames), 1)
-        self.group = store._sequences.create_group(seq_id, overwrite=True)
-        self.group.attrs.update(
-            {"source": source, "fps": fps, "stages": {}, "written_by": f"autolabel {autolabel.__version__}"}
-        )
+        self._lease: Any = None  # the ingest lease's context manager, set by SequenceStore.new_sequence
+        if store._group(seq_id) is None:
+            store.update_sequence(seq_id, lambda attrs: {**attrs, "source": source, "stages": {}}, create=True)
+        lease = store._lease_of(seq_id, INGEST)
+        self._output = StageOutput(store, seq_id, INGEST, "", lease)
+        self.group = self._output.group
         self.names: list[str] = []
         self.has_gt: list[bool] = []
         self._frames: FrameArrayWriter | None = None
@@ -532,11 +791,14 @@ class SequenceWriter:
         self.names.append(name)
         self.has_gt.append(label is not None)
 
-    def finish(self, annotated: SequenceABC[bool] | np.ndarray) -> Sequence:
+    def finish(self, annotated: SequenceABC[bool] | np.ndarray,
+               stages: dict[str, dict[str, Any]] | None = None) -> Sequence:
         """Flush, write the masks and metadata, and mark the sequence complete.
 
         Args:
             annotated: bool (T,) which frames are manual annotations; each must have a label.
+            stages: records of further stages written with the frames (``flow/exact``), published
+                in the same metadata write; their arrays live in the ingest version.
         """
         if not self.names or self._frames is None or self._gt is None:
             raise EmptySequenceError(f"sequence {self.id!r} has no frames")
@@ -557,10 +819,14 @@ class SequenceWriter:
         self._hash.update("|".join(self.store.classes.names).encode())
         height, width = self._shape or (0, 0)
         # metadata and the ingest stage go in one final write: only now is the sequence visible
-        self.store.mark_stage_done(
-            self.id, INGEST,
+        # (or, for a replacement, only now do the new frames replace the old ones and their results)
+        self._output.publish(
             {"frames": num, "annotated": int(ann.sum()), "ground_truth": int(has_gt.sum())},
+            only=True, also=stages,
             extra_attrs={
+                "source": self.source,
+                "fps": self.fps,
+                "written_by": f"autolabel {autolabel.__version__}",
                 "num_frames": num,
                 "size": [width, height],
                 "frame_names": self.names,
@@ -570,15 +836,27 @@ class SequenceWriter:
             },
         )
         self._finished = True
+        self._release()
         return self.store.sequence(self.id)
 
+    def _release(self) -> None:
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            lease.__exit__(None, None, None)
+
     def abort(self) -> None:
-        """Delete the partial sequence (nothing half-written stays behind)."""
-        if not self._finished:
-            for w in (self._frames, self._gt):
-                if w is not None:
-                    w.discard()
-            try:
-                self.store.delete_sequence(self.id)
-            except Exception:  # noqa: BLE001 - best effort; an incomplete group stays invisible
-                pass
+        """Delete what this writer wrote; a sequence that was complete before stays as it was."""
+        try:
+            if not self._finished:
+                for w in (self._frames, self._gt):
+                    if w is not None:
+                        w.discard()
+                try:
+                    if self.store._is_complete(self.id):
+                        self._output.discard()
+                    else:  # nothing published ever: the whole group goes
+                        del self.store._sequences[self.id]
+                except Exception:  # noqa: BLE001 - best effort; leftovers are invisible and collected later
+                    pass
+        finally:
+            self._release()

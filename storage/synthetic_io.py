@@ -63,9 +63,8 @@ def write_drive(
                 on_frame()
         fw.close()
         bw.close()
-        seq = writer.finish(annotation.select(np.ones(t_total, dtype=bool)))
-    if t_total > 1:
-        store.mark_stage_done(seq_id, flow_stage(EXACT_FLOW), {"backend": EXACT_FLOW, "pairs": t_total - 1})
+        exact = {flow_stage(EXACT_FLOW): {"backend": EXACT_FLOW, "pairs": t_total - 1}} if t_total > 1 else {}
+        seq = writer.finish(annotation.select(np.ones(t_total, dtype=bool)), stages=exact)
     return SequenceOutcome(id=seq_id, status="ingested", frames=seq.num_frames,
                            annotated=int(seq.annotated.sum()), ground_truth=seq.num_frames)
 

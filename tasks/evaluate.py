@@ -168,13 +168,14 @@ def evaluate_sequence(store: SequenceStore, seq_id: str, methods: Iterable[str],
     """
     rows = []
     for method in methods:
-        seq = store.writable_sequence(seq_id)
-        row = stored_evaluation(seq, method, max_distance)
-        if row is None:
-            row = score_sequence(seq, method, max_distance, on_frame)
-            store.mark_stage_done(seq_id, evaluation_stage(method), {
-                "settings": _evaluation_settings(seq, method, max_distance),
-                "evaluation": row.model_dump(), "confusion": row.confusion})
+        with store.lease(seq_id, evaluation_stage(method)):
+            seq = store.writable_sequence(seq_id)
+            row = stored_evaluation(seq, method, max_distance)
+            if row is None:
+                row = score_sequence(seq, method, max_distance, on_frame)
+                store.mark_stage_done(seq_id, evaluation_stage(method), {
+                    "settings": _evaluation_settings(seq, method, max_distance),
+                    "evaluation": row.model_dump(), "confusion": row.confusion})
         rows.append(row)
     return rows
 

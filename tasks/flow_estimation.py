@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import zarr
 
 from autolabel.errors import StageNotDoneError
 from autolabel.models.optical_flow import EXACT, FlowConfig, FlowEstimator
 from autolabel.storage.stages import flow_array_names, flow_stage
-from autolabel.storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
+from autolabel.storage.store import FrameArrayWriter, Sequence, SequenceStore, StageOutput, StoreLayout
 
 # flow compresses little (about 1.8x at best); zstd-1 with byte shuffle encodes 2.5x faster
 # than zstd-3 bitshuffle for nearly the same ratio
@@ -34,41 +35,47 @@ def estimate_flow(
     """Compute and store the flow of every consecutive frame pair of ``seq_id``.
 
     Skips the work (returns False) when flow with the same settings is already stored. Writes
-    ``flow/<name>/fw`` and ``flow/<name>/bw`` (float16, (T-1, 2, H, W)) and marks the stage done
-    only after the last pair. The ``exact`` backend is never computed: it must already exist.
+    ``flow/<name>/fw`` and ``flow/<name>/bw`` (float16, (T-1, 2, H, W)) into a new version under
+    the stage's lease and publishes it after the last pair. The ``exact`` backend is never
+    computed: it must already exist.
     """
-    seq = store.writable_sequence(seq_id)
-    if flow_is_current(seq, config):
-        return False
+    name = config.stored_name
+    with store.writing(seq_id, flow_stage(name)) as out:
+        seq = store.writable_sequence(seq_id)
+        if flow_is_current(seq, config):
+            return False
+        _refuse_exact(seq_id, config)
+        pairs = max(seq.num_frames - 1, 0)
+        fw, bw = _flow_writers(out.group, seq, pairs)
+        own = estimator is None
+        estimator = estimator or FlowEstimator(config)
+        try:
+            for f, b in estimator.pairs(seq.iter_frames()):
+                fw.append(f.astype(np.float16))
+                bw.append(b.astype(np.float16))
+                if on_pair is not None:
+                    on_pair()
+        finally:
+            if own:
+                estimator.close()
+        fw.close()
+        bw.close()
+        out.publish({"pairs": pairs, "settings": config.settings_key()})
+    return True
+
+
+def _refuse_exact(seq_id: str, config: FlowConfig) -> None:
     if config.backend == EXACT:
         raise StageNotDoneError(
             f"sequence {seq_id!r} has no exact flow: only synthetic drives store it; choose a "
             "computed backend such as --flow dis-medium"
         )
-    name = config.stored_name
-    store.clear_stage(seq_id, flow_stage(name))
-    pairs = max(seq.num_frames - 1, 0)
-    group = seq.group.require_group("flow").require_group(name)
-    layout = FLOW_LAYOUT
-    dims = ("T", "XY", "H", "W")
-    shape = (2, seq.height, seq.width)
-    fw = FrameArrayWriter(group, "fw", shape, "float16", max(pairs, 1), layout, 0, dims)
-    bw = FrameArrayWriter(group, "bw", shape, "float16", max(pairs, 1), layout, 0, dims)
-    own = estimator is None
-    estimator = estimator or FlowEstimator(config)
-    try:
-        for f, b in estimator.pairs(seq.iter_frames()):
-            fw.append(f.astype(np.float16))
-            bw.append(b.astype(np.float16))
-            if on_pair is not None:
-                on_pair()
-    finally:
-        if own:
-            estimator.close()
-    fw.close()
-    bw.close()
-    store.mark_stage_done(seq_id, flow_stage(name), {"pairs": pairs, "settings": config.settings_key()})
-    return True
+
+
+def _flow_writers(group: zarr.Group, seq: Sequence, pairs: int) -> tuple[FrameArrayWriter, FrameArrayWriter]:
+    shape, dims = (2, seq.height, seq.width), ("T", "XY", "H", "W")
+    return (FrameArrayWriter(group, "fw", shape, "float16", max(pairs, 1), FLOW_LAYOUT, 0, dims),
+            FrameArrayWriter(group, "bw", shape, "float16", max(pairs, 1), FLOW_LAYOUT, 0, dims))
 
 
 def flow_arrays(seq: Sequence, name: str):  # noqa: ANN201 - two zarr arrays
@@ -82,34 +89,28 @@ def flow_arrays(seq: Sequence, name: str):  # noqa: ANN201 - two zarr arrays
     return seq.array(fw_name), seq.array(bw_name)
 
 
-def flow_pieces(store: SequenceStore, seq_id: str, config: FlowConfig, piece_pairs: int = 32) -> list[tuple[int, int]]:
-    """Prepare a parallel flow computation: create empty ``fw``/``bw`` arrays, return the pair ranges.
+def flow_pieces(out: StageOutput, config: FlowConfig, piece_pairs: int = 32) -> list[tuple[int, int]]:
+    """Prepare a parallel flow computation in ``out`` (see :meth:`SequenceStore.writing`).
 
-    Each range covers whole shards, so pieces written by different processes never share a shard.
-    Call :func:`estimate_flow_piece` for every range (in any order, anywhere), then
+    Creates empty ``fw``/``bw`` arrays in the new version and returns the pair ranges; each range
+    covers whole shards, so pieces written by different processes never share a shard. Call
+    :func:`estimate_flow_piece` for every range (in any order, anywhere, with ``out.path``), then
     :func:`finish_flow`.
     """
-    if config.backend == EXACT:
-        raise StageNotDoneError(f"sequence {seq_id!r}: the exact flow is stored at ingest, not computed")
-    seq = store.writable_sequence(seq_id)
-    name = config.stored_name
-    store.clear_stage(seq_id, flow_stage(name))
-    pairs = max(seq.num_frames - 1, 1)
-    group = seq.group.require_group("flow").require_group(name)
-    shape = (2, seq.height, seq.width)
-    step = 1
-    for array_name in ("fw", "bw"):
-        writer = FrameArrayWriter(group, array_name, shape, "float16", pairs, FLOW_LAYOUT, 0, ("T", "XY", "H", "W"))
-        step = writer.step
+    _refuse_exact(out.seq_id, config)
+    seq = out.store.sequence(out.seq_id)
+    fw, _ = _flow_writers(out.group, seq, max(seq.num_frames - 1, 1))
+    step = fw.step
     size = max(step, piece_pairs // step * step)
     return [(a, min(a + size, seq.num_frames - 1)) for a in range(0, seq.num_frames - 1, size)]
 
 
-def estimate_flow_piece(store: SequenceStore, seq_id: str, config: FlowConfig, start: int, stop: int) -> int:
-    """Compute the flow of pairs ``start..stop-1`` and write them into the arrays of :func:`flow_pieces`."""
+def estimate_flow_piece(store: SequenceStore, seq_id: str, config: FlowConfig, version: str,
+                        start: int, stop: int) -> int:
+    """Compute the flow of pairs ``start..stop-1`` into the arrays of :func:`flow_pieces` at ``version``."""
     seq = store.sequence(seq_id)
-    fw_name, bw_name = flow_array_names(config.stored_name)
-    fw, bw = seq.array(fw_name), seq.array(bw_name)
+    group = seq.group[version]
+    fw, bw = group["fw"], group["bw"]
     forward, backward = [], []
     with FlowEstimator(config.model_copy(update={"workers": 1})) as estimator:
         for f, b in estimator.pairs(seq.iter_frames(start, stop + 1)):
@@ -120,8 +121,7 @@ def estimate_flow_piece(store: SequenceStore, seq_id: str, config: FlowConfig, s
     return stop - start
 
 
-def finish_flow(store: SequenceStore, seq_id: str, config: FlowConfig) -> None:
-    """Mark the flow stage of a parallel computation done (after every piece is written)."""
-    seq = store.sequence(seq_id)
-    store.mark_stage_done(seq_id, flow_stage(config.stored_name),
-                          {"pairs": max(seq.num_frames - 1, 0), "settings": config.settings_key()})
+def finish_flow(out: StageOutput, config: FlowConfig) -> None:
+    """Publish the flow of a parallel computation (after every piece is written)."""
+    seq = out.store.sequence(out.seq_id)
+    out.publish({"pairs": max(seq.num_frames - 1, 0), "settings": config.settings_key()})

@@ -13,11 +13,11 @@ from autolabel.models.propagation import Candidate, PropagationConfig, create_me
 from autolabel.models.refiner import Refiner
 from autolabel.models.teacher import Teacher
 from autolabel.storage.stages import (
+    DISTANCE_DTYPE,
     TEACHER,
-    flow_stage,
     TEACHER_CONFIDENCE,
     TEACHER_LABELS,
-    result_array_names,
+    flow_stage,
     results_stage,
 )
 from autolabel.storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
@@ -148,33 +148,31 @@ def propagate_sequence(
     warp-refine also needs ``refiner`` (its sha256 goes into the settings) and ``feature_teacher``,
     the teacher the refiner was trained with (its features are computed per frame).
     """
-    seq = store.writable_sequence(seq_id)
-    method = create_method(config, refiner)
-    inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher,
-                                 feature_teacher if method.needs_refiner else None)
-    settings = expected_settings(seq, config, flow_name, refiner_sha256)
     stage = results_stage(config.method)
-    if seq.stages.get(stage, {}).get("settings") == settings:
-        return False
-    store.clear_stage(seq_id, stage)
-    labels_name, conf_name, distance_name = result_array_names(config.method)
-    shape = (seq.height, seq.width)
-    dims = ("T", "H", "W")
-    ignore = store.classes.ignore_index
-    labels_w = FrameArrayWriter(seq.group, labels_name, shape, "uint8", seq.num_frames, StoreLayout(), ignore, dims)
-    conf_w = FrameArrayWriter(seq.group, conf_name, shape, "uint8", seq.num_frames, StoreLayout(), 0, dims)
-    scratch_path = f"results/{config.method}/_backward"
-    buffer = StoreCandidateBuffer(seq.group.require_group(scratch_path), seq.num_frames, *shape, ignore)
-    distance = np.full(seq.num_frames, -1, dtype=np.int8)
-    for out in propagate_frames(inputs, config, buffer, on_step, refiner):
-        labels_w.append(out.labels)
-        conf_w.append(out.confidence)
-        distance[out.t] = out.distance
-    labels_w.close()
-    conf_w.close()
-    dist = seq.group.create_array(distance_name, shape=(seq.num_frames,), chunks=(seq.num_frames,),
-                                  dtype="int8", fill_value=-1, overwrite=True, dimension_names=("T",))
-    dist[:] = distance
-    del seq.group[scratch_path]
-    store.mark_stage_done(seq_id, stage, {"settings": settings, "reached": int((distance > 0).sum())})
+    with store.writing(seq_id, stage) as out:
+        seq = store.writable_sequence(seq_id)
+        method = create_method(config, refiner)
+        inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher,
+                                     feature_teacher if method.needs_refiner else None)
+        settings = expected_settings(seq, config, flow_name, refiner_sha256)
+        if seq.stages.get(stage, {}).get("settings") == settings:
+            return False
+        shape = (seq.height, seq.width)
+        dims = ("T", "H", "W")
+        ignore = store.classes.ignore_index
+        labels_w = FrameArrayWriter(out.group, "labels", shape, "uint8", seq.num_frames, StoreLayout(), ignore, dims)
+        conf_w = FrameArrayWriter(out.group, "confidence", shape, "uint8", seq.num_frames, StoreLayout(), 0, dims)
+        buffer = StoreCandidateBuffer(out.group.require_group("_backward"), seq.num_frames, *shape, ignore)
+        distance = np.full(seq.num_frames, -1, dtype=DISTANCE_DTYPE)
+        for out_frame in propagate_frames(inputs, config, buffer, on_step, refiner):
+            labels_w.append(out_frame.labels)
+            conf_w.append(out_frame.confidence)
+            distance[out_frame.t] = out_frame.distance
+        labels_w.close()
+        conf_w.close()
+        dist = out.group.create_array("distance", shape=(seq.num_frames,), chunks=(seq.num_frames,),
+                                      dtype=DISTANCE_DTYPE, fill_value=-1, overwrite=True, dimension_names=("T",))
+        dist[:] = distance
+        del out.group["_backward"]
+        out.publish({"settings": settings, "reached": int((distance > 0).sum())})
     return True

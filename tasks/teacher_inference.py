@@ -8,7 +8,7 @@ import numpy as np
 
 from autolabel.models.teacher import Teacher
 from autolabel.models.teacher_training import adapt_teacher
-from autolabel.storage.stages import TEACHER, TEACHER_CONFIDENCE, TEACHER_LABELS
+from autolabel.storage.stages import TEACHER
 from autolabel.storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
 from autolabel.storage.training_data import AnnotatedFrames
 
@@ -38,32 +38,30 @@ def infer_teacher(
     annotated frames (per-sequence adaptation). Skips (returns False) when the stage already holds
     the output of the same checkpoint and adaptation.
     """
-    seq = store.writable_sequence(seq_id)
     teacher.check_classes(store.classes.names, store.classes.ignore_index, f"store {store.url!r}")
-    if teacher_is_current(seq, teacher_hash, adapt_steps):
-        return False
-    store.clear_stage(seq_id, TEACHER)
-    model = teacher
-    if adapt_steps > 0:
-        samples = AnnotatedFrames.from_sequence(seq)
-        if len(samples):
-            model = adapt_teacher(teacher, samples, adapt_steps)
-    group = seq.group
-    shape = (seq.height, seq.width)
-    labels_w = FrameArrayWriter(group, TEACHER_LABELS, shape, "uint8", seq.num_frames, StoreLayout(),
-                                store.classes.ignore_index, ("T", "H", "W"))
-    conf_w = FrameArrayWriter(group, TEACHER_CONFIDENCE, shape, "uint8", seq.num_frames, StoreLayout(), 0,
-                              ("T", "H", "W"))
-    for start in range(0, seq.num_frames, batch_size):
-        frames = np.stack(list(seq.iter_frames(start, min(start + batch_size, seq.num_frames))))
-        labels, conf = model.predict_labels(frames)
-        for lab, c in zip(labels, conf):
-            labels_w.append(lab)
-            conf_w.append(np.clip(np.round(c * 255), 0, 255).astype(np.uint8))
-            if on_frame is not None:
-                on_frame()
-    labels_w.close()
-    conf_w.close()
-    store.mark_stage_done(seq_id, TEACHER, {"settings": teacher_settings(teacher_hash, adapt_steps),
-                                            "classes": teacher.classes})
+    with store.writing(seq_id, TEACHER) as out:
+        seq = store.writable_sequence(seq_id)
+        if teacher_is_current(seq, teacher_hash, adapt_steps):
+            return False
+        model = teacher
+        if adapt_steps > 0:
+            samples = AnnotatedFrames.from_sequence(seq)
+            if len(samples):
+                model = adapt_teacher(teacher, samples, adapt_steps)
+        shape = (seq.height, seq.width)
+        labels_w = FrameArrayWriter(out.group, "labels", shape, "uint8", seq.num_frames, StoreLayout(),
+                                    store.classes.ignore_index, ("T", "H", "W"))
+        conf_w = FrameArrayWriter(out.group, "confidence", shape, "uint8", seq.num_frames, StoreLayout(), 0,
+                                  ("T", "H", "W"))
+        for start in range(0, seq.num_frames, batch_size):
+            frames = np.stack(list(seq.iter_frames(start, min(start + batch_size, seq.num_frames))))
+            labels, conf = model.predict_labels(frames)
+            for lab, c in zip(labels, conf):
+                labels_w.append(lab)
+                conf_w.append(np.clip(np.round(c * 255), 0, 255).astype(np.uint8))
+                if on_frame is not None:
+                    on_frame()
+        labels_w.close()
+        conf_w.close()
+        out.publish({"settings": teacher_settings(teacher_hash, adapt_steps), "classes": teacher.classes})
     return True

@@ -158,13 +158,15 @@ def test_killed_process_leaves_an_invisible_partial_that_the_rerun_replaces(tmp_
     store = SequenceStore.open(local_store_url)
     assert store.sequence_ids() == ["a"]
     assert store.incomplete_ids() == ["b"]  # chunks of b exist on disk, but b is not visible
-    assert any((Path(local_store_url) / "sequences" / "b" / "frames" / "c").iterdir())
+    assert list((Path(local_store_url) / "sequences" / "b" / "data").glob("v-*/frames/c/*"))
+    assert (Path(local_store_url) / "_leases" / "b~ingest.json").exists()  # the killed run's lease stays
 
     options = ReaderOptions(labels=labels, classes_file=classes)
     report = ingest(read_dataset("folder", root, options), local_store_url)
     assert [(o.id, o.status) for o in report.outcomes] == [("a", "skipped"), ("b", "ingested"), ("c", "ingested")]
     store = SequenceStore.open(local_store_url)
     assert store.incomplete_ids() == []
+    assert not (Path(local_store_url) / "_leases" / "b~ingest.json").exists()  # taken over: its owner is dead
     seq = store.sequence("b")
     source = list(read_dataset("folder", root, options).sequences[1].iter_items())
     assert seq.num_frames == 6

@@ -116,11 +116,12 @@ class TestLazyReads:
         layout = StoreLayout(shard_threshold=4, shard_frames=4) if sharded else None
         _write(store, "lazy", 12, layout=layout)
         recording = _RecordingStore(zarr.storage.LocalStore(local_store_url, read_only=True))
-        frames = zarr.open_group(recording, mode="r")["sequences/lazy/frames"]
+        path = f"sequences/lazy/{store.sequence('lazy').stages['ingest']['at']}/frames"
+        frames = zarr.open_group(recording, mode="r")[path]
         recording.keys.clear()
         frames[5]
         # unsharded: the chunk of frame 5; sharded: the shard index plus one chunk of shard 1
-        expected = "sequences/lazy/frames/c/1/0/0/0" if sharded else "sequences/lazy/frames/c/5/0/0/0"
+        expected = f"{path}/c/1/0/0/0" if sharded else f"{path}/c/5/0/0/0"
         assert set(recording.keys) == {expected}, recording.keys
 
 

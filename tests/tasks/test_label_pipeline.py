@@ -107,10 +107,10 @@ def test_reversed_flow_convention_is_caught(local_store_url: str) -> None:
     store = SequenceStore.open(local_store_url, mode="r+")
     seq = store.sequence("synth-0000")
     fw, bw = (seq.array(n)[:] for n in flow_array_names("exact"))
-    group = seq.group.require_group("flow").require_group("swapped")
-    for name, data in (("fw", bw), ("bw", fw)):
-        group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(1, *data.shape[1:]))[:] = data
-    store.mark_stage_done("synth-0000", flow_stage("swapped"))
+    with store.writing("synth-0000", flow_stage("swapped")) as out:
+        for name, data in (("fw", bw), ("bw", fw)):
+            out.group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(1, *data.shape[1:]))[:] = data
+        out.publish()
     scores = {}
     for flow in ("exact", "swapped"):
         propagate_sequence(store, "synth-0000", PropagationConfig(method="motion-only"), flow)

@@ -38,13 +38,16 @@ def test_pieces_cover_whole_shards_and_match_the_serial_flow(long_store: str) ->
     seq_id = store.sequence_ids()[0]
     estimate_flow(store, seq_id, CONFIG)
     serial = _flows(store, seq_id)
-    pieces = flow_pieces(store, seq_id, CONFIG, piece_pairs=20)
-    assert pieces == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 69)]  # 16-frame shards, 69 pairs
-    assert not store.sequence(seq_id).stage_done(flow_stage(CONFIG.stored_name))
-    for a, b in reversed(pieces):  # any order
-        estimate_flow_piece(store, seq_id, CONFIG, a, b)
-    finish_flow(store, seq_id, CONFIG)
-    assert store.sequence(seq_id).stage_done(flow_stage(CONFIG.stored_name))
+    before = store.sequence(seq_id).stages[flow_stage(CONFIG.stored_name)]
+    with store.writing(seq_id, flow_stage(CONFIG.stored_name)) as out:
+        pieces = flow_pieces(out, CONFIG, piece_pairs=20)
+        assert pieces == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 69)]  # 16-frame shards, 69 pairs
+        # until published, readers still see the earlier version
+        assert store.sequence(seq_id).stages[flow_stage(CONFIG.stored_name)] == before
+        for a, b in reversed(pieces):  # any order
+            estimate_flow_piece(store, seq_id, CONFIG, out.path, a, b)
+        finish_flow(out, CONFIG)
+    assert store.sequence(seq_id).stages[flow_stage(CONFIG.stored_name)]["at"] == out.path
     for got, want in zip(_flows(store, seq_id), serial):
         np.testing.assert_array_equal(got, want)
 
