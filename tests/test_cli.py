@@ -166,7 +166,8 @@ def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--method", "warp-inpaint"], "needs a teacher checkpoint: pass --teacher"),
-    (["--method", "motion-only", "--max-distance", "0"], "must be at least 1"),
+    (["--method", "motion-only", "--max-distance", "0"], "must be 1..127 frames"),
+    (["--method", "motion-only", "--max-distance", "1000"], "must be 1..127 frames"),
     (["--method", "semantic-only", "--teacher", "{tmp}/none.pt"], "none.pt does not exist; make one with"),
 ])
 def test_label_errors(tmp_path: Path, args: list[str], message: str) -> None:
