@@ -108,6 +108,10 @@ class CheckpointError(AutolabelError, ValueError):
     """A model checkpoint is missing, corrupt, or does not fit the data."""
 
 
+class FlowError(AutolabelError, RuntimeError):
+    """Optical flow could not be computed (a worker process died, say)."""
+
+
 class MissingDependencyError(AutolabelError, ImportError):
     """An optional package (torchvision for RAFT, say) is needed but not installed."""
 

@@ -19,10 +19,14 @@ cores, while Farneback gains from one process per core; ``workers=0`` (auto) pic
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from autolabel.errors import CheckpointError, ConfigError, MissingDependencyError
+from autolabel.errors import CheckpointError, ConfigError, FlowError, MissingDependencyError
 from autolabel.registry import Registry
 
 EXACT = "exact"
@@ -199,10 +203,36 @@ def create_backend(config: FlowConfig) -> FlowBackend:
 _WORKER_BACKEND: FlowBackend | None = None
 
 
-def _worker_init(config: FlowConfig) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this pool worker exit when the process that started it dies, even by SIGKILL.
+
+    Linux: the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``). Everywhere: a
+    daemon thread also checks every second that the parent is still the same process.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(1.0)
+
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _worker_init(config: FlowConfig, parent_pid: int) -> None:
     global _WORKER_BACKEND
     import cv2
 
+    _die_with_parent(parent_pid)
     cv2.setNumThreads(1)
     _WORKER_BACKEND = create_backend(config)
 
@@ -226,7 +256,7 @@ class FlowEstimator:
         self.workers = config.resolved_workers()
         if self.workers > 1 and config.device == "cpu" and config.backend != "raft":
             self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                             initializer=_worker_init, initargs=(config,))
+                                             initializer=_worker_init, initargs=(config, os.getpid()))
         else:
             self._local = create_backend(config)
 
@@ -255,13 +285,18 @@ class FlowEstimator:
         assert self._pool is not None
         pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
         depth = 2 * self.workers
-        for cur in it:
-            pending.append(self._pool.submit(_worker_pair, prev, cur))
-            prev = cur
-            if len(pending) >= depth:
+        try:
+            for cur in it:
+                pending.append(self._pool.submit(_worker_pair, prev, cur))
+                prev = cur
+                if len(pending) >= depth:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        except BrokenProcessPool as exc:
+            raise FlowError(
+                f"a {self.config.backend} flow worker process died (killed, or out of memory with "
+                f"{self.workers} workers); run again, with fewer --workers if memory is short") from exc
 
 
 def read_flo(path: Path) -> np.ndarray:

@@ -15,8 +15,9 @@ from typing import Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
-from autolabel.errors import AutolabelError, EmptySequenceError, InvalidSequenceIdError
+from autolabel.errors import AutolabelError, EmptySequenceError, IdCollisionError, InvalidSequenceIdError
 from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.ids import check_unique_ids
 from autolabel.storage.readers.base import DatasetSource, SequenceSource
 from autolabel.storage.store import SequenceStore, StoreLayout
 
@@ -137,8 +138,12 @@ def ingest(
     store = SequenceStore.create(store_url, dataset.classes)
     report = IngestReport(store=str(store_url))
     complete = set(store.sequence_ids())
+    collisions = check_unique_ids([(s.id, s.source) for s in dataset.sequences])
     for source in dataset.select(options.sequences):
-        if source.id in complete and not options.overwrite and not _changed(store, source, options):
+        if source.id in collisions:
+            outcome = SequenceOutcome(id=source.id, status="failed",
+                                      error=str(IdCollisionError(collisions[source.id])))
+        elif source.id in complete and not options.overwrite and not _changed(store, source, options):
             outcome = SequenceOutcome(id=source.id, status="skipped")
         else:
             try:

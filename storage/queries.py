@@ -27,4 +27,5 @@ def store_summary(url: str) -> dict[str, Any]:
         "store": url, "schema_version": st.root.attrs["schema_version"], "classes": st.classes.names,
         "ignore_index": st.classes.ignore_index, "sequences": rows,
         "totals": {"sequences": len(rows), **totals}, "incomplete": st.incomplete_ids(),
+        "bad_groups": st.bad_groups(),
     }

@@ -45,9 +45,11 @@ import numpy as np
 import zarr
 from pydantic import BaseModel, Field
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
 
 import autolabel
 from autolabel.errors import (
+    AutolabelError,
     ClassSetMismatchError,
     EmptySequenceError,
     NotAnnotatedError,
@@ -57,6 +59,7 @@ from autolabel.errors import (
     IntegrityError,
     StoreError,
     StoreNotFoundError,
+    StoreWriteError,
 )
 from autolabel.storage.classes import ClassSet
 from autolabel.storage.ids import validate_sequence_id
@@ -128,6 +131,11 @@ class _ThreadLeases:
 
 
 def _open_group(url: str, mode: Literal["r", "r+", "a"]) -> zarr.Group:
+    """The root group at ``url``, with an error that says what is wrong and what to do otherwise."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.isfile(path):
+        raise StoreError(f"store path {url!r} is a file, not a store folder; pass the store's folder "
+                         "(or a new path to create one)")
     try:
         return zarr.open_group(url, mode=mode, zarr_format=3)
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError) as exc:
@@ -135,6 +143,14 @@ def _open_group(url: str, mode: Literal["r", "r+", "a"]) -> zarr.Group:
             f"no autolabel store at {url!r}; create one with `autolabel ingest ... --store {url}` "
             "or `autolabel synth`"
         ) from exc
+    except PermissionError as exc:
+        raise StoreWriteError(f"cannot {'read' if mode == 'r' else 'write'} store {url!r}: permission denied "
+                              f"({exc.filename or path}); fix its permissions or use another --store") from exc
+    except NotADirectoryError as exc:
+        raise StoreError(f"store {url!r}: {exc.filename or path} is a file where a folder should be") from exc
+    except (ValueError, TypeError) as exc:  # zarr.json that is not JSON or not Zarr metadata
+        raise IntegrityError(f"store {url!r} has a corrupt root zarr.json ({type(exc).__name__}: {exc}); "
+                             "restore it from a backup or ingest into a new store") from exc
 
 
 class SequenceStore:
@@ -218,29 +234,62 @@ class SequenceStore:
         return self._seq_group
 
     def _all_ids(self) -> list[str]:
+        """Names of the groups under ``sequences/`` (listed without reading their metadata)."""
         if "sequences" not in self.root:
             return []
-        return sorted(self._sequences.group_keys())
+
+        async def names() -> list[str]:
+            return [k async for k in self.root.store.list_dir("sequences")]
+
+        return sorted(n for n in sync(names()) if n != "zarr.json" and "." != n[:1])
 
     def _group(self, seq_id: str) -> zarr.Group | None:
-        """The group of ``seq_id`` (complete or not), or None; one metadata read."""
+        """The group of ``seq_id`` (complete or not), or None; one metadata read.
+
+        Raises IntegrityError when its zarr.json is unreadable.
+        """
         try:
             node = self._sequences[validate_sequence_id(seq_id)]
         except KeyError:
             return None
+        except (ValueError, TypeError) as exc:
+            raise IntegrityError(
+                f"sequence {seq_id!r} in {self.url!r} has a corrupt zarr.json ({type(exc).__name__}: {exc}); "
+                f"remove its folder (sequences/{seq_id} in the store) and ingest it again"
+            ) from exc
         return node if isinstance(node, zarr.Group) else None
 
     def _is_complete(self, seq_id: str, group: zarr.Group | None = None) -> bool:
         group = group if group is not None else self._group(seq_id)
         return group is not None and INGEST in group.attrs.get("stages", {})
 
+    def bad_groups(self) -> dict[str, str]:
+        """Groups under ``sequences/`` that cannot be used, with why: a name that is not a valid id or
+        unreadable metadata. They are listed by ``info`` and ``verify`` and skipped by everything else."""
+        bad = {}
+        for name in self._all_ids():
+            try:
+                self._group(name)
+            except AutolabelError as exc:
+                bad[name] = str(exc)
+        return bad
+
+    def _usable_ids(self) -> list[tuple[str, bool]]:
+        out = []
+        for name in self._all_ids():
+            try:
+                out.append((name, self._is_complete(name)))
+            except AutolabelError:
+                continue
+        return out
+
     def sequence_ids(self) -> list[str]:
-        """Ids of the complete sequences (fully ingested), sorted."""
-        return [s for s in self._all_ids() if self._is_complete(s)]
+        """Ids of the complete sequences (fully ingested), sorted; bad groups are skipped."""
+        return [s for s, complete in self._usable_ids() if complete]
 
     def incomplete_ids(self) -> list[str]:
         """Ids of sequences whose ingest was interrupted; the next ingest rewrites them."""
-        return [s for s in self._all_ids() if not self._is_complete(s)]
+        return [s for s, complete in self._usable_ids() if not complete]
 
     def __contains__(self, seq_id: object) -> bool:
         return isinstance(seq_id, str) and self._is_complete(seq_id)

@@ -50,6 +50,17 @@ def check_device(device: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N``; anything else is a ConfigError listing those."""
     if device.split(":")[0] not in DEVICES or (":" in device and not device.split(":", 1)[1].isdigit()):
         raise ConfigError(f"unknown device {device!r}; use one of cpu, cuda, cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"--device {device}: CUDA is not available here ({why}); use --device cpu, "
+                              "or run on a GPU worker")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s) "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
 
 

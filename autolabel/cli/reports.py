@@ -35,6 +35,8 @@ def print_store_summary(summary: dict[str, Any], limit: int = 40) -> None:
                 str(t["ground_truth"]), human_bytes(t["bytes"]))
     print_table(f"{summary['store']} ({len(summary['classes'])} classes)", out,
                 "annot.: annotated frames (propagation sources); gt: frames with ground truth")
+    for name, why in summary.get("bad_groups", {}).items():
+        console.print(f"[red]skipped group[/] {name!r}: {why}", highlight=False, soft_wrap=True)
     if summary["incomplete"]:
         console.print(f"[yellow]{len(summary['incomplete'])} incomplete sequences[/] (interrupted ingest; "
                       f"run the same ingest again): {', '.join(summary['incomplete'][:10])}", highlight=False)
