@@ -136,3 +136,15 @@ class RegistryError(ConfigError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError as one line naming the file and the likely fix (disk full, ``ulimit -f``...)."""
+    import errno
+
+    hints = {errno.ENOSPC: "the disk is full; free space", errno.EFBIG: "the file size limit (ulimit -f) is "
+             "reached; raise it", errno.EACCES: "permission denied; fix the permissions",
+             errno.EPERM: "operation not permitted; fix the permissions",
+             errno.EROFS: "the file system is read-only", errno.EDQUOT: "the disk quota is exhausted"}
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}: {hints.get(exc.errno or 0, 'check the storage and run again')}"

@@ -27,16 +27,31 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode != "RGB":
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                return _gray16_to_rgb(np.asarray(img), path)
+            if img.mode in ("F", "I;32", "I;32B"):
+                raise ImageReadError(f"{path}: {img.mode} frames (float or 32-bit) are not supported; convert "
+                                     "the frames to 8- or 16-bit PNG/JPEG")
+            if img.mode != "RGB":  # 16-bit colour PNGs already decode to 8-bit RGB (high bytes)
                 img = img.convert("RGB")
             return np.asarray(img)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: frame file not found") from None
+    except ImageReadError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(
             f"{path}: cannot decode image ({exc}); the file is truncated or corrupt - "
             "replace it or leave its sequence out with --sequence"
         ) from exc
+
+
+def _gray16_to_rgb(values: np.ndarray, path: Path) -> np.ndarray:
+    """A 16-bit grey frame scaled to 8 bits (the high byte), as RGB (H, W, 3) uint8."""
+    if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+        raise ImageReadError(f"{path}: frame values outside 0..65535; convert it to an 8- or 16-bit image")
+    grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
 
 
 def read_label_raw(path: Path) -> np.ndarray:

@@ -15,7 +15,13 @@ from typing import Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
-from autolabel.errors import AutolabelError, EmptySequenceError, IdCollisionError, InvalidSequenceIdError
+from autolabel.errors import (
+    AutolabelError,
+    EmptySequenceError,
+    IdCollisionError,
+    InputDataError,
+    InvalidSequenceIdError,
+)
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.ids import check_unique_ids
 from autolabel.storage.readers.base import DatasetSource, SequenceSource
@@ -97,6 +103,8 @@ def ingest_sequence(
 ) -> SequenceOutcome:
     """Write one sequence; on any error the partial sequence is deleted and the error re-raised."""
     start = time.perf_counter()
+    if source.problem:
+        raise InputDataError(source.problem)
     progress.sequence_started(source.id, len(source))
     with store.new_sequence(source.id, expected_frames=len(source), source=source.source,
                             fps=source.fps, layout=options.layout, source_fingerprint=source.fingerprint()) as writer:

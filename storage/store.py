@@ -70,6 +70,10 @@ META = "_meta"  # lease held while a sequence's zarr.json is read, changed and w
 
 SCHEMA_VERSION = 1
 
+# every chunk is written, even one that equals the fill value (an unlabelled frame's ground truth,
+# zero flow): a chunk that is missing is then always a loss, which `autolabel verify` reports
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+
 
 class StoreLayout(BaseModel):
     """How sequence arrays are chunked and compressed."""
@@ -387,6 +391,18 @@ class SequenceStore:
             return {**attrs, **(extra_attrs or {}), "stages": stages}
 
         self.update_sequence(seq_id, change)
+
+    def drop_stages(self, seq_id: str, stages: list[str]) -> None:
+        """Forget ``stages`` of ``seq_id`` (damaged results), so the next run recomputes them."""
+        gone: list[str] = []
+
+        def change(attrs: dict[str, Any]) -> dict[str, Any]:
+            records = dict(attrs.get("stages", {}))
+            gone.extend(records[s]["at"] for s in stages if records.get(s, {}).get("at"))
+            return {**attrs, "stages": {k: v for k, v in records.items() if k not in stages}}
+
+        self.update_sequence(seq_id, change)
+        self._supersede(seq_id, gone)
 
     @contextmanager
     def writing(self, seq_id: str, stage: str, prefix: str | None = None) -> Iterator[StageOutput]:
@@ -714,7 +730,7 @@ class FrameArrayWriter:
             name, shape=(expected, *item_shape), chunks=(1, *item_shape),
             shards=(shard, *item_shape) if shard else None, dtype=dtype,
             compressors=layout.codec(), fill_value=fill_value, dimension_names=dimension_names,
-            overwrite=True,
+            overwrite=True, config=WRITE_EVERY_CHUNK,
         )
 
     def append(self, item: np.ndarray) -> None:
@@ -862,7 +878,7 @@ class SequenceWriter:
                              "are marked annotated but have no label")
         for name, values in (("annotated", ann), ("has_gt", has_gt)):
             arr = self.group.create_array(name, shape=(num,), chunks=(num,), dtype="bool",
-                                          fill_value=False, dimension_names=("T",))
+                                          fill_value=False, dimension_names=("T",), config=WRITE_EVERY_CHUNK)
             arr[:] = values
         self._hash.update(b"annotated" + ann.tobytes())
         self._hash.update("|".join(self.store.classes.names).encode())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -27,12 +28,13 @@ from typing import Any, ClassVar, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from autolabel.errors import AutolabelError, ConfigError, InputDataError
+from autolabel.errors import AutolabelError, ConfigError, InputDataError, describe_os_error
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig, count_steps, method_class
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.export import export_is_current, export_sequence
 from autolabel.storage.ids import select_ids
+from autolabel.storage.integrity import check_sequence
 from autolabel.storage.ingest import IngestOptions, ingest
 from autolabel.storage.readers import read_dataset
 from autolabel.storage.stages import INGEST, LABELLED, TEACHER, flow_stage, results_stage
@@ -44,6 +46,7 @@ from autolabel.tasks.propagate import propagate_sequence, results_are_current
 from autolabel.tasks.teacher_inference import infer_teacher, teacher_is_current
 
 DEVICES = ("cpu", "cuda")
+log = logging.getLogger("autolabel.pipeline")
 
 
 def check_device(device: str) -> str:
@@ -463,6 +466,9 @@ def label_sequence(store_url: str, seq_id: str, settings: LabelSettings, source:
     end. Raises an AutolabelError naming the sequence on bad input; nothing else is touched.
     """
     runner = runner or direct_runner()
+    if seq_id in (store := SequenceStore.open(store_url, mode="r+")):
+        for stage in check_sequence(store, seq_id):  # missing chunks: damaged ingest data raises
+            log.warning("sequence %s: %s had missing chunks; computing it again", seq_id, stage)
     results = [runner(store_url, seq_id, stage) for stage in sequence_stages(settings, source)]
     evaluation = next(r["evaluation"] for r in results if r["stage"] == "evaluation")
     exported = next((r["exported"] for r in results if r["stage"] == "export"), None)
@@ -549,6 +555,16 @@ def label_store(store_url: str, settings: LabelSettings, sequences: list[str] | 
             result = label_sequence(store_url, seq_id, settings, runner=runner)
         except AutolabelError as exc:
             report.outcomes.append(SequenceOutcome(seq_id, "failed", time.perf_counter() - start, str(exc)))
+            continue
+        except OSError as exc:  # disk full, file size limit, permissions: name it, go on with the others
+            report.outcomes.append(SequenceOutcome(seq_id, "failed", time.perf_counter() - start,
+                                                   f"cannot write to the store: {describe_os_error(exc)}"))
+            continue
+        except Exception as exc:  # noqa: BLE001 - a damaged chunk (codec error) fails only its sequence
+            report.outcomes.append(SequenceOutcome(
+                seq_id, "failed", time.perf_counter() - start,
+                f"{type(exc).__name__}: {exc}; if stored data is damaged, `autolabel verify {store_url}` "
+                "says where and how to repair it"))
             continue
         computed = any(s["computed"] and s["stage"] not in ("evaluation", "export") for s in result["stages"])
         report.outcomes.append(SequenceOutcome(seq_id, "labelled" if computed else "skipped",

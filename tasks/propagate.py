@@ -20,7 +20,7 @@ from autolabel.storage.stages import (
     flow_stage,
     results_stage,
 )
-from autolabel.storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
+from autolabel.storage.store import WRITE_EVERY_CHUNK, FrameArrayWriter, Sequence, SequenceStore, StoreLayout
 from autolabel.tasks.flow_estimation import flow_arrays
 
 
@@ -171,7 +171,8 @@ def propagate_sequence(
         labels_w.close()
         conf_w.close()
         dist = out.group.create_array("distance", shape=(seq.num_frames,), chunks=(seq.num_frames,),
-                                      dtype=DISTANCE_DTYPE, fill_value=-1, overwrite=True, dimension_names=("T",))
+                                      dtype=DISTANCE_DTYPE, fill_value=-1, overwrite=True, dimension_names=("T",),
+                                      config=WRITE_EVERY_CHUNK)
         dist[:] = distance
         del out.group["_backward"]
         out.publish({"settings": settings, "reached": int((distance > 0).sum())})

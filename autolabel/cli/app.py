@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from autolabel.errors import AutolabelError
+from autolabel.errors import AutolabelError, describe_os_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Propagate sparse segmentation labels through driving video (Warp-Refine Propagation).")
@@ -34,6 +34,9 @@ def main() -> None:
     except AutolabelError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as exc:  # disk full, file size limit, read-only or vanished storage
+        err_console.print(f"[bold red]error:[/] {describe_os_error(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or exc.title}: {e['msg']}" for e in exc.errors())
         err_console.print(f"[bold red]error:[/] invalid {exc.title} settings: {problems}", highlight=False,

@@ -25,6 +25,8 @@ def ingest(
     keyframe_every: KeyframeEvery = None,
     sequence: Sequences = None,
     labels: Annotated[Path | None, typer.Option(help="folder layout: directory of sparse label PNGs")] = None,
+    allow_unlabelled: Annotated[bool, typer.Option(
+        help="folder layout: ingest a sequence even when no file in --labels matches its frames")] = False,
     classes: Annotated[Path | None, typer.Option(help="folder layout: class file (JSON names/palette/ignore_index)")] = None,
     fps: Annotated[float | None, typer.Option(help="frame rate to record when the layout has none")] = None,
     overwrite: Annotated[bool, typer.Option(help="rewrite sequences already in the store")] = False,
@@ -42,7 +44,8 @@ def ingest(
             existing = SequenceStore.open(store).classes
         except AutolabelError:
             existing = None
-    dataset = read_dataset(layout, src, ReaderOptions(labels=labels, classes_file=classes, classes=existing, fps=fps))
+    dataset = read_dataset(layout, src, ReaderOptions(labels=labels, classes_file=classes, classes=existing, fps=fps,
+                                                            allow_unlabelled=allow_unlabelled))
     options = IngestOptions(annotation=policy, sequences=sequence or None, overwrite=overwrite)
     selected = dataset.select(options.sequences)
     console.print(f"{layout}: {len(selected)} sequences under {src} ({policy.describe()} annotated)", highlight=False)
@@ -136,6 +139,26 @@ def export(
         raise typer.Exit(1)
 
 
+def verify(
+    store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
+    quick: Annotated[bool, typer.Option(help="only list chunks (do not decode them)")] = False,
+    repair: Annotated[bool, typer.Option(help="drop damaged results of later stages so `label` recomputes them")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of text")] = False,
+) -> None:
+    """Check every sequence for missing or corrupt chunks and bad metadata; exit 1 on any problem."""
+    from autolabel.cli.reports import print_verify_report
+    from autolabel.storage.integrity import verify_store
+
+    report = verify_store(store, decode=not quick, repair=repair)
+    if as_json:
+        typer.echo(json.dumps({"store": report.store, "sequences": report.sequences, "ok": report.ok,
+                               "problems": report.problems, "notes": report.notes}, indent=2))
+    else:
+        print_verify_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
-    for command in (ingest, info, synth, export):
+    for command in (ingest, info, synth, export, verify):
         app.command()(command)

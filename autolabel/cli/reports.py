@@ -78,3 +78,15 @@ def print_flow_result(result: dict[str, Any], method: str) -> None:
     print_failures(sorted(result["failed"].items()))
     if result["failed"]:
         err_console.print(f"{len(result['failed'])} sequences failed", highlight=False)
+
+
+def print_verify_report(report: Any) -> None:
+    """What ``autolabel verify`` found: one line per problem, grouped by sequence."""
+    for where, problems in report.problems.items():
+        for problem in problems:
+            console.print(f"[red]{where or 'store'}[/]: {problem}", highlight=False, soft_wrap=True)
+    for note in report.notes:
+        console.print(f"[dim]note[/]: {note}", highlight=False, soft_wrap=True)
+    bad = len(report.problems)
+    verdict = "[green]ok[/]" if report.ok else f"[red]{bad} with problems[/]"
+    console.print(f"{report.store}: {report.sequences} sequences checked, {verdict}", highlight=False)

@@ -66,6 +66,8 @@ class PaletteLabelDecoder(LabelDecoder):
 
 
 class SequenceSource(ABC):
+    problem: str | None = None  # set by a reader when the sequence cannot be ingested as given
+
     """A sequence as a reader found it: an id, where it came from and its frames in order."""
 
     id: str
@@ -161,6 +163,7 @@ class ReaderOptions(BaseModel):
     classes_file: Path | None = None
     classes: ClassSet | None = None  # the target store's class set, when it already exists
     fps: float | None = None
+    allow_unlabelled: bool = False  # folder layout: accept a sequence whose --labels folder matches no frame
 
 
 @dataclass

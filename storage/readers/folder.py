@@ -149,12 +149,24 @@ def _video_source(path: Path, label_dir: Path | None, decoder: LabelDecoder, fps
                          path=path, label_dir=label_dir, decode_label=decoder, estimated_frames=estimated)
 
 
-def _image_source(directory: Path, label_dir: Path | None, decoder: LabelDecoder, fps: float | None) -> ImageFileSequence:
+def _no_label_matched(source: str, label_dir: Path | None, frame_names: list[str]) -> str:
+    found = sorted(p.stem for p in label_dir.glob("*.png"))[:3] if label_dir and label_dir.is_dir() else []
+    where = f"{label_dir} holds {', '.join(found)}..." if found else f"{label_dir} has no PNG files (or is missing)"
+    return (f"{source}: no label in --labels matched a frame ({where}; frames are named "
+            f"{', '.join(frame_names[:3])}...); name labels after their frames (or frame indices), or pass "
+            "--allow-unlabelled to ingest frames without labels")
+
+
+def _image_source(directory: Path, label_dir: Path | None, decoder: LabelDecoder, fps: float | None,
+                  require_labels: bool) -> ImageFileSequence:
     images = list_images(directory)
     labels = _match_labels([p.stem for p in images], label_dir)
     files = [FrameFile(p.stem, p, lab) for p, lab in zip(images, labels)]
-    return ImageFileSequence(id=make_sequence_id(directory.name), source=str(directory), fps=fps,
-                             frames=files, decode_label=decoder)
+    seq = ImageFileSequence(id=make_sequence_id(directory.name), source=str(directory), fps=fps,
+                            frames=files, decode_label=decoder)
+    if require_labels and images and not any(labels):
+        seq.problem = _no_label_matched(str(directory), label_dir, [p.stem for p in images])
+    return seq
 
 
 @READERS.register("folder")
@@ -172,6 +184,7 @@ def read_folder(root: Path, options: ReaderOptions) -> DatasetSource:
     labels = options.labels
     if labels is not None and not labels.is_dir():
         raise UnknownLayoutError(f"{labels}: label folder not found")
+    require = labels is not None and not options.allow_unlabelled
     if root.is_file():
         if root.suffix.lower() not in VIDEO_SUFFIXES:
             raise UnknownLayoutError(f"{root}: not a video file ({', '.join(VIDEO_SUFFIXES)}) or a folder")
@@ -179,12 +192,12 @@ def read_folder(root: Path, options: ReaderOptions) -> DatasetSource:
     if not root.is_dir():
         raise UnknownLayoutError(f"{root}: no such file or folder")
     if any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir() if p.is_file()):
-        return DatasetSource("folder", root, classes, [_image_source(root, labels, decoder, options.fps)])
+        return DatasetSource("folder", root, classes, [_image_source(root, labels, decoder, options.fps, require)])
     sequences: list[SequenceSource] = []
     for child in sorted(root.iterdir()):
         sub_labels = labels / (child.stem if child.is_file() else child.name) if labels else None
         if child.is_dir():
-            sequences.append(_image_source(child, sub_labels, decoder, options.fps))
+            sequences.append(_image_source(child, sub_labels, decoder, options.fps, require))
         elif child.suffix.lower() in VIDEO_SUFFIXES:
             sequences.append(_video_source(child, sub_labels, decoder, options.fps))
     if not sequences:
