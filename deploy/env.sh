@@ -15,6 +15,11 @@ export AUTOLABEL_INBOX="${AUTOLABEL_INBOX:-$AUTOLABEL_REPO/runs/inbox}"
 export AUTOLABEL_TEACHER="${AUTOLABEL_TEACHER:-$AUTOLABEL_REPO/runs/teacher-apollo.pt}"
 export AUTOLABEL_REFINER="${AUTOLABEL_REFINER:-$AUTOLABEL_REPO/runs/refiner-apollo.pt}"
 export AUTOLABEL_EXPORT="${AUTOLABEL_EXPORT:-$AUTOLABEL_REPO/runs/export}"
+# where deployments may read and write (":"-separated folders or URL prefixes); a request whose
+# store, inbox or export path lies elsewhere is refused by the flows
+export AUTOLABEL_STORE_ROOTS="${AUTOLABEL_STORE_ROOTS:-$AUTOLABEL_REPO/runs}"
+export AUTOLABEL_INBOX_ROOTS="${AUTOLABEL_INBOX_ROOTS:-$AUTOLABEL_REPO/runs}"
+export AUTOLABEL_EXPORT_ROOTS="${AUTOLABEL_EXPORT_ROOTS:-$AUTOLABEL_REPO/runs}"
 export AUTOLABEL_FLOW_BACKEND="${AUTOLABEL_FLOW_BACKEND:-dis-medium}"
 # cuda where torch sees a GPU, else cpu
 if [ -z "${AUTOLABEL_DEVICE:-}" ]; then

@@ -155,6 +155,7 @@ def _fan_out(request: AutolabelRequest, ids: list[str], drives: set[str], finger
 def run_autolabel(request: AutolabelRequest) -> dict[str, Any]:
     """The body of both parent flows (see the module docstring)."""
     logger = get_run_logger()
+    request.check_paths()
     failures: dict[str, str] = {}
     drives: set[str] = set()
     fingerprints: dict[str, str | None] = {}

@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 
 from autolabel.flows.parallel_flow import run_parallel_flow
 from autolabel.storage.store import SequenceStore
+from autolabel.flows.run_requests import confine_paths
 from autolabel.tasks.pipeline import DriveSource, FlowStage, LabelSettings, Stage, label_sequence
 from autolabel.tasks.stage_tasks import prefect_runner
 
@@ -48,6 +49,7 @@ def label_sequence_flow(store: str, seq_id: str, settings: LabelSettings,
     With ``source`` the drive is first ingested from its inbox when new or changed. Raises (the
     run fails) on bad input, naming the sequence and file; other sequences are unaffected.
     """
+    confine_paths(store, source.inbox if source else None, settings.export_dir)
     result = label_sequence(store, seq_id, settings, source, runner=_runner(settings),
                             marker={"flow_run": str(flow_run.id)})
     computed = [s["stage"] for s in result["stages"] if s["computed"] and not s["cached"]]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from autolabel.settings import confine
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.tasks.pipeline import DriveSource, LabelSettings
 
@@ -34,11 +35,23 @@ class AutolabelRequest(BaseModel):
         None, gt=0, description="a running sequence run silent (no heartbeat) this long is marked Crashed and "
                                 "re-submitted; default 2.5 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
 
+    def check_paths(self) -> None:
+        """Refuse a store, inbox or export path outside the roots the workers allow (``confine``)."""
+        confine_paths(self.store, self.inbox, self.label.export_dir)
+
     def source(self, seq_id: str, drives: set[str]) -> DriveSource | None:
         """Where the label-sequence run of ``seq_id`` ingests it from (None: already in the store)."""
         if self.inbox is None or seq_id not in drives:
             return None
         return DriveSource(inbox=self.inbox, layout=self.layout, annotation=self.annotation)
+
+
+def confine_paths(store: str, inbox: str | None, export_dir: str | None) -> None:
+    """Every path a run writes or reads data from must lie under its configured root
+    (``$AUTOLABEL_STORE_ROOTS``, ``$AUTOLABEL_INBOX_ROOTS``, ``$AUTOLABEL_EXPORT_ROOTS``)."""
+    confine(store, "store")
+    confine(inbox, "inbox")
+    confine(export_dir, "export")
 
 
 __all__ = ["AutolabelRequest", "DriveSource", "LabelSettings"]
