@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import fsspec
+import fsspec.utils
 from pydantic import BaseModel, Field
 
 from autolabel.errors import LeaseHeldError, LeaseLostError, StoreError
@@ -124,6 +125,7 @@ class _LocalBackend(_Backend):
             os.unlink(tmp)
 
     def write(self, path: str, data: bytes) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{secrets.token_hex(6)}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -153,18 +155,16 @@ class _MemoryBackend(_Backend):
 
 def lease_backend(store_url: str) -> _Backend:
     """The create-if-absent backend for the store at ``store_url``."""
+    protocol = fsspec.utils.get_protocol(str(store_url))
+    backends = {"file": _LocalBackend, "local": _LocalBackend, "s3": _S3Backend, "s3a": _S3Backend,
+                "memory": _MemoryBackend}
+    if protocol not in backends:
+        raise StoreError(
+            f"store {store_url!r}: leases (one writer per sequence stage) need a local folder, s3:// or "
+            f"memory:// store, not {protocol}://; put the store on one of those"
+        )
     fs, root = fsspec.core.url_to_fs(str(store_url))
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if "file" in protocols or "local" in protocols:
-        return _LocalBackend(fs, root)
-    if protocols & {"s3", "s3a"}:
-        return _S3Backend(fs, root)
-    if "memory" in protocols:
-        return _MemoryBackend(fs, root)
-    raise StoreError(
-        f"store {store_url!r}: leases (one writer per sequence stage) need a local folder, s3:// or "
-        f"memory:// store, not {sorted(protocols)}; put the store on one of those"
-    )
+    return backends[protocol](fs, root)
 
 
 # --- the lease ------------------------------------------------------------------------------------

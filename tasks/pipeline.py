@@ -53,6 +53,12 @@ def check_device(device: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N``; anything else is a ConfigError listing those."""
     if device.split(":")[0] not in DEVICES or (":" in device and not device.split(":", 1)[1].isdigit()):
         raise ConfigError(f"unknown device {device!r}; use one of cpu, cuda, cuda:N")
+    return device
+
+
+def check_device_available(device: str) -> str:
+    """``device`` if this machine has it, else a ConfigError saying what to use (checked where work runs:
+    a deployment's settings name the GPU workers' device, and the parent may run on a CPU machine)."""
     if device.startswith("cuda"):
         import torch
 
@@ -466,6 +472,7 @@ def label_sequence(store_url: str, seq_id: str, settings: LabelSettings, source:
     end. Raises an AutolabelError naming the sequence on bad input; nothing else is touched.
     """
     runner = runner or direct_runner()
+    check_device_available(settings.device)
     if seq_id in (store := SequenceStore.open(store_url, mode="r+")):
         for stage in check_sequence(store, seq_id):  # missing chunks: damaged ingest data raises
             log.warning("sequence %s: %s had missing chunks; computing it again", seq_id, stage)
@@ -544,6 +551,7 @@ def label_store(store_url: str, settings: LabelSettings, sequences: list[str] | 
     One failing sequence never stops the others; a sequence whose stages were all current
     already is ``skipped``.
     """
+    check_device_available(settings.device)
     store = SequenceStore.open(store_url, mode="r+")
     ids = select_ids(store.sequence_ids(), sequences, f"store {store_url!r}")
     check_checkpoints(store, settings)

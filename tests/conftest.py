@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,65 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "store.zarr")
     return f"memory://autolabel-test-{uuid.uuid4().hex}.zarr"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (moto in server mode) on 127.0.0.1, stopped at the end.
+
+    Yields the environment a process needs to reach it through ``s3://`` URLs (s3fs). Skips when
+    moto or s3fs is not installed (``pip install -e '.[dev]'`` installs both).
+    """
+    import time
+    import urllib.request
+
+    for module in ("moto", "s3fs", "flask"):
+        pytest.importorskip(module, reason=f"{module} is needed for the S3 tests (pip install -e '.[dev]')")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the moto S3 server did not start")
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3_store_url(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """``s3://<fresh bucket>/store.zarr`` on the test server; this process' environment points at it."""
+    import boto3
+    import s3fs
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"autolabel-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket=bucket)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return f"s3://{bucket}/store.zarr"
 
 
 @pytest.fixture

@@ -58,7 +58,14 @@ OverrideConfidence = Annotated[float, typer.Option(help=describe(PropagationConf
 FlowBackend = Annotated[str, typer.Option("--flow", help=describe(FlowConfig, "backend"))]
 FlowWorkers = Annotated[int, typer.Option(help=describe(FlowConfig, "workers"))]
 AdaptSteps = Annotated[int, typer.Option(help=describe(LabelSettings, "adapt_steps"))]
-Device = Annotated[str, typer.Option(help=describe(LabelSettings, "device"))]
+def device_here(device: str) -> str:
+    """Option callback: a device this machine has (fails before any work starts)."""
+    from autolabel.tasks.pipeline import check_device, check_device_available
+
+    return check_device_available(check_device(device))
+
+
+Device = Annotated[str, typer.Option(help=describe(LabelSettings, "device"), callback=device_here)]
 Compare = Annotated[bool, typer.Option(help=describe(LabelSettings, "compare_with_warp_inpaint"))]
 Export = Annotated[Path | None, typer.Option(help=describe(LabelSettings, "export_dir"))]
 Window = Annotated[int | None, typer.Option(help="annotate the centre frame of each N-frame window; other labels "

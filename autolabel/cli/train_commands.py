@@ -28,7 +28,7 @@ def train_teacher(
     crop: Annotated[int, typer.Option(help=describe(T, "crop"))] = default(T, "crop"),
     lr: Annotated[float, typer.Option(help=describe(T, "lr"))] = default(T, "lr"),
     sequence: opt.Sequences = None,
-    device: Annotated[str, typer.Option(help=describe(T, "device"))] = default(T, "device"),
+    device: Annotated[str, typer.Option(help=describe(T, "device"), callback=opt.device_here)] = default(T, "device"),
     seed: Annotated[int, typer.Option(help=describe(T, "seed"))] = default(T, "seed"),
 ) -> None:
     """Train the semantic teacher on the annotated frames of one or more stores."""
@@ -68,7 +68,7 @@ def train_refiner(
     = default(RefinerRequest, "adapt_steps"),
     max_samples: Annotated[int | None, typer.Option(help=describe(RefinerRequest, "max_samples"))] = None,
     sequence: opt.Sequences = None,
-    device: Annotated[str, typer.Option(help=describe(R, "device"))] = default(R, "device"),
+    device: Annotated[str, typer.Option(help=describe(R, "device"), callback=opt.device_here)] = default(R, "device"),
     seed: Annotated[int, typer.Option(help=describe(R, "seed"))] = default(R, "seed"),
 ) -> None:
     """Train the refinement network on forward-backward cycles from the annotated frames (no extra labels)."""
