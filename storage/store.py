@@ -885,9 +885,14 @@ class SequenceWriter:
         height, width = self._shape or (0, 0)
         # metadata and the ingest stage go in one final write: only now is the sequence visible
         # (or, for a replacement, only now do the new frames replace the old ones and their results)
+        content_hash = self._hash.hexdigest()
+        previous = self.store._group(self.id)
+        unchanged = previous is not None and previous.attrs.get("content_hash") == content_hash \
+            and self.store._is_complete(self.id, previous)
         self._output.publish(
             {"frames": num, "annotated": int(ann.sum()), "ground_truth": int(has_gt.sum())},
-            only=True, also=stages,
+            only=not unchanged,  # the same content keeps its results; changed content drops them
+            also=stages,
             extra_attrs={
                 "source": self.source,
                 "fps": self.fps,
@@ -895,7 +900,7 @@ class SequenceWriter:
                 "num_frames": num,
                 "size": [width, height],
                 "frame_names": self.names,
-                "content_hash": self._hash.hexdigest(),
+                "content_hash": content_hash,
                 "source_fingerprint": self.source_fingerprint,
                 "shard_frames": self._frames.step if self._frames.step > 1 else None,
             },

@@ -1,0 +1,176 @@
+"""Fault injection: concurrent runs, kills at random points, replacements with bad sources.
+
+Every case ends in a store that equals the one a single clean run makes (stage arrays hashed,
+mIoU compared), and ``autolabel verify`` finds nothing wrong. The README's "Store safety"
+matrix lists these cases.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autolabel.models.teacher import Teacher
+from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.store import SequenceStore
+from autolabel.storage.synthetic import SyntheticConfig, drive_configs
+from autolabel.storage.synthetic_io import write_synthetic_store
+from autolabel.storage.training_data import AnnotatedFrames
+from tests.conftest import run_cli
+from tests.faults import (
+    copy_store,
+    kill_after,
+    kill_at_progress,
+    label_args,
+    run_concurrently,
+    snapshot,
+    start_cli,
+    tagged_processes,
+)
+
+DRIVE = SyntheticConfig(width=80, height=64, frames=20, seed=5)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A pristine 2-drive store, a tiny teacher, and clean-run snapshots made on demand."""
+    root = tmp_path_factory.mktemp("faults")
+    store = str(root / "base.zarr")
+    write_synthetic_store(store, drive_configs(2, DRIVE), AnnotationPolicy(mode="window", n=21))
+    st = SequenceStore.open(store)
+    teacher = Teacher.create("unet-tiny", st.classes.names, [list(c) for c in st.classes.palette])
+    train_teacher(teacher, AnnotatedFrames([st]), TeacherTrainConfig(arch="unet-tiny", max_steps=3, batch_size=2,
+                                                                      crop=64))
+    teacher.save(root / "teacher.pt")
+    return {"root": root, "store": store, "teacher": root / "teacher.pt", "clean": {}}
+
+
+def fresh(base: dict[str, Any], tmp_path: Path, name: str = "s.zarr") -> str:
+    return copy_store(base["store"], tmp_path / name)
+
+
+def clean(base: dict[str, Any], methods: tuple[str, ...]) -> dict[str, Any]:
+    """The snapshot after labelling a pristine copy with ``methods``, one run after the other."""
+    key = tuple(sorted(methods))
+    if key not in base["clean"]:
+        store = copy_store(base["store"], base["root"] / f"clean-{'-'.join(key)}.zarr")
+        for method in key:
+            done = run_cli(*label_args(store, method, base["teacher"]))
+            assert done.returncode == 0, done.stderr
+        base["clean"][key] = snapshot(store)
+    return base["clean"][key]
+
+
+def assert_verified(store: str) -> None:
+    done = run_cli("verify", store)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
+
+
+CONCURRENT = {
+    "2 same method, flow missing": ["motion-only", "motion-only"],
+    "2 different methods, flow missing": ["motion-only", "warp-inpaint"],
+    "4 mixed, flow missing": ["motion-only", "warp-inpaint", "motion-only", "warp-inpaint"],
+    "4 mixed, flow present": ["motion-only", "warp-inpaint", "warp-inpaint", "motion-only"],
+}
+
+
+def _concurrent_case(base: dict[str, Any], tmp_path: Path, case: str, loop: int) -> None:
+    methods = CONCURRENT[case]
+    store = fresh(base, tmp_path, f"run{loop}.zarr")
+    if "flow present" in case:
+        assert run_cli("flow", store, "--flow", "dis-fast").returncode == 0
+    results = run_concurrently([label_args(store, m, base["teacher"]) for m in methods])
+    for code, err in results:
+        assert code == 0, err
+        assert "Traceback" not in err
+    assert snapshot(store) == clean(base, tuple(set(methods))), f"{case}, loop {loop}"
+    assert_verified(store)
+
+
+@pytest.mark.parametrize("case", list(CONCURRENT)[:2])
+def test_concurrent_label_runs_equal_a_clean_run(base: dict[str, Any], tmp_path: Path, case: str) -> None:
+    _concurrent_case(base, tmp_path, case, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CONCURRENT))
+def test_concurrent_label_runs_equal_a_clean_run_every_time(base: dict[str, Any], tmp_path: Path, case: str) -> None:
+    for loop in range(5):
+        _concurrent_case(base, tmp_path, case, loop)
+
+
+KILL_POINTS = {  # progress lines of each stage of `label --method warp-inpaint`
+    "flow": r"synth-000\d: flow dis-fast:",
+    "teacher": r"synth-000\d: teacher:",
+    "propagate": r"synth-000\d: warp-inpaint:",
+    "evaluate": r"synth-000\d: evaluate:",
+}
+
+
+def _kill_and_rerun(base: dict[str, Any], tmp_path: Path, stage: str, rng: random.Random, loop: int) -> None:
+    store = fresh(base, tmp_path, f"kill{loop}.zarr")
+    args = label_args(store, "warp-inpaint", base["teacher"])
+    kill_at_progress(args, KILL_POINTS[stage], rng.randrange(0, 6))
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert snapshot(store) == clean(base, ("warp-inpaint",)), f"killed in {stage}, loop {loop}"
+    assert_verified(store)
+
+
+@pytest.mark.parametrize("stage", list(KILL_POINTS))
+def test_sigkill_in_each_stage_then_rerun_equals_a_clean_run(base: dict[str, Any], tmp_path: Path, stage: str) -> None:
+    _kill_and_rerun(base, tmp_path, stage, random.Random(stage), 0)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_rerun_equals_a_clean_run(base: dict[str, Any], tmp_path: Path) -> None:
+    rng = random.Random(2026)
+    for loop in range(5):
+        for stage in KILL_POINTS:
+            _kill_and_rerun(base, tmp_path, stage, rng, loop)
+        store = fresh(base, tmp_path, f"timed{loop}.zarr")  # and at a random moment, wherever that falls
+        args = label_args(store, "warp-inpaint", base["teacher"])
+        kill_after(args, rng.uniform(2.5, 9.0))
+        assert run_cli(*args).returncode == 0
+        assert snapshot(store) == clean(base, ("warp-inpaint",))
+
+
+def test_killed_flow_pool_leaves_no_process(tmp_path: Path) -> None:
+    store = str(tmp_path / "long.zarr")
+    write_synthetic_store(store, drive_configs(1, SyntheticConfig(width=320, height=240, frames=80, seed=2)))
+    tag = f"flow-kill-{time.time_ns()}"
+    proc = start_cli("flow", store, "--flow", "farneback", "--workers", "2", env={"AUTOLABEL_TEST_TAG": tag})
+    deadline = time.monotonic() + 120
+    while len(tagged_processes(tag)) < 3 and time.monotonic() < deadline:  # parent + 2 workers
+        time.sleep(0.2)
+    assert len(tagged_processes(tag)) >= 3, "the flow workers did not start"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    time.sleep(5)
+    left = tagged_processes(tag)
+    assert left == [], f"processes left after the parent was killed: {left}"
+
+
+def test_a_corrupt_source_during_replacement_keeps_the_old_sequence_and_results(
+        base: dict[str, Any], tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    assert run_cli("synth", str(inbox), "--format", "apollo", "--sequences", "2", "--frames", "12",
+                   "--size", "64x48").returncode == 0
+    store = str(tmp_path / "s.zarr")
+    assert run_cli("ingest", "apollo", str(inbox), "--store", store).returncode == 0
+    assert run_cli("label", store, "--method", "motion-only", "--flow", "dis-fast").returncode == 0
+    before = snapshot(store)
+    frame = sorted(p for p in inbox.rglob("*.jpg") if "ColorImage" in str(p))[5]
+    frame.write_bytes(frame.read_bytes()[:200])  # truncated: the replacement must fail
+    done = run_cli("ingest", "apollo", str(inbox), "--store", store, "--overwrite")
+    assert done.returncode == 1 and str(frame.name) in done.stdout + done.stderr, done.stdout + done.stderr
+    assert snapshot(store) == before  # the old frames, flow, results and evaluation are all still there
+    assert_verified(store)
