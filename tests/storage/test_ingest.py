@@ -34,6 +34,8 @@ def _folder(tmp_path: Path, bad: str) -> tuple[Path, Path, Path]:
     if bad != "empty":
         for i in range(3):
             save_rgb(seq / f"{i:04d}.jpg", random_rgb(RNG))
+    if bad in ("truncated-jpeg", "garbage-image", "frame-size"):  # labelled, so only the frames are wrong
+        save_label(labels / "bad" / "0000.png", random_label(RNG, [0, 1]))
     if bad == "truncated-jpeg":
         culprit = seq / "0001.jpg"
         data = culprit.read_bytes()

@@ -58,12 +58,18 @@ def test_dask_flow_equals_serial(long_store: str, tmp_path: Path) -> None:
 
     from autolabel.flows.parallel_flow import run_parallel_flow
 
-    store = SequenceStore.open(long_store, mode="r+")
+    import shutil
+
+    serial_store = str(tmp_path / "serial.zarr")
+    shutil.copytree(long_store, serial_store)
+    store = SequenceStore.open(serial_store, mode="r+")
     seq_id = store.sequence_ids()[0]
     estimate_flow(store, seq_id, CONFIG)
     serial = _flows(store, seq_id)
     with prefect_test_harness():
         result = run_parallel_flow(long_store, seq_id, CONFIG, workers=2, piece_pairs=16)
-    assert result["pieces"] == 5 and result["pairs"] == 69
+        assert result["pieces"] == 5 and result["pairs"] == 69
+        again = run_parallel_flow(long_store, seq_id, CONFIG, workers=2, piece_pairs=16)
+        assert not again["computed"]  # current: nothing is computed twice
     for got, want in zip(_flows(SequenceStore.open(long_store), seq_id), serial):
         np.testing.assert_array_equal(got, want)
