@@ -54,6 +54,7 @@ class Prefect:
             "AUTOLABEL_STORE": str(tmp / "apollo.zarr"), "AUTOLABEL_INBOX": str(tmp / "inbox"),
             "AUTOLABEL_TEACHER": str(tmp / "teacher.pt"), "AUTOLABEL_REFINER": str(tmp / "refiner.pt"),
             "AUTOLABEL_EXPORT": str(tmp / "export"), "AUTOLABEL_FLOW_BACKEND": "dis-fast",
+            "AUTOLABEL_STORE_ROOTS": str(tmp), "AUTOLABEL_INBOX_ROOTS": str(tmp), "AUTOLABEL_EXPORT_ROOTS": str(tmp),
             "AUTOLABEL_DEVICE": "cpu", "PREFECT_WORKER_QUERY_SECONDS": "1", "OMP_NUM_THREADS": "1",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
@@ -163,7 +164,7 @@ def _no_half_written_results(store_url: str, seq_ids: list[str]) -> None:
         seq = store.sequence(seq_id)
         assert {"results/warp-inpaint", "results/warp-refine", "teacher", "flow/dis-fast", "labelled"} <= set(seq.stages)
         for method in ("warp-inpaint", "warp-refine"):
-            assert "_backward" not in seq.group[f"results/{method}"]  # scratch of an interrupted run is gone
+            assert "_backward" not in seq.group[seq.stages[f"results/{method}"]["at"]]  # published without scratch
             distance = np.asarray(seq.array(f"results/{method}/distance")[:])
             labels = np.asarray(seq.array(f"results/{method}/labels")[:])
             assert labels.shape[0] == seq.num_frames and (distance[seq.annotated] == 0).all()
@@ -223,6 +224,26 @@ def test_deployments_workers_nightly_and_failures(tmp_path: Path) -> None:
         crashed = [r for r in prefect.flow_runs("label-sequence") if r["state_type"] == "CRASHED"]
         assert [r["name"] for r in crashed] == killed
         _no_half_written_results(str(tmp_path / "second.zarr"), ids)
+
+        # 2b. two overlapping requests on one new store: every drive is labelled once, and correctly
+        third = {**json.loads(json.dumps(_request(prefect.env))), "store": str(tmp_path / "third.zarr")}
+        first_id, second_id = (prefect.run_deployment("autolabel/apollo", third) for _ in range(2))
+        for run_id in (first_id, second_id):
+            assert prefect.wait(run_id, timeout=600)["state_type"] == "COMPLETED"
+        _no_half_written_results(str(tmp_path / "third.zarr"), ids)
+        store3 = SequenceStore.open(str(tmp_path / "third.zarr"))
+        for seq_id in ids:  # one version of each stage was ever written (a second would still be kept)
+            seq = store3.sequence(seq_id)
+            for stage in ("flow/dis-fast", "teacher", "results/warp-refine"):
+                assert len(list(seq.group[stage].group_keys())) == 1, (seq_id, stage)
+            reference = SequenceStore.open(str(tmp_path / "apollo.zarr")).sequence(seq_id)
+            np.testing.assert_array_equal(seq.array("results/warp-refine/labels")[:],
+                                          reference.array("results/warp-refine/labels")[:])
+
+        # 2c. a request for a store outside the configured roots is refused, naming the root
+        outside = {**json.loads(json.dumps(_request(prefect.env))), "store": "/tmp/elsewhere/evil.zarr"}
+        refused = prefect.wait(prefect.run_deployment("autolabel/apollo", outside))
+        assert refused["state_type"] == "FAILED" and not Path("/tmp/elsewhere/evil.zarr").exists()
 
         # 3. the same request again recomputes nothing: no new label-sequence run is created
         before = len(prefect.flow_runs("label-sequence"))
