@@ -403,11 +403,12 @@ class ExportStage(Stage):
         return export_is_current(store.sequence(seq_id), self.method, Path(self.out_dir))
 
     def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
-        seq = store.sequence(seq_id)
-        if self.is_current(store, seq_id):
-            return {"computed": False, "exported": str(Path(self.out_dir) / seq_id)}
-        progress.start(seq_id, self.title, seq.num_frames)
-        export_sequence(seq, self.method, Path(self.out_dir), with_overlay=True, on_frame=progress.advance)
+        with store.lease(seq_id, "export"):  # one writer of this sequence's export folder
+            seq = store.sequence(seq_id)
+            if self.is_current(store, seq_id):
+                return {"computed": False, "exported": str(Path(self.out_dir) / seq_id)}
+            progress.start(seq_id, self.title, seq.num_frames)
+            export_sequence(seq, self.method, Path(self.out_dir), with_overlay=True, on_frame=progress.advance)
         return {"computed": True, "exported": str(Path(self.out_dir) / seq_id)}
 
 

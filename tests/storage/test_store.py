@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import re
+import time
 
 import numpy as np
 import pytest
@@ -210,3 +212,81 @@ class TestSelectIds:
 
         with pytest.raises(SelectionError, match=r"store s: no sequence \['val_\*'\]; found 1 sequences"):
             select_ids(["a"], ["val_*"], "store s")
+
+
+def _publish(store: SequenceStore, seq_id: str, stage: str, value: int) -> None:
+    with store.writing(seq_id, stage) as out:
+        out.group.create_array("labels", shape=(3,), dtype="uint8", fill_value=0)[:] = value
+        out.publish({"value": value})
+
+
+def _mark_many(url: str, seq_id: str, worker: int) -> None:
+    store = SequenceStore.open(url, mode="r+")
+    for i in range(8):
+        store.mark_stage_done(seq_id, f"check/{worker}-{i}")
+
+
+class TestPublish:
+    """Stages write a new version and publish it with one metadata write."""
+
+    def test_a_reader_sees_the_old_version_until_publish(self, store_url: str) -> None:
+        store = SequenceStore.create(store_url, CAMVID11)
+        _write(store, "s", 3)
+        _publish(store, "s", "results/m", 1)
+        with store.writing("s", "results/m") as out:
+            out.group.create_array("labels", shape=(3,), dtype="uint8", fill_value=0)[:] = 2
+            assert store.sequence("s").array("results/m/labels")[:].tolist() == [1, 1, 1]
+            out.publish({"value": 2})
+        assert store.sequence("s").array("results/m/labels")[:].tolist() == [2, 2, 2]
+
+    def test_a_failed_write_keeps_the_previous_result_and_leaves_no_scratch(self, store_url: str) -> None:
+        store = SequenceStore.create(store_url, CAMVID11)
+        _write(store, "s", 3)
+        _publish(store, "s", "results/m", 1)
+        record = store.sequence("s").stages["results/m"]
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            with store.writing("s", "results/m") as out:
+                out.group.create_array("labels", shape=(3,), dtype="uint8", fill_value=0)[:] = 9
+                raise RuntimeError("disk on fire")
+        seq = store.sequence("s")
+        assert seq.stages["results/m"] == record and seq.array("results/m/labels")[:].tolist() == [1, 1, 1]
+        assert list(seq.group["results/m"].group_keys()) == [record["at"].rsplit("/", 1)[1]]
+
+    def test_superseded_versions_are_collected_after_their_grace_time(self, store_url: str) -> None:
+        store = SequenceStore.create(store_url, CAMVID11)
+        _write(store, "s", 3)
+        _publish(store, "s", "results/m", 1)
+        _publish(store, "s", "results/m", 2)
+        assert len(list(store.sequence("s").group["results/m"].group_keys())) == 2  # the old one is kept a while
+        store.leases = store.leases.model_copy(update={"keep_superseded_s": 0.0})
+        deleted = store.collect_garbage("s", now=time.time() + 1)
+        assert len(deleted) == 1
+        seq = store.sequence("s")
+        assert list(seq.group["results/m"].group_keys()) == [seq.stages["results/m"]["at"].rsplit("/", 1)[1]]
+        assert seq.array("results/m/labels")[:].tolist() == [2, 2, 2]
+
+    def test_concurrent_metadata_updates_lose_nothing(self, local_store_url: str) -> None:
+        store = SequenceStore.create(local_store_url, CAMVID11)
+        _write(store, "s", 3)
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_mark_many, args=(local_store_url, "s", w)) for w in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        stages = SequenceStore.open(local_store_url).sequence("s").stages
+        assert {s for s in stages if s.startswith("check/")} == {f"check/{w}-{i}" for w in range(4) for i in range(8)}
+
+    def test_replacing_a_sequence_keeps_it_until_the_new_one_is_complete(self, store_url: str) -> None:
+        store = SequenceStore.create(store_url, CAMVID11)
+        rgb, _ = _write(store, "s", 3)
+        _publish(store, "s", "results/m", 1)
+        with pytest.raises(SizeMismatchError):
+            with store.new_sequence("s", expected_frames=3, source="test", fps=10.0) as writer:
+                writer.write("f000", rgb[0][:5], None)
+                writer.write("f001", rgb[1], None)  # another size: the replacement fails
+        seq = store.sequence("s")
+        np.testing.assert_array_equal(seq.frame(0), rgb[0])
+        assert seq.stage_done("results/m")
+        _write(store, "s", 3)  # different content: swapped in, old results dropped
+        assert not store.sequence("s").stage_done("results/m")
