@@ -16,14 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.deployments import run_deployment
-from prefect.runtime import flow_run as current_run
-from prefect.states import Crashed, StateType
-
 from autolabel.flows.dashboard import publish
 from autolabel.flows.label_sequence import label_sequence_flow
 from autolabel.flows.run_requests import AutolabelRequest
@@ -32,6 +24,13 @@ from autolabel.storage.readers import read_dataset
 from autolabel.storage.store import SequenceStore
 from autolabel.tasks.evaluate import evaluate_store
 from autolabel.tasks.pipeline import check_checkpoints, stale_reason
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run as current_run
+from prefect.states import Crashed, StateType
 
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 

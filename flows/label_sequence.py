@@ -12,14 +12,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from autolabel.flows.parallel_flow import run_parallel_flow
+from autolabel.flows.run_requests import confine_paths
+from autolabel.storage.store import SequenceStore
+from autolabel.tasks.pipeline import (
+    DriveSource,
+    FlowStage,
+    LabelSettings,
+    Stage,
+    label_sequence,
+)
+from autolabel.tasks.stage_tasks import prefect_runner
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-
-from autolabel.flows.parallel_flow import run_parallel_flow
-from autolabel.storage.store import SequenceStore
-from autolabel.flows.run_requests import confine_paths
-from autolabel.tasks.pipeline import DriveSource, FlowStage, LabelSettings, Stage, label_sequence
-from autolabel.tasks.stage_tasks import prefect_runner
 
 
 def _sequence_run_name() -> str:

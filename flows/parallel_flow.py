@@ -12,16 +12,20 @@ import os
 import time
 from typing import Any
 
-from prefect import flow, task
-from prefect.futures import wait
-from prefect_dask import DaskTaskRunner
-
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.storage.stages import flow_stage
 from autolabel.storage.store import SequenceStore
-from autolabel.tasks.flow_estimation import estimate_flow_piece, finish_flow, flow_is_current, flow_pieces
+from autolabel.tasks.flow_estimation import (
+    estimate_flow_piece,
+    finish_flow,
+    flow_is_current,
+    flow_pieces,
+)
 from autolabel.tasks.pipeline import worker_name
 from autolabel.tasks.stage_tasks import retry_on_io
+from prefect import flow, task
+from prefect.futures import wait
+from prefect_dask import DaskTaskRunner
 
 
 @task(name="flow-piece", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io)

@@ -6,11 +6,11 @@ How each sequence is labelled (method, K, device, checkpoints, stage settings) i
 
 from __future__ import annotations
 
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.tasks.pipeline import DriveSource, LabelSettings
 from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.settings import confine
-from autolabel.storage.annotation import AnnotationPolicy
-from autolabel.tasks.pipeline import DriveSource, LabelSettings
 
 
 class AutolabelRequest(BaseModel):

@@ -34,7 +34,12 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from autolabel.errors import CheckpointError, ConfigError, FlowError, MissingDependencyError
+from autolabel.errors import (
+    CheckpointError,
+    ConfigError,
+    FlowError,
+    MissingDependencyError,
+)
 from autolabel.registry import Registry
 
 EXACT = "exact"

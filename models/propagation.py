@@ -45,13 +45,17 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from autolabel.models.refiner import Refiner, RefinerInput
+from autolabel.models.warping import (
+    backward_warp,
+    fb_consistency,
+    photometric_error,
+    warp_labels,
+)
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from autolabel.errors import ConfigError
 from autolabel.registry import Registry
-from autolabel.models.refiner import Refiner, RefinerInput
-from autolabel.models.warping import backward_warp, fb_consistency, photometric_error, warp_labels
-
 
 MAX_DISTANCE = 127  # the store keeps each frame's distance to its keyframe as int8
 

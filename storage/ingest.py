@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.ids import check_unique_ids
+from autolabel.storage.readers.base import DatasetSource, SequenceSource
+from autolabel.storage.store import SequenceStore, StoreLayout
 from pydantic import BaseModel, Field
 
 from autolabel.errors import (
@@ -22,10 +26,6 @@ from autolabel.errors import (
     InputDataError,
     InvalidSequenceIdError,
 )
-from autolabel.storage.annotation import AnnotationPolicy
-from autolabel.storage.ids import check_unique_ids
-from autolabel.storage.readers.base import DatasetSource, SequenceSource
-from autolabel.storage.store import SequenceStore, StoreLayout
 
 
 class IngestOptions(BaseModel):

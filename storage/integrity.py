@@ -14,12 +14,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import zarr
-from zarr.core.sync import sync
-
-from autolabel.errors import AutolabelError, IntegrityError
 from autolabel.storage.leases import held_leases
 from autolabel.storage.stages import INGEST
 from autolabel.storage.store import Sequence, SequenceStore
+from zarr.core.sync import sync
+
+from autolabel.errors import AutolabelError, IntegrityError
 
 
 def _stage_arrays(seq: Sequence) -> Iterator[tuple[str, zarr.Array]]:

@@ -36,13 +36,18 @@ import hashlib
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence as SequenceABC
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as SequenceABC
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import fsspec
 import numpy as np
 import zarr
+from autolabel.storage.classes import ClassSet
+from autolabel.storage.ids import validate_sequence_id
+from autolabel.storage.leases import Lease, LeaseSettings
+from autolabel.storage.stages import INGEST
 from pydantic import BaseModel, Field
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
@@ -52,19 +57,15 @@ from autolabel.errors import (
     AutolabelError,
     ClassSetMismatchError,
     EmptySequenceError,
+    IntegrityError,
     NotAnnotatedError,
     SchemaVersionError,
     SequenceNotFoundError,
     SizeMismatchError,
-    IntegrityError,
     StoreError,
     StoreNotFoundError,
     StoreWriteError,
 )
-from autolabel.storage.classes import ClassSet
-from autolabel.storage.ids import validate_sequence_id
-from autolabel.storage.leases import Lease, LeaseSettings
-from autolabel.storage.stages import INGEST
 
 META = "_meta"  # lease held while a sequence's zarr.json is read, changed and written
 

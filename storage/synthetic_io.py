@@ -6,8 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.classes import APOLLO_LABELS
 from autolabel.storage.images import write_png_atomic
@@ -15,6 +13,7 @@ from autolabel.storage.ingest import IngestReport, SequenceOutcome
 from autolabel.storage.stages import flow_array_names, flow_stage
 from autolabel.storage.store import SequenceStore, StoreLayout
 from autolabel.storage.synthetic import SyntheticConfig, SyntheticDrive
+from PIL import Image
 
 EXACT_FLOW = "exact"
 

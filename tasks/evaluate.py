@@ -18,11 +18,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, computed_field
-
 from autolabel.models.metrics import confusion_matrix, iou_per_class, mean_iou
 from autolabel.storage.stages import evaluation_stage, result_array_names, results_stage
 from autolabel.storage.store import Sequence, SequenceStore
+from pydantic import BaseModel, Field, computed_field
 
 
 def percent(value: float | None) -> float | None:

@@ -6,11 +6,17 @@ from collections.abc import Callable
 
 import numpy as np
 import zarr
-
-from autolabel.errors import StageNotDoneError
 from autolabel.models.optical_flow import EXACT, FlowConfig, FlowEstimator
 from autolabel.storage.stages import flow_array_names, flow_stage
-from autolabel.storage.store import FrameArrayWriter, Sequence, SequenceStore, StageOutput, StoreLayout
+from autolabel.storage.store import (
+    FrameArrayWriter,
+    Sequence,
+    SequenceStore,
+    StageOutput,
+    StoreLayout,
+)
+
+from autolabel.errors import StageNotDoneError
 
 # flow compresses little (about 1.8x at best); zstd-1 with byte shuffle encodes 2.5x faster
 # than zstd-3 bitshuffle for nearly the same ratio

@@ -26,24 +26,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from autolabel.errors import AutolabelError, ConfigError, InputDataError, describe_os_error
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig, count_steps, method_class
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.export import export_is_current, export_sequence
 from autolabel.storage.ids import select_ids
-from autolabel.storage.integrity import check_sequence
 from autolabel.storage.ingest import IngestOptions, ingest
+from autolabel.storage.integrity import check_sequence
 from autolabel.storage.readers import read_dataset
-from autolabel.storage.stages import INGEST, LABELLED, TEACHER, flow_stage, results_stage
+from autolabel.storage.stages import (
+    INGEST,
+    LABELLED,
+    TEACHER,
+    flow_stage,
+    results_stage,
+)
 from autolabel.storage.store import SequenceStore
 from autolabel.tasks.checkpoints import checkpoint_sha256, load_refiner, load_teacher
-from autolabel.tasks.evaluate import SequenceEvaluation, evaluate_sequence, evaluation_is_current
+from autolabel.tasks.evaluate import (
+    SequenceEvaluation,
+    evaluate_sequence,
+    evaluation_is_current,
+)
 from autolabel.tasks.flow_estimation import estimate_flow, flow_is_current
 from autolabel.tasks.propagate import propagate_sequence, results_are_current
 from autolabel.tasks.teacher_inference import infer_teacher, teacher_is_current
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from autolabel.errors import (
+    AutolabelError,
+    ConfigError,
+    InputDataError,
+    describe_os_error,
+)
 
 DEVICES = ("cpu", "cuda")
 log = logging.getLogger("autolabel.pipeline")

@@ -7,9 +7,13 @@ from typing import Any
 
 import numpy as np
 import zarr
-
-from autolabel.errors import StageNotDoneError
-from autolabel.models.propagation import Candidate, PropagationConfig, create_method, method_class, propagate_frames
+from autolabel.models.propagation import (
+    Candidate,
+    PropagationConfig,
+    create_method,
+    method_class,
+    propagate_frames,
+)
 from autolabel.models.refiner import Refiner
 from autolabel.models.teacher import Teacher
 from autolabel.storage.stages import (
@@ -20,8 +24,16 @@ from autolabel.storage.stages import (
     flow_stage,
     results_stage,
 )
-from autolabel.storage.store import WRITE_EVERY_CHUNK, FrameArrayWriter, Sequence, SequenceStore, StoreLayout
+from autolabel.storage.store import (
+    WRITE_EVERY_CHUNK,
+    FrameArrayWriter,
+    Sequence,
+    SequenceStore,
+    StoreLayout,
+)
 from autolabel.tasks.flow_estimation import flow_arrays
+
+from autolabel.errors import StageNotDoneError
 
 
 class StoreSequenceInputs:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-
 from autolabel.models.teacher import Teacher
 from autolabel.models.teacher_training import adapt_teacher
 from autolabel.storage.stages import TEACHER
-from autolabel.storage.store import FrameArrayWriter, Sequence, SequenceStore, StoreLayout
+from autolabel.storage.store import (
+    FrameArrayWriter,
+    Sequence,
+    SequenceStore,
+    StoreLayout,
+)
 from autolabel.storage.training_data import AnnotatedFrames
 
 

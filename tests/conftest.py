@@ -12,16 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from autolabel.models.teacher import Teacher
 from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
-from autolabel.settings import shared_data_dir
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, SyntheticDrive, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
 from autolabel.storage.training_data import AnnotatedFrames
+from PIL import Image
+
+from autolabel.settings import shared_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = SyntheticConfig(width=64, height=48, frames=25, seed=0)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from autolabel.storage.store import SequenceStore
 
 LABEL_ARGS = {

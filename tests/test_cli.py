@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from autolabel.storage.store import SequenceStore
 from PIL import Image
 
-from autolabel.storage.store import SequenceStore
 from tests.conftest import random_label, random_rgb, run_cli, save_label, save_rgb
 
 RNG = np.random.default_rng(11)

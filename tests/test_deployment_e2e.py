@@ -23,10 +23,10 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_apollo_layout
+
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -8,15 +8,12 @@ matrix lists these cases.
 from __future__ import annotations
 
 import random
-import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from autolabel.models.teacher import Teacher
 from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
 from autolabel.storage.annotation import AnnotationPolicy
@@ -24,6 +21,7 @@ from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
 from autolabel.storage.training_data import AnnotatedFrames
+
 from tests.conftest import run_cli
 from tests.faults import (
     copy_store,

@@ -17,7 +17,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _register() -> None:
-    from autolabel.cli import data_commands, flow_commands, label_commands, train_commands
+    from autolabel.cli import (
+        data_commands,
+        flow_commands,
+        label_commands,
+        train_commands,
+    )
 
     for module in (data_commands, label_commands, train_commands, flow_commands):
         module.register(app)

@@ -84,7 +84,10 @@ def synth(
 ) -> None:
     """Render synthetic drives with exact labels and flow."""
     from autolabel.storage.synthetic import SyntheticConfig, drive_configs
-    from autolabel.storage.synthetic_io import write_apollo_layout, write_synthetic_store
+    from autolabel.storage.synthetic_io import (
+        write_apollo_layout,
+        write_synthetic_store,
+    )
 
     width, height = parse_size(size)
     if format not in ("store", "apollo"):

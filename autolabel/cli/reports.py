@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from autolabel.cli.console import console, err_console, fmt, human_bytes, print_failures, print_table, table
+from autolabel.cli.console import (
+    console,
+    err_console,
+    fmt,
+    human_bytes,
+    print_failures,
+    print_table,
+    table,
+)
 
 
 def print_ingest_report(report: Any, seconds: float) -> None:

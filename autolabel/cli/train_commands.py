@@ -33,7 +33,11 @@ def train_teacher(
 ) -> None:
     """Train the semantic teacher on the annotated frames of one or more stores."""
     opt.set_threads()
-    from autolabel.tasks.teacher_training import TeacherRequest, train_teacher_from_stores, training_frames
+    from autolabel.tasks.teacher_training import (
+        TeacherRequest,
+        train_teacher_from_stores,
+        training_frames,
+    )
 
     request = TeacherRequest(stores=store, out=str(out), sequences=sequence or None, train=TeacherTrainConfig(
         arch=arch, epochs=epochs, max_steps=max_steps, batch_size=batch_size, crop=crop, lr=lr, device=device,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -13,11 +12,17 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+from autolabel.storage.classes import ClassSet
+from autolabel.storage.images import (
+    check_same_size,
+    map_colour_label,
+    map_label,
+    read_label_raw,
+    read_rgb,
+)
 from pydantic import BaseModel
 
 from autolabel.errors import UnknownLayoutError
-from autolabel.storage.classes import ClassSet
-from autolabel.storage.images import check_same_size, map_colour_label, map_label, read_label_raw, read_rgb
 
 T = TypeVar("T")
 

@@ -19,9 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
-
-from autolabel.errors import ConfigError, ImageReadError, UnknownLayoutError
 from autolabel.storage.classes import ClassSet, lookup_table
 from autolabel.storage.ids import make_sequence_id
 from autolabel.storage.images import check_same_size
@@ -38,6 +35,9 @@ from autolabel.storage.readers.base import (
     SequenceSource,
     list_images,
 )
+from pydantic import ValidationError
+
+from autolabel.errors import ConfigError, ImageReadError, UnknownLayoutError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from autolabel.errors import ConfigError, RegistryError
 import torch
-
-from autolabel.models.propagation import Candidate, LabelState, PropagationConfig, WarpInpaint, fuse, propagate, propagate_frames
+from autolabel.models.propagation import (
+    Candidate,
+    LabelState,
+    PropagationConfig,
+    WarpInpaint,
+    fuse,
+    propagate,
+    propagate_frames,
+)
 from autolabel.models.warping import inside_mask, warp_labels
 from autolabel.storage.synthetic import SyntheticConfig
-from tests.conftest import DriveInputs
 
+from autolabel.errors import ConfigError, RegistryError
+from tests.conftest import DriveInputs
 
 CFG = SyntheticConfig(width=96, height=72, frames=9, seed=2, ego_speed=(2.0, 3.0), fps=30.0)
 

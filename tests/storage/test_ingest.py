@@ -3,8 +3,8 @@ and an interrupted ingest (exception or killed process) resumes where it stopped
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,12 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from autolabel.storage.ingest import IngestOptions, ingest
 from autolabel.storage.readers import ReaderOptions, read_dataset
 from autolabel.storage.readers.base import FrameItem, SequenceSource
 from autolabel.storage.store import SequenceStore
-from tests.conftest import classes_file, good_sequence, random_label, random_rgb, save_label, save_rgb
+
+from tests.conftest import (
+    classes_file,
+    good_sequence,
+    random_label,
+    random_rgb,
+    save_label,
+    save_rgb,
+)
 
 RNG = np.random.default_rng(3)
 

@@ -12,9 +12,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from autolabel.storage.leases import (
+    Lease,
+    LeaseSettings,
+    held_leases,
+    lease_backend,
+    lease_name,
+)
 
 from autolabel.errors import LeaseHeldError, LeaseLostError, StoreError
-from autolabel.storage.leases import Lease, LeaseSettings, held_leases, lease_backend, lease_name
 
 FAST = LeaseSettings(ttl_s=0.6, wait_s=0.0, poll_s=0.05)
 

@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 import zarr
+from autolabel.storage.classes import CAMVID11, DAVIS_BINARY
+from autolabel.storage.store import SequenceStore, StoreLayout
 
 from autolabel.errors import (
     ClassSetMismatchError,
@@ -19,8 +21,6 @@ from autolabel.errors import (
     SizeMismatchError,
     StoreNotFoundError,
 )
-from autolabel.storage.classes import CAMVID11, DAVIS_BINARY
-from autolabel.storage.store import SequenceStore, StoreLayout
 
 RNG = np.random.default_rng(0)
 
@@ -207,8 +207,9 @@ class TestSelectIds:
         assert select_ids(ids, None, "x") == ids
 
     def test_a_pattern_matching_nothing_is_an_error(self) -> None:
-        from autolabel.errors import SelectionError
         from autolabel.storage.ids import select_ids
+
+        from autolabel.errors import SelectionError
 
         with pytest.raises(SelectionError, match=r"store s: no sequence \['val_\*'\]; found 1 sequences"):
             select_ids(["a"], ["val_*"], "store s")

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from autolabel.errors import ClassSetMismatchError, ConfigError, StageNotDoneError
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig
 from autolabel.models.teacher import Teacher
@@ -19,6 +17,9 @@ from autolabel.storage.training_data import AnnotatedFrames
 from autolabel.tasks.evaluate import evaluate_store
 from autolabel.tasks.pipeline import LabelSettings, label_store
 from autolabel.tasks.propagate import propagate_sequence
+
+from autolabel.errors import ClassSetMismatchError, ConfigError, StageNotDoneError
+
 
 def _request(method: str, teacher: Path | None = None, flow: str = "dis-fast", **kw) -> LabelSettings:
     return LabelSettings(propagation=PropagationConfig(method=method, **kw),
@@ -76,9 +77,10 @@ def test_labelling_before_flow_exists(synth_store: str) -> None:
 
 
 def test_exact_flow_on_a_store_without_it_fails_each_sequence(local_store_url: str, tmp_path: Path) -> None:
-    from tests.conftest import classes_file, good_sequence
     from autolabel.storage.ingest import ingest
     from autolabel.storage.readers import ReaderOptions, read_dataset
+
+    from tests.conftest import classes_file, good_sequence
 
     root, labels = tmp_path / "drives", tmp_path / "labels"
     good_sequence(root, labels, "real", frames=3)

@@ -6,14 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.stages import flow_array_names, flow_stage
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
-from autolabel.tasks.flow_estimation import estimate_flow, estimate_flow_piece, finish_flow, flow_pieces
+from autolabel.tasks.flow_estimation import (
+    estimate_flow,
+    estimate_flow_piece,
+    finish_flow,
+    flow_pieces,
+)
 
 CONFIG = FlowConfig(backend="dis-ultrafast", workers=1)
 
@@ -54,11 +58,10 @@ def test_pieces_cover_whole_shards_and_match_the_serial_flow(long_store: str) ->
 
 @pytest.mark.slow
 def test_dask_flow_equals_serial(long_store: str, tmp_path: Path) -> None:
-    from prefect.testing.utilities import prefect_test_harness
+    import shutil
 
     from autolabel.flows.parallel_flow import run_parallel_flow
-
-    import shutil
+    from prefect.testing.utilities import prefect_test_harness
 
     serial_store = str(tmp_path / "serial.zarr")
     shutil.copytree(long_store, serial_store)
