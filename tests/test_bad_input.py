@@ -154,13 +154,17 @@ class TestErrorsNotTracebacks:
 
     def test_a_read_only_store(self, store: str) -> None:
         dirs = [Path(root) for root, _, _ in os.walk(store)]
-        immutable = os.geteuid() == 0 and shutil.which("chattr") is not None
-        try:
+        immutable = os.geteuid() == 0 and shutil.which("chattr") is not None  # root ignores permission bits
+
+        def read_only(on: bool) -> None:
             for d in dirs:
                 if immutable:
-                    subprocess.run(["chattr", "+i", str(d)], check=True)
+                    subprocess.run(["chattr", "+i" if on else "-i", str(d)], check=True)
                 else:
-                    d.chmod(0o555)
+                    d.chmod(0o555 if on else 0o755)
+
+        try:
+            read_only(True)
         except subprocess.CalledProcessError:
             pytest.skip("cannot make a folder read-only here")
         try:
@@ -169,11 +173,7 @@ class TestErrorsNotTracebacks:
             assert done.returncode == 1 and "cannot write to the store" in text, text
             assert run_cli("info", store).returncode == 0  # reading still works
         finally:
-            for d in dirs:
-                if immutable:
-                    subprocess.run(["chattr", "-i", str(d)], check=True)
-                else:
-                    d.chmod(0o755)
+            read_only(False)
 
     def test_a_file_size_limit_during_label(self, store: str) -> None:
         def limit() -> None:
