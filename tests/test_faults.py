@@ -114,7 +114,7 @@ KILL_POINTS = {  # progress lines of each stage of `label --method warp-inpaint`
 
 
 def _kill_and_rerun(base: dict[str, Any], tmp_path: Path, stage: str, rng: random.Random, loop: int) -> None:
-    store = fresh(base, tmp_path, f"kill{loop}.zarr")
+    store = fresh(base, tmp_path, f"kill-{stage}-{loop}.zarr")
     args = label_args(store, "warp-inpaint", base["teacher"])
     kill_at_progress(args, KILL_POINTS[stage], rng.randrange(0, 6))
     done = run_cli(*args)
