@@ -84,13 +84,11 @@ def s3_server() -> Iterator[dict[str, str]]:
 def s3_store_url(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
     """``s3://<fresh bucket>/store.zarr`` on the test server; this process' environment points at it."""
     import boto3
-    import s3fs
 
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
     bucket = f"autolabel-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket=bucket)
-    s3fs.S3FileSystem.clear_instance_cache()
     return f"s3://{bucket}/store.zarr"
 
 

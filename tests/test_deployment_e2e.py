@@ -226,13 +226,14 @@ def test_deployments_workers_nightly_and_failures(tmp_path: Path) -> None:
         _no_half_written_results(str(tmp_path / "second.zarr"), ids)
 
         # 2b. two overlapping requests on one new store: every drive is labelled once, and correctly
-        third = {**json.loads(json.dumps(_request(prefect.env))), "store": str(tmp_path / "third.zarr")}
+        third = {**json.loads(json.dumps(_request(prefect.env))), "store": str(tmp_path / "third.zarr"),
+                 "sequences": ids[:2]}
         first_id, second_id = (prefect.run_deployment("autolabel/apollo", third) for _ in range(2))
         for run_id in (first_id, second_id):
             assert prefect.wait(run_id, timeout=600)["state_type"] == "COMPLETED"
-        _no_half_written_results(str(tmp_path / "third.zarr"), ids)
+        _no_half_written_results(str(tmp_path / "third.zarr"), ids[:2])
         store3 = SequenceStore.open(str(tmp_path / "third.zarr"))
-        for seq_id in ids:  # one version of each stage was ever written (a second would still be kept)
+        for seq_id in ids[:2]:  # one version of each stage was ever written (a second would still be kept)
             seq = store3.sequence(seq_id)
             for stage in ("flow/dis-fast", "teacher", "results/warp-refine"):
                 assert len(list(seq.group[stage].group_keys())) == 1, (seq_id, stage)
