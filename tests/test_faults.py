@@ -79,7 +79,7 @@ CONCURRENT = {  # two and four runs; same and different methods; flow missing an
 }
 
 
-def _concurrent_case(base: dict[str, Any], tmp_path: Path, case: str, loop: int) -> None:
+def _concurrent_case(base: dict[str, Any], tmp_path: Path, case: str, loop: int, verify: bool = True) -> None:
     methods = CONCURRENT[case]
     store = fresh(base, tmp_path, f"run{loop}.zarr")
     if "flow present" in case:
@@ -89,7 +89,8 @@ def _concurrent_case(base: dict[str, Any], tmp_path: Path, case: str, loop: int)
         assert code == 0, err
         assert "Traceback" not in err
     assert snapshot(store) == clean(base, tuple(set(methods))), f"{case}, loop {loop}"
-    assert_verified(store)
+    if verify:
+        assert_verified(store)
 
 
 @pytest.mark.parametrize("case", list(CONCURRENT)[:1])
@@ -101,7 +102,7 @@ def test_concurrent_label_runs_equal_a_clean_run(base: dict[str, Any], tmp_path:
 @pytest.mark.parametrize("case", list(CONCURRENT))
 def test_concurrent_label_runs_equal_a_clean_run_every_time(base: dict[str, Any], tmp_path: Path, case: str) -> None:
     for loop in range(5):
-        _concurrent_case(base, tmp_path, case, loop)
+        _concurrent_case(base, tmp_path, case, loop, verify=loop == 4)
 
 
 KILL_POINTS = {  # progress lines of each stage of `label --method warp-inpaint`
@@ -112,14 +113,16 @@ KILL_POINTS = {  # progress lines of each stage of `label --method warp-inpaint`
 }
 
 
-def _kill_and_rerun(base: dict[str, Any], tmp_path: Path, stage: str, rng: random.Random, loop: int) -> None:
+def _kill_and_rerun(base: dict[str, Any], tmp_path: Path, stage: str, rng: random.Random, loop: int,
+                    verify: bool = True) -> None:
     store = fresh(base, tmp_path, f"kill-{stage}-{loop}.zarr")
     args = label_args(store, "warp-inpaint", base["teacher"])
     kill_at_progress(args, KILL_POINTS[stage], rng.randrange(0, 6))
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr
     assert snapshot(store) == clean(base, ("warp-inpaint",)), f"killed in {stage}, loop {loop}"
-    assert_verified(store)
+    if verify:
+        assert_verified(store)
 
 
 @pytest.mark.parametrize("stage", list(KILL_POINTS))
@@ -132,7 +135,7 @@ def test_sigkill_at_random_points_then_rerun_equals_a_clean_run(base: dict[str, 
     rng = random.Random(2026)
     for loop in range(1, 3):  # loop 0 is the test above
         for stage in KILL_POINTS:
-            _kill_and_rerun(base, tmp_path, stage, rng, loop)
+            _kill_and_rerun(base, tmp_path, stage, rng, loop, verify=False)  # the quick test verifies
         store = fresh(base, tmp_path, f"timed{loop}.zarr")  # and at a random moment, wherever that falls
         args = label_args(store, "warp-inpaint", base["teacher"])
         kill_after(args, rng.uniform(2.5, 9.0))

@@ -146,3 +146,43 @@ def test_settings_need_their_checkpoints_and_one_device() -> None:
         LabelSettings(propagation={"method": "motion-only"}, flow={"backend": "dis-mediun"})
     with pytest.raises(RegistryError, match="unknown propagation method 'warp-refin'"):
         LabelSettings(propagation={"method": "warp-refin"})
+
+
+class TestPathRoots:
+    """Deployments read and write only under the configured roots (``$AUTOLABEL_*_ROOTS``)."""
+
+    def _request(self, store: str, inbox: str | None = None, export: str | None = None):  # noqa: ANN202
+        from autolabel.flows.run_requests import AutolabelRequest, LabelSettings
+
+        return AutolabelRequest(store=store, inbox=inbox,
+                                label=LabelSettings(propagation={"method": "motion-only"}, export_dir=export))
+
+    def test_paths_under_the_roots_pass(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("AUTOLABEL_STORE_ROOTS", f"{tmp_path / 'stores'}:s3://bucket/stores")
+        monkeypatch.setenv("AUTOLABEL_INBOX_ROOTS", str(tmp_path / "inbox"))
+        monkeypatch.setenv("AUTOLABEL_EXPORT_ROOTS", str(tmp_path / "export"))
+        self._request(str(tmp_path / "stores" / "a.zarr"), str(tmp_path / "inbox" / "new"),
+                      str(tmp_path / "export" / "x")).check_paths()
+        self._request("s3://bucket/stores/a.zarr").check_paths()
+
+    @pytest.mark.parametrize("store", ["{tmp}/elsewhere.zarr", "{tmp}/stores/../elsewhere.zarr",
+                                       "s3://bucket/other/a.zarr", "s3://bucket/stores/../x.zarr",
+                                       "{tmp}/stores-evil/a.zarr"])
+    def test_paths_outside_are_refused(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str) -> None:
+        from autolabel.errors import ConfigError
+
+        monkeypatch.setenv("AUTOLABEL_STORE_ROOTS", f"{tmp_path / 'stores'}:s3://bucket/stores")
+        with pytest.raises(ConfigError, match="store path .* (outside the allowed roots|contains '..')"):
+            self._request(store.format(tmp=tmp_path)).check_paths()
+
+    def test_a_symlink_out_of_a_root_is_refused(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from autolabel.errors import ConfigError
+
+        (tmp_path / "stores").mkdir()
+        (tmp_path / "stores" / "link").symlink_to(tmp_path / "secret", target_is_directory=True)
+        monkeypatch.setenv("AUTOLABEL_STORE_ROOTS", str(tmp_path / "stores"))
+        monkeypatch.setenv("AUTOLABEL_EXPORT_ROOTS", str(tmp_path / "export"))
+        with pytest.raises(ConfigError, match="outside the allowed roots"):
+            self._request(str(tmp_path / "stores" / "link" / "a.zarr")).check_paths()
+        with pytest.raises(ConfigError, match="export path"):
+            self._request(str(tmp_path / "stores" / "a.zarr"), export="/etc/cron.d").check_paths()
