@@ -330,7 +330,7 @@ class SequenceStore:
         key = (self.url, validate_sequence_id(seq_id), stage)
         lock = _ThreadLeases.lock(key)
         settings = settings or self.leases
-        if not lock.acquire(timeout=settings.wait_s if settings.wait_s > 0 else -1):
+        if not lock.acquire(blocking=settings.wait_s > 0, timeout=settings.wait_s if settings.wait_s > 0 else -1):
             raise StoreError(f"another thread of this process writes stage {stage!r} of {seq_id!r}; gave up waiting")
         try:
             held = _ThreadLeases._held.get(key)

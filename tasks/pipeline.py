@@ -541,6 +541,7 @@ class LabelReport:
     store: str
     method: str
     outcomes: list[SequenceOutcome] = field(default_factory=list)
+    skipped_groups: dict[str, str] = field(default_factory=dict)  # unusable groups in the store, and why
 
     @property
     def failed(self) -> list[SequenceOutcome]:
@@ -571,7 +572,7 @@ def label_store(store_url: str, settings: LabelSettings, sequences: list[str] | 
     store = SequenceStore.open(store_url, mode="r+")
     ids = select_ids(store.sequence_ids(), sequences, f"store {store_url!r}")
     check_checkpoints(store, settings)
-    report = LabelReport(store=store_url, method=settings.method)
+    report = LabelReport(store=store_url, method=settings.method, skipped_groups=store.bad_groups())
     runner = direct_runner(progress)
     for seq_id in ids:
         start = time.perf_counter()

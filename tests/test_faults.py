@@ -93,11 +93,6 @@ def _concurrent_case(base: dict[str, Any], tmp_path: Path, case: str, loop: int,
         assert_verified(store)
 
 
-@pytest.mark.parametrize("case", list(CONCURRENT)[:1])
-def test_concurrent_label_runs_equal_a_clean_run(base: dict[str, Any], tmp_path: Path, case: str) -> None:
-    _concurrent_case(base, tmp_path, case, 0)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CONCURRENT))
 def test_concurrent_label_runs_equal_a_clean_run_every_time(base: dict[str, Any], tmp_path: Path, case: str) -> None:
@@ -133,8 +128,8 @@ def test_sigkill_in_each_stage_then_rerun_equals_a_clean_run(base: dict[str, Any
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_rerun_equals_a_clean_run(base: dict[str, Any], tmp_path: Path) -> None:
     rng = random.Random(2026)
-    for loop in range(1, 3):  # loop 0 is the test above
-        for stage in KILL_POINTS:
+    for loop in range(1, 3):  # loop 0 is the test above; loop 2 only at a random moment
+        for stage in KILL_POINTS if loop == 1 else []:
             _kill_and_rerun(base, tmp_path, stage, rng, loop, verify=False)  # the quick test verifies
         store = fresh(base, tmp_path, f"timed{loop}.zarr")  # and at a random moment, wherever that falls
         args = label_args(store, "warp-inpaint", base["teacher"])

@@ -74,6 +74,8 @@ def label(
                   highlight=False)
     for o in report.failed:
         err_console.print(f"[red]failed[/] {o.id}: {o.error}", highlight=False, soft_wrap=True)
+    for name, why in report.skipped_groups.items():
+        err_console.print(f"[yellow]skipped group[/] {name!r}: {why}", highlight=False, soft_wrap=True)
     if report.failed:
         raise typer.Exit(1)
 

@@ -22,7 +22,7 @@ from autolabel.storage.leases import (
 
 from autolabel.errors import LeaseHeldError, LeaseLostError, StoreError
 
-FAST = LeaseSettings(ttl_s=0.6, wait_s=0.0, poll_s=0.05)
+FAST = LeaseSettings(ttl_s=5.0, wait_s=0.0, poll_s=0.05)  # long enough for S3 round trips on a busy machine
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -55,9 +55,10 @@ class TestLease:
                 pass
 
     def test_a_live_owner_renews_its_lease(self, lease_store: str) -> None:
-        with Lease(lease_store, "seq", "teacher", FAST):
-            time.sleep(3 * FAST.ttl_s)  # three lifetimes: only renewal keeps it
-            assert Lease(lease_store, "seq", "teacher", FAST).try_acquire() is not None
+        settings = FAST.model_copy(update={"ttl_s": 2.0})
+        with Lease(lease_store, "seq", "teacher", settings):
+            time.sleep(3 * settings.ttl_s)  # three lifetimes: only renewal keeps it
+            assert Lease(lease_store, "seq", "teacher", settings).try_acquire() is not None
 
     def test_an_expired_lease_is_taken_over(self, lease_store: str) -> None:
         backend = lease_backend(lease_store)
