@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
@@ -34,7 +33,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from autolabel.storage.ingest import IngestOptions, ingest
     from autolabel.storage.readers import read_dataset
     from autolabel.storage.training_data import AnnotatedFrames
-    from autolabel.tasks.refiner_training import RefinerRequest, train_refiner_from_stores
+    from autolabel.tasks.refiner_training import (
+        RefinerRequest,
+        train_refiner_from_stores,
+    )
 
     tmp = tmp_path_factory.mktemp("ckpt")
     write_apollo_layout(tmp / "inbox", drive_configs(2, DRIVE.model_copy(update={"seed": 50})))
@@ -131,8 +133,9 @@ def test_a_baseline_through_the_flows_scores_its_own_k(harness: None, tmp_path: 
 
 
 def test_settings_need_their_checkpoints_and_one_device() -> None:
-    from autolabel.errors import ConfigError, RegistryError
     from autolabel.flows.run_requests import LabelSettings
+
+    from autolabel.errors import ConfigError, RegistryError
 
     with pytest.raises(ConfigError, match="needs a refiner"):
         LabelSettings(propagation={"method": "warp-refine"}, teacher="t.pt")
