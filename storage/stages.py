@@ -48,3 +48,8 @@ def evaluation_stage(method: str) -> str:
 
 
 LABELLED = "labelled"  # marked by the pipeline when every stage of a request is done
+
+
+def estimate_stage(method: str) -> str:
+    """Stage holding a method's quality calibration (from cycles) for a sequence; no arrays."""
+    return f"estimate/{method}"

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 from autolabel.models.metrics import confusion_matrix, iou_per_class, mean_iou
-from autolabel.storage.stages import evaluation_stage, result_array_names, results_stage
+from autolabel.models.quality import CycleCalibration, expected_counts, expected_iou, expected_miou
+from autolabel.storage.stages import estimate_stage, evaluation_stage, result_array_names, results_stage
 from autolabel.storage.store import Sequence, SequenceStore
 from pydantic import BaseModel, Field, computed_field
 
@@ -60,12 +61,22 @@ class SequenceEvaluation(BaseModel):
     per_class_iou: dict[str, float | None] = Field(default_factory=dict)
     coverage: float | None = Field(None, description="share of pixels of reached frames holding a class")
     mean_confidence: float | None = Field(None, description="mean confidence over reached frames")
+    estimated_miou: float | None = Field(None, description="mIoU estimated without ground truth (cycles)")
+    estimated_miou_by_distance: dict[str, float | None] = Field(default_factory=dict)
+    estimated_per_class_iou: dict[str, float | None] = Field(default_factory=dict)
+    estimate_basis: str | None = Field(None, description="what the estimate rests on, or why there is none")
     confusion: dict[str, list[list[int]]] = Field(
         default_factory=dict, exclude=True, repr=False,
         description="(C, C+1) confusion matrix per distance; kept for pooling, left out of reports")
+    expected: dict[str, list[list[float]]] = Field(
+        default_factory=dict, exclude=True, repr=False,
+        description="(C, 3) expected TP / predicted / true counts per distance (models.quality); for pooling")
 
     def confusions(self) -> dict[int, np.ndarray]:
         return {int(d): np.asarray(cm, dtype=np.int64) for d, cm in self.confusion.items()}
+
+    def expectations(self) -> dict[int, np.ndarray]:
+        return {int(d): np.asarray(e, dtype=np.float64) for d, e in self.expected.items()}
 
 
 class MethodEvaluation(BaseModel):
@@ -76,6 +87,9 @@ class MethodEvaluation(BaseModel):
     miou_by_distance: dict[str, float | None]
     per_class_iou: dict[str, float | None]
     frames_scored: int
+    estimated_miou_mean: float | None = Field(None, description="estimated mIoU, mean over distances, all sequences")
+    estimated_miou_by_distance: dict[str, float | None] = Field(default_factory=dict)
+    estimated_per_class_iou: dict[str, float | None] = Field(default_factory=dict)
     sequences: list[SequenceEvaluation]
     sequences_missing: list[str] = Field(description="selected sequences with no results of this method")
 
@@ -83,6 +97,11 @@ class MethodEvaluation(BaseModel):
     @property
     def per_sequence_miou(self) -> dict[str, float | None]:
         return {s.sequence: s.miou for s in self.sequences if s.has_gt}
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def estimated_per_sequence_miou(self) -> dict[str, float | None]:
+        return {s.sequence: s.estimated_miou for s in self.sequences}
 
 
 class EvaluationReport(BaseModel):
@@ -95,6 +114,29 @@ class EvaluationReport(BaseModel):
 
 def _class_ious(cm: np.ndarray, names: list[str]) -> dict[str, float | None]:
     return {n: percent(v * 100) for n, v in zip(names, iou_per_class(cm))}
+
+
+def _class_ious_expected(counts: np.ndarray, names: list[str]) -> dict[str, float | None]:
+    return {n: percent(v * 100) for n, v in zip(names, expected_iou(counts))}
+
+
+def sequence_calibration(seq: Sequence, method: str) -> tuple[CycleCalibration | None, str]:
+    """The estimate stage's calibration of ``method`` on ``seq`` and a one-line basis (or why none)."""
+    record = seq.stages.get(estimate_stage(method))
+    results = seq.stages.get(results_stage(method), {})
+    if record is None:
+        return None, "no estimate: label with the estimate enabled (the default) to run the cycles"
+    if record.get("settings", {}).get("results_finished_at") != results.get("finished_at"):
+        return None, "no estimate: the results changed since the cycles ran; label again"
+    cal = CycleCalibration.from_record(record["calibration"])
+    if cal.cycles == 0:
+        why = (f"all {cal.excluded} keyframes were the refiner's training keyframes" if cal.excluded
+               else "no keyframe has neighbouring frames")
+        return None, f"no estimate: {why}"
+    basis = f"{cal.cycles} cycles from {len(cal.keyframes)} keyframes"
+    if cal.excluded:
+        basis += f"; {cal.excluded} keyframes left out (the refiner trained on them)"
+    return cal, basis
 
 
 def score_sequence(seq: Sequence, method: str, max_distance: int,
@@ -110,7 +152,9 @@ def score_sequence(seq: Sequence, method: str, max_distance: int,
     labels, conf = seq.array(labels_name), seq.array(conf_name)
     distance = np.asarray(seq.array(distance_name)[:])
     scored = scored_frames(seq, distance, max_distance)
+    calibration, basis = sequence_calibration(seq, method)
     by_d: dict[int, np.ndarray] = {}
+    expected: dict[int, np.ndarray] = {}
     covered = pixels = 0
     conf_sum = 0.0
     for t in np.flatnonzero(distance >= 1):
@@ -119,10 +163,13 @@ def score_sequence(seq: Sequence, method: str, max_distance: int,
         covered += int((lab != ignore).sum())
         pixels += lab.size
         conf_sum += float(np.asarray(conf[t], dtype=np.float64).sum())
+        d = int(distance[t])
         if scored[t]:
-            d = int(distance[t])
             cm = confusion_matrix(seq.ground_truth(t), lab, c, ignore)
             by_d[d] = by_d[d] + cm if d in by_d else cm
+        if calibration is not None and d <= max_distance:
+            e = expected_counts(lab, calibration.calibration(np.asarray(conf[t]) / 255.0), c, ignore)
+            expected[d] = expected[d] + e if d in expected else e
         if on_frame is not None:
             on_frame()
     row = SequenceEvaluation(
@@ -132,7 +179,14 @@ def score_sequence(seq: Sequence, method: str, max_distance: int,
         coverage=percent(100 * covered / pixels) if pixels else None,
         mean_confidence=percent(100 * conf_sum / 255 / pixels) if pixels else None,
         confusion={str(d): cm.tolist() for d, cm in sorted(by_d.items())},
+        expected={str(d): e.round(3).tolist() for d, e in sorted(expected.items())},
+        estimate_basis=basis,
     )
+    if expected:
+        pooled_e = sum(expected.values())
+        row.estimated_miou = percent(expected_miou(pooled_e))
+        row.estimated_miou_by_distance = {str(d): percent(expected_miou(e)) for d, e in sorted(expected.items())}
+        row.estimated_per_class_iou = _class_ious_expected(pooled_e, classes.names)
     if by_d:
         pooled = sum(by_d.values())
         row.miou = percent(mean_iou(pooled))
@@ -144,7 +198,9 @@ def score_sequence(seq: Sequence, method: str, max_distance: int,
 def _evaluation_settings(seq: Sequence, method: str, max_distance: int) -> dict[str, Any]:
     """What a stored evaluation depends on: the results it scored (when they were finished) and K."""
     results = seq.stages.get(results_stage(method), {})
-    return {"results_finished_at": results.get("finished_at"), "max_distance": max_distance}
+    estimate = seq.stages.get(estimate_stage(method), {})
+    return {"results_finished_at": results.get("finished_at"), "max_distance": max_distance,
+            "estimate_finished_at": estimate.get("finished_at")}
 
 
 def stored_evaluation(seq: Sequence, method: str, max_distance: int) -> SequenceEvaluation | None:
@@ -152,7 +208,7 @@ def stored_evaluation(seq: Sequence, method: str, max_distance: int) -> Sequence
     stage = seq.stages.get(evaluation_stage(method))
     if stage is None or stage.get("settings") != _evaluation_settings(seq, method, max_distance):
         return None
-    return SequenceEvaluation(**stage["evaluation"], confusion=stage["confusion"])
+    return SequenceEvaluation(**stage["evaluation"], confusion=stage["confusion"], expected=stage.get("expected", {}))
 
 
 def evaluation_is_current(seq: Sequence, methods: Iterable[str], max_distance: int) -> bool:
@@ -174,7 +230,7 @@ def evaluate_sequence(store: SequenceStore, seq_id: str, methods: Iterable[str],
                 row = score_sequence(seq, method, max_distance, on_frame)
                 store.mark_stage_done(seq_id, evaluation_stage(method), {
                     "settings": _evaluation_settings(seq, method, max_distance),
-                    "evaluation": row.model_dump(), "confusion": row.confusion})
+                    "evaluation": row.model_dump(), "confusion": row.confusion, "expected": row.expected})
         rows.append(row)
     return rows
 
@@ -188,11 +244,21 @@ def pool(method: str, rows: list[SequenceEvaluation], missing: list[str], max_di
         for d, cm in row.confusions().items():
             if d <= max_distance:
                 by_distance[d] += cm
+    expected = {d: np.zeros((c, 3), np.float64) for d in range(1, max_distance + 1)}
+    for row in rows:
+        for d, e in row.expectations().items():
+            if d <= max_distance:
+                expected[d] += e
     miou_d = {str(d): percent(mean_iou(cm)) if cm.sum() else None for d, cm in by_distance.items()}
+    est_d = {str(d): percent(expected_miou(e)) if e[:, 1].sum() else None for d, e in expected.items()}
     scored = [v for v in miou_d.values() if v is not None]
+    estimated = [v for v in est_d.values() if v is not None]
     return MethodEvaluation(
         method=method, miou_mean=percent(float(np.mean(scored))) if scored else None,
         miou_by_distance=miou_d, per_class_iou=_class_ious(sum(by_distance.values()), class_names),
+        estimated_miou_mean=percent(float(np.mean(estimated))) if estimated else None,
+        estimated_miou_by_distance=est_d,
+        estimated_per_class_iou=_class_ious_expected(sum(expected.values()), class_names),
         frames_scored=sum(r.frames_scored for r in rows), sequences=rows, sequences_missing=missing)
 
 

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal, Protocol, Self
 
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig, count_steps, method_class
+from autolabel.models.quality import EstimateConfig, estimate_plan
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.export import export_is_current, export_sequence
 from autolabel.storage.ids import select_ids
@@ -38,6 +39,7 @@ from autolabel.storage.stages import (
     INGEST,
     LABELLED,
     TEACHER,
+    estimate_stage,
     flow_stage,
     results_stage,
 )
@@ -49,6 +51,7 @@ from autolabel.tasks.evaluate import (
     evaluation_is_current,
 )
 from autolabel.tasks.flow_estimation import estimate_flow, flow_is_current
+from autolabel.tasks.estimate import estimate_is_current, estimate_sequence
 from autolabel.tasks.propagate import propagate_sequence, results_are_current
 from autolabel.tasks.teacher_inference import infer_teacher, teacher_is_current
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -118,6 +121,7 @@ class LabelSettings(BaseModel):
     refiner: str | None = Field(None, description="refiner checkpoint path (warp-refine)")
     adapt_steps: int = Field(0, ge=0, description="fine-tune the teacher on each sequence's annotations first")
     device: str = Field("cpu", description="cpu, cuda or cuda:N, for every stage")
+    estimate: EstimateConfig = Field(EstimateConfig(), description="quality estimate without ground truth (cycles)")
     compare_with_warp_inpaint: bool = Field(
         True, description="warp-refine: also store warp-inpaint, so its gain can be shown")
     export_dir: str | None = Field(None, description="write index / colour / overlay PNGs of the method here")
@@ -376,6 +380,50 @@ class PropagateStage(Stage):
         return {"computed": computed}
 
 
+class EstimateStage(Stage):
+    """Calibrate a method's confidence on its keyframes' cycles (:mod:`tasks.estimate`)."""
+
+    kind: Literal["estimate"] = "estimate"
+    propagation: PropagationConfig
+    estimate: EstimateConfig = EstimateConfig()
+    flow_name: str | None = None
+    teacher: str | None = None
+    refiner: str | None = None
+    uses_gpu: ClassVar[bool] = True
+    TASK: ClassVar[str] = "estimate"
+
+    @property
+    def title(self) -> str:
+        return f"estimate {self.propagation.method}"
+
+    @property
+    def output(self) -> str:
+        return estimate_stage(self.propagation.method)
+
+    @property
+    def device(self) -> str:
+        return self.propagation.device
+
+    def checkpoints(self) -> list[str]:
+        return [c for c in (self.teacher, self.refiner) if c]
+
+    def is_current(self, store: SequenceStore, seq_id: str) -> bool:
+        return estimate_is_current(store.sequence(seq_id), self.propagation.method, self.estimate)
+
+    def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
+        seq = store.sequence(seq_id)
+        current = self.is_current(store, seq_id)
+        progress.start(seq_id, self.title,
+                       0 if current else len(estimate_plan(seq.annotated, self.estimate, self.propagation.max_distance)))
+        refiner = feature_teacher = None
+        if self.refiner is not None and self.teacher is not None and not current:
+            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}")
+            feature_teacher = load_teacher(self.teacher, self.device)
+        computed = estimate_sequence(store, seq_id, self.propagation, self.flow_name, self.estimate, refiner=refiner,
+                                     feature_teacher=feature_teacher, on_step=progress.advance)
+        return {"computed": computed}
+
+
 class EvaluateStage(Stage):
     kind: Literal["evaluate"] = "evaluate"
     methods: list[str]
@@ -427,7 +475,7 @@ class ExportStage(Stage):
         return {"computed": True, "exported": str(Path(self.out_dir) / seq_id)}
 
 
-AnyStage = IngestStage | FlowStage | TeacherStage | PropagateStage | EvaluateStage | ExportStage
+AnyStage = IngestStage | FlowStage | TeacherStage | PropagateStage | EstimateStage | EvaluateStage | ExportStage
 
 
 def sequence_stages(settings: LabelSettings, source: DriveSource | None = None) -> list[Stage]:
@@ -444,11 +492,13 @@ def sequence_stages(settings: LabelSettings, source: DriveSource | None = None) 
                                    on_device=settings.device))
     for method in settings.methods:
         cls = method_class(method)
-        stages.append(PropagateStage(
-            propagation=settings.propagation.model_copy(update={"method": method}),
-            flow_name=flow_name if cls.needs_flow else None,
-            teacher=settings.teacher if cls.needs_teacher else None,
-            refiner=settings.refiner if cls.needs_refiner else None))
+        inputs = {"propagation": settings.propagation.model_copy(update={"method": method}),
+                  "flow_name": flow_name if cls.needs_flow else None,
+                  "teacher": settings.teacher if cls.needs_teacher else None,
+                  "refiner": settings.refiner if cls.needs_refiner else None}
+        stages.append(PropagateStage(**inputs))
+        if settings.estimate.enabled:
+            stages.append(EstimateStage(estimate=settings.estimate, **inputs))
     stages.append(EvaluateStage(methods=settings.methods, max_distance=settings.max_distance))
     if settings.export_dir:
         stages.append(ExportStage(method=settings.method, out_dir=settings.export_dir))

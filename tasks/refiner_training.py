@@ -17,6 +17,7 @@ from autolabel.errors import ClassSetMismatchError, ConfigError
 from autolabel.models.cycle import CycleSample, cycle_plan, cycle_sample
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig, WarpInpaint
+from autolabel.models.quality import annotation_fingerprint
 from autolabel.models.refiner import Refiner
 from autolabel.models.refiner_training import RefinerTrainConfig, score_on_samples, train_refiner
 from autolabel.models.teacher import Teacher, file_sha256
@@ -109,6 +110,8 @@ def train_refiner_from_stores(request: RefinerRequest, progress: Progress | None
     info["fit"] = score_on_samples(refiner, teacher, samples)
     info["cycles"] = {str(k): int(v) for k, v in zip(*np.unique([s.length for s in samples], return_counts=True))}
     info["stores"] = list(request.stores)
+    # the keyframes whose cycles it learnt from: their own cycles would flatter it (quality estimates skip them)
+    info["keyframes"] = sorted({annotation_fingerprint(s.annotation) for s in samples})
     info["flow"] = request.flow.stored_name
     refiner.train_info = info
     info["sha256"] = refiner.save(request.out)

@@ -58,8 +58,10 @@ def print_evaluation(report: Any) -> None:
         out.add_row(f"d={d}", *[fmt(m.miou_by_distance.get(str(d))) for m in methods.values()])
     out.add_section()
     out.add_row("mean", *[fmt(m.miou_mean) for m in methods.values()])
+    out.add_row("estimated", *[fmt(m.estimated_miou_mean) for m in methods.values()])
     out.add_row("frames", *[str(m.frames_scored) for m in methods.values()])
-    print_table(f"mIoU (%) by propagation distance - {report.store}", out)
+    print_table(f"mIoU (%) by propagation distance - {report.store}", out,
+                "estimated: mean over distances without ground truth, all sequences (cycles)")
     for name, m in methods.items():
         if m.sequences_missing:
             console.print(f"[yellow]{name}[/]: no results for {len(m.sequences_missing)} sequences "
@@ -70,13 +72,14 @@ def print_sequences(report: Any, method: str, workers: dict[str, str] | None = N
     """One row per sequence: mIoU where it has ground truth, else coverage and mean confidence."""
     rows = report.methods[method].sequences
     text = ["sequence", "worker"] if workers else ["sequence"]
-    out = table(text, ["frames", "labelled", "mIoU", "cover", "conf"])
+    out = table(text, ["frames", "labelled", "mIoU", "est.", "cover", "conf"])
     for r in rows:
         cells = [r.sequence, workers.get(r.sequence, "-")] if workers else [r.sequence]
         out.add_row(*cells, str(r.frames), str(r.frames_labelled), fmt(r.miou) if r.has_gt else "-",
-                    fmt(r.coverage), fmt(r.mean_confidence))
+                    fmt(r.estimated_miou), fmt(r.coverage), fmt(r.mean_confidence))
     print_table(f"{method}: per sequence", out, "mIoU (%) against ground truth, - where a drive has none; "
-                "cover: % of pixels labelled; conf: mean confidence (%)")
+                "est.: mIoU estimated without ground truth; cover: % of pixels labelled; conf: mean "
+                "confidence (%)")
 
 
 def print_flow_result(result: dict[str, Any], method: str) -> None:

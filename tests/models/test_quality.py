@@ -1,0 +1,154 @@
+"""Quality estimation without ground truth: calibration, expected IoU, cycles of any method."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autolabel.errors import ConfigError
+from autolabel.models.metrics import confusion_matrix, iou_per_class
+from autolabel.models.propagation import PropagationConfig, create_method
+from autolabel.models.quality import (
+    Calibration,
+    CycleCalibration,
+    EstimateConfig,
+    annotation_fingerprint,
+    auroc,
+    reliability,
+    calibrate_on_cycles,
+    calibration_keyframes,
+    expected_counts,
+    expected_iou,
+    expected_miou,
+    fit_calibration,
+    run_cycle,
+)
+
+from autolabel.storage.synthetic import SyntheticConfig
+from tests.conftest import DriveInputs
+
+CFG = SyntheticConfig(width=96, height=72, frames=12, seed=2, ego_speed=(2.0, 3.0), fps=30.0)
+
+
+class TestFitCalibration:
+    def test_smoke_identity_when_calibrated(self) -> None:
+        rng = np.random.default_rng(0)
+        conf = rng.uniform(0.05, 0.95, 200_000)
+        right = rng.random(conf.size) < conf
+        cal = fit_calibration(conf, right)
+        assert cal.a == pytest.approx(1.0, abs=0.05) and cal.b == pytest.approx(0.0, abs=0.05)
+
+    def test_overconfident_scores_are_pulled_down(self) -> None:
+        rng = np.random.default_rng(1)
+        conf = rng.uniform(0.6, 1.0, 100_000)
+        right = rng.random(conf.size) < (conf - 0.3)  # a pixel at 0.9 is right 60 % of the time
+        cal = fit_calibration(conf, right)
+        assert cal(np.array([0.9]))[0] == pytest.approx(0.6, abs=0.06)
+        assert cal(np.array([0.7]))[0] == pytest.approx(0.4, abs=0.06)
+
+    def test_constant_confidence_fits_the_rate(self) -> None:
+        right = np.r_[np.ones(700, bool), np.zeros(300, bool)]
+        cal = fit_calibration(np.full(1000, 1.0), right)
+        assert cal(np.array([1.0]))[0] == pytest.approx(0.7, abs=0.01)
+
+    def test_all_right_stays_finite(self) -> None:
+        cal = fit_calibration(np.linspace(0.5, 1, 1000), np.ones(1000, bool))
+        p = cal(np.array([0.5, 1.0]))
+        assert np.isfinite([cal.a, cal.b]).all() and p[1] > 0.99
+
+    def test_empty_is_identity(self) -> None:
+        assert fit_calibration(np.zeros(0), np.zeros(0, bool)) == Calibration()
+
+
+class TestExpectedCounts:
+    def test_certain_labels_give_exact_iou(self) -> None:
+        labels = np.zeros((8, 8), np.uint8)
+        labels[:, 4:] = 1
+        counts = expected_counts(labels, np.ones((8, 8)), 3, 255)
+        np.testing.assert_allclose(counts[:2], [[32, 32, 32], [32, 32, 32]])
+        assert expected_miou(counts) == pytest.approx(100.0)
+        assert np.isnan(expected_iou(counts)[2])  # never predicted: left out of the mean
+
+    def test_matches_true_iou_when_errors_are_symmetric_boundary_errors(self) -> None:
+        """A boundary shifted by one column, with p = the true rate on the boundary columns."""
+        gt = np.zeros((20, 20), np.uint8)
+        gt[:, 10:] = 1
+        pred = np.zeros_like(gt)
+        pred[:, 11:] = 1  # column 10 wrong
+        p = np.ones(gt.shape)
+        p[:, 10] = 0.0
+        true = iou_per_class(confusion_matrix(gt, pred, 2))
+        np.testing.assert_allclose(expected_iou(expected_counts(pred, p, 2, 255, spread=3)), true, atol=1e-6)
+
+    def test_unlabelled_pixels_count_as_misses(self) -> None:
+        labels = np.zeros((4, 8), np.uint8)
+        labels[:, 4:] = 255
+        counts = expected_counts(labels, np.ones(labels.shape), 2, 255, spread=9)
+        assert counts[0, 2] > counts[0, 1]  # the ignore pixels near class 0 are its false negatives
+        assert expected_miou(counts) < 100
+
+    def test_nothing_labelled(self) -> None:
+        counts = expected_counts(np.full((4, 4), 255, np.uint8), np.zeros((4, 4)), 2, 255)
+        assert not counts.any() and np.isnan(expected_miou(counts))
+
+    def test_shape_mismatch_is_an_error(self) -> None:
+        with pytest.raises(ValueError, match="differ in shape"):
+            expected_counts(np.zeros((4, 4)), np.zeros((4, 5)), 2, 255)
+
+
+class TestCycles:
+    def test_motion_only_cycles_cancel_on_consistent_flow(self) -> None:
+        """Why cycles alone make a poor estimate: exact flow there and back restores the label."""
+        inputs = DriveInputs(CFG, annotated=[3])
+        method = create_method(PropagationConfig(method="motion-only", max_distance=10))
+        state = run_cycle(method, inputs, 3, 8, 1)
+        assert (state.labels.numpy() == inputs.annotation(3)).mean() > 0.98
+
+    def test_warp_inpaint_cycles_drift_with_a_noisy_teacher(self) -> None:
+        inputs = DriveInputs(CFG.model_copy(update={"fps": 10.0}), annotated=[3], teacher_noise=0.5)
+        method = create_method(PropagationConfig(method="warp-inpaint", max_distance=10, inpaint_confidence=0))
+        right = [(run_cycle(method, inputs, 3, n, 1).labels.numpy() == inputs.annotation(3)).mean() for n in (1, 8)]
+        assert right[1] < right[0] < 1
+
+    def test_cycle_leaving_the_sequence_is_an_error(self) -> None:
+        inputs = DriveInputs(CFG.model_copy(update={"frames": 4}), annotated=[3])
+        method = create_method(PropagationConfig(method="motion-only"))
+        with pytest.raises(ConfigError, match="leaves the sequence"):
+            run_cycle(method, inputs, 3, 2, 1)
+
+    def test_calibrate_counts_cycles_and_skips_trained_keyframes(self) -> None:
+        inputs = DriveInputs(CFG, annotated=[2, 9])
+        method = create_method(PropagationConfig(method="warp-inpaint", max_distance=6))
+        cal = calibrate_on_cycles(method, inputs, EstimateConfig(cycle_lengths=(1, 3)))
+        # keyframe 2: l=1 both ways, l=3 forward only; keyframe 9: l=1 both ways, l=3 backward only
+        assert cal.cycles == 6 and cal.keyframes == [2, 9] and set(cal.cycle_confusion) == {1, 3}
+        skipped = calibrate_on_cycles(method, inputs, EstimateConfig(cycle_lengths=(1,)),
+                                      skip=[annotation_fingerprint(inputs.annotation(2))])
+        assert skipped.keyframes == [9] and skipped.excluded == 1 and skipped.cycles == 2
+        again = CycleCalibration.from_record(cal.record())
+        assert again.calibration.a == pytest.approx(cal.calibration.a, abs=1e-5)
+        assert again.cycles == cal.cycles and set(again.cycle_confusion) == {1, 3}
+
+    def test_keyframes_are_spread(self) -> None:
+        annotated = np.zeros(100, bool)
+        annotated[::5] = True
+        assert calibration_keyframes(annotated, 3) == [0, 50, 95]
+
+
+class TestCalibrationMetrics:
+    def test_auroc_perfect_random_and_ties(self) -> None:
+        assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1], bool)) == 1.0
+        assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1], bool)) == 0.0
+        assert auroc(np.ones(4), np.array([0, 1, 0, 1], bool)) == 0.5
+        rng = np.random.default_rng(0)
+        assert auroc(rng.random(20_000), rng.random(20_000) < 0.3) == pytest.approx(0.5, abs=0.02)
+        assert np.isnan(auroc(np.ones(3), np.ones(3, bool)))
+
+    def test_reliability_and_ece(self) -> None:
+        rng = np.random.default_rng(0)
+        p = rng.random(100_000)
+        calibrated = reliability(p, rng.random(p.size) < p)
+        assert calibrated.ece < 1.0
+        over = reliability(p, rng.random(p.size) < p / 2)
+        assert over.ece == pytest.approx(25, abs=1.0)  # |p - p/2| averaged over uniform p
+        assert over.count.sum() == p.size and len(over.accuracy) == 10
