@@ -16,13 +16,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from autolabel.flows.dashboard import publish
+from autolabel.flows.dashboard import publish, run_name
 from autolabel.flows.label_sequence import label_sequence_flow
 from autolabel.flows.run_requests import AutolabelRequest
 from autolabel.storage.ids import select_ids
 from autolabel.storage.readers import read_dataset
 from autolabel.storage.store import SequenceStore
 from autolabel.tasks.evaluate import evaluate_store
+from autolabel.tasks.checkpoints import checkpoint_sha256
 from autolabel.tasks.pipeline import check_checkpoints, stale_reason
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -187,20 +188,31 @@ def run_autolabel(request: AutolabelRequest) -> dict[str, Any]:
     report = evaluate_store(store, request.label.methods, request.label.max_distance, done)
     exported = request.label.export_dir
     counts = {"labelled": len([i for i in ids if i not in failures]), "skipped": len(skipped)}
-    keys = publish(request.store, report, request.label.method, workers, failures, exported, counts)
+    checkpoints = {"teacher": checkpoint_sha256(request.label.teacher) if request.label.teacher else None,
+                   "refiner": checkpoint_sha256(request.label.refiner) if request.label.refiner else None}
+    dashboard = publish(request.store, report, request.label.method, failures, exported, counts, checkpoints,
+                        name=current_run.name or None, settings=request.dashboard)
     for seq, err in failures.items():
         logger.error("%s failed: %s", seq, err)
+    logger.info("%s", dashboard["headline"])
     return {"labelled": [i for i in ids if i not in failures], "up_to_date": skipped, "failed": failures,
-            "workers": workers, "report": report, "artifacts": keys}
+            "workers": workers, "report": report, "artifacts": dashboard["keys"], "headline": dashboard["headline"]}
 
 
-@flow(name="autolabel", log_prints=False)
+def _parent_run_name() -> str:
+    """``<store>-<UTC date-time>``, from the run's request parameter."""
+    request = current_run.parameters.get("request") or {}
+    store = request.get("store") if isinstance(request, dict) else getattr(request, "store", None)
+    return run_name(store or "autolabel")
+
+
+@flow(name="autolabel", flow_run_name=_parent_run_name, log_prints=False)
 def autolabel_flow(request: AutolabelRequest) -> dict[str, Any]:
     """Ingest what is new in the inbox, label the sequences, publish the dashboard."""
     return run_autolabel(request)
 
 
-@flow(name="relabel-new-drives", log_prints=False)
+@flow(name="relabel-new-drives", flow_run_name=_parent_run_name, log_prints=False)
 def relabel_new_drives_flow(request: AutolabelRequest) -> dict[str, Any]:
     """Nightly: like ``autolabel`` but only drives that are new, changed or labelled with other checkpoints."""
     return run_autolabel(request.model_copy(update={"only_stale": True}))

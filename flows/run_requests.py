@@ -6,6 +6,7 @@ How each sequence is labelled (method, K, device, checkpoints, stage settings) i
 
 from __future__ import annotations
 
+from autolabel.flows.dashboard import DashboardSettings
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.tasks.pipeline import DriveSource, LabelSettings
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +32,7 @@ class AutolabelRequest(BaseModel):
                           "take the sequences; None runs them in this process")
     resubmit_crashed: int = Field(2, ge=0, description="re-submit a sequence whose run crashed (lost worker) this often")
     poll_seconds: float = Field(5.0, gt=0, description="how often the parent checks its sequence runs")
+    dashboard: DashboardSettings = Field(DashboardSettings(), description="what the dashboard flags and keeps")
     watchdog_seconds: float | None = Field(
         None, gt=0, description="a running sequence run silent (no heartbeat) this long is marked Crashed and "
                                 "re-submitted; default 2.5 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY")

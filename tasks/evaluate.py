@@ -65,6 +65,8 @@ class SequenceEvaluation(BaseModel):
     estimated_miou_by_distance: dict[str, float | None] = Field(default_factory=dict)
     estimated_per_class_iou: dict[str, float | None] = Field(default_factory=dict)
     estimate_basis: str | None = Field(None, description="what the estimate rests on, or why there is none")
+    worst_frames: list[tuple[int, float | None, float | None]] = Field(
+        default_factory=list, description="up to 5 (frame, estimated %, true % of pixels right) lowest first")
     confusion: dict[str, list[list[int]]] = Field(
         default_factory=dict, exclude=True, repr=False,
         description="(C, C+1) confusion matrix per distance; kept for pooling, left out of reports")
@@ -157,6 +159,7 @@ def score_sequence(seq: Sequence, method: str, max_distance: int,
     expected: dict[int, np.ndarray] = {}
     covered = pixels = 0
     conf_sum = 0.0
+    frame_scores: list[tuple[int, float | None, float | None]] = []
     for t in np.flatnonzero(distance >= 1):
         t = int(t)
         lab = np.asarray(labels[t])
@@ -164,12 +167,18 @@ def score_sequence(seq: Sequence, method: str, max_distance: int,
         pixels += lab.size
         conf_sum += float(np.asarray(conf[t], dtype=np.float64).sum())
         d = int(distance[t])
+        right = estimated = None
         if scored[t]:
             cm = confusion_matrix(seq.ground_truth(t), lab, c, ignore)
             by_d[d] = by_d[d] + cm if d in by_d else cm
+            right = percent(100 * np.trace(cm[:, :c]) / max(int(cm.sum()), 1))
         if calibration is not None and d <= max_distance:
-            e = expected_counts(lab, calibration.calibration(np.asarray(conf[t]) / 255.0), c, ignore)
+            prob = np.where(lab != ignore, calibration.calibration(np.asarray(conf[t]) / 255.0), 0.0)
+            e = expected_counts(lab, prob, c, ignore)
             expected[d] = expected[d] + e if d in expected else e
+            estimated = percent(100 * float(prob.mean()))
+        if right is not None or estimated is not None:
+            frame_scores.append((t, estimated, right))
         if on_frame is not None:
             on_frame()
     row = SequenceEvaluation(
@@ -181,6 +190,7 @@ def score_sequence(seq: Sequence, method: str, max_distance: int,
         confusion={str(d): cm.tolist() for d, cm in sorted(by_d.items())},
         expected={str(d): e.round(3).tolist() for d, e in sorted(expected.items())},
         estimate_basis=basis,
+        worst_frames=sorted(frame_scores, key=lambda f: f[2] if f[2] is not None else f[1])[:5],
     )
     if expected:
         pooled_e = sum(expected.values())

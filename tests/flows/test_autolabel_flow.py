@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,16 +87,28 @@ def test_label_rerun_nightly_and_a_corrupt_drive(harness: None, checkpoints: tup
     rows = first["report"].methods["warp-refine"].sequences
     assert [r.sequence for r in rows] == ids and all(r.has_gt and r.miou is not None and r.miou > 0 for r in rows)
     assert sorted({p.parent.parent.name for p in (tmp_path / "export").glob("*/overlay/*.png")}) == ids
-    assert "road01_Record001_Camera5" in str(_artifact("apollo-per-sequence").data)
-    for key in ("apollo-miou-by-distance", "apollo-per-class-iou", "apollo-summary"):
+    drives = json.loads(_artifact("apollo-drives").data)
+    assert sorted(r["drive"] for r in drives) == ids
+    values = [r["mIoU"] for r in drives]
+    assert all(isinstance(v, float) for v in values) and values == sorted(values)  # numbers, worst first
+    assert {r["basis"] for r in drives} == {"ground truth"} and all(r["worker"] != "-" for r in drives)
+    store = SequenceStore.open(request.store)
+    for r in drives:  # refine gain is a number; the row links to the drive's label-sequence run
+        assert isinstance(r["refine gain"], float)
+        assert r["run"].endswith(store.sequence(r["drive"]).stages["labelled"]["flow_run"]), r["run"]
+    for key in ("apollo-miou-by-distance", "apollo-per-class-iou", "apollo-summary", "apollo-history",
+                "apollo-figure-miou-by-distance", "apollo-figure-per-class-iou", "apollo-figure-worst-frame"):
         _artifact(key)
+    assert _artifact("apollo-figure-worst-frame").data.startswith("data:image/png;base64,")
+    assert first["headline"].startswith("warp-refine: 2 drives, true mIoU")
 
     # the same sequence again: every stage is served from the cache, nothing is computed
     again = label_sequence_flow(request.store, ids[0], request.label,
                                 DriveSource(inbox=request.inbox, annotation=WINDOW))
-    assert [s["cached"] or not s["computed"] for s in again["stages"]] == [True] * 7
+    assert [s["cached"] or not s["computed"] for s in again["stages"]] == [True] * 9
     assert [s["stage"] for s in again["stages"] if s["cached"]] == [
-        "flow/dis-fast", "teacher", "results/warp-inpaint", "results/warp-refine", "evaluation", "export"]
+        "flow/dis-fast", "teacher", "results/warp-inpaint", "estimate/warp-inpaint", "results/warp-refine",
+        "estimate/warp-refine", "evaluation", "export"]
 
     # nightly: only the new drive; a drive with a corrupt frame fails alone and the summary lists it
     write_apollo_layout(tmp_path / "inbox", drive_configs(1, DRIVE.model_copy(update={"seed": 2})))
@@ -106,7 +119,11 @@ def test_label_rerun_nightly_and_a_corrupt_drive(harness: None, checkpoints: tup
     assert nightly["labelled"] == ["road03_Record001_Camera5"] and nightly["up_to_date"] == ids
     assert list(nightly["failed"]) == ["road04_Record001_Camera5"] and broken.name in nightly["failed"]["road04_Record001_Camera5"]
     summary = str(_artifact("apollo-summary").data)
-    assert "road04_Record001_Camera5" in summary and "failed: **1**" in summary
+    assert summary.split("\n")[2] == "## 1 drives failed" and "road04_Record001_Camera5" in summary
+    history = json.loads(_artifact("apollo-history").data)
+    assert [r["labelled"] for r in history] == [1, 2] and history[0]["failed"] == 1  # newest first
+    drives = json.loads(_artifact("apollo-drives").data)
+    assert {r["drive"]: r["change"] for r in drives}[ids[0]] == 0.0  # unchanged since the first run
     assert SequenceStore.open(request.store).sequence_ids() == ids + ["road03_Record001_Camera5"]
 
 
