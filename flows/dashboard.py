@@ -75,10 +75,11 @@ def _short(sha: str | None) -> str:
     return sha[:12] if sha else "-"
 
 
-def drive_rows(store: SequenceStore, report: EvaluationReport, method: str, previous: dict[str, float],
+def drive_rows(report: EvaluationReport, method: str, stages: dict[str, dict[str, Any]], previous: dict[str, float],
                settings: DashboardSettings, run_url: str | None = None) -> list[dict[str, Any]]:
     """One row per drive (numbers as numbers), worst first; drives without a value last.
 
+    ``stages``: each drive's stage records (``Sequence.stages``: labelled, teacher, results);
     ``previous``: each drive's mIoU in the previous run's table; ``run_url``: the UI's flow-run URL
     prefix (``.../runs/flow-run/``) for links to the drives' ``label-sequence`` runs.
     """
@@ -101,19 +102,18 @@ def drive_rows(store: SequenceStore, report: EvaluationReport, method: str, prev
             flags.append("regressed")
         if value is None:
             flags.append("no estimate")
-        seq = store.sequence(r.sequence)
-        stages = seq.stages
-        labelled = stages.get("labelled", {})
-        results = stages.get(f"results/{method}", {}).get("settings", {})
+        records = stages.get(r.sequence, {})
+        labelled = records.get("labelled", {})
+        results = records.get(f"results/{method}", {}).get("settings", {})
         flow_run = labelled.get("flow_run")
         finished = labelled.get("finished_at")
         rows.append({
             "drive": r.sequence, "mIoU": _r(value), "basis": basis, "refine gain": gain, "change": change,
             "flag": ", ".join(flags), "frames": r.frames, "annotated": r.annotated,
             "labelled at": datetime.fromtimestamp(finished, timezone.utc).strftime("%Y-%m-%d %H:%M")
-            if finished else "-",
+            if finished is not None else "-",
             "worker": labelled.get("worker", "-"),
-            "teacher": _short(stages.get("teacher", {}).get("settings", {}).get("checkpoint_sha256")),
+            "teacher": _short(records.get("teacher", {}).get("settings", {}).get("checkpoint_sha256")),
             "refiner": _short(results.get("refiner_sha256")),
             "run": f"{run_url}{flow_run}" if run_url and flow_run and flow_run != "None" else "-",
         })
@@ -259,7 +259,8 @@ def publish(store: str, report: EvaluationReport, method: str, failures: dict[st
     previous = {r["drive"]: r["mIoU"] for r in _latest_table(keys["drives"])
                 if isinstance(r, dict) and isinstance(r.get("mIoU"), (int, float))}
     ui = PREFECT_UI_URL.value()
-    rows = drive_rows(st, report, method, previous, settings, f"{ui.rstrip('/')}/runs/flow-run/" if ui else None)
+    stages = {r.sequence: st.sequence(r.sequence).stages for r in report.methods[method].sequences}
+    rows = drive_rows(report, method, stages, previous, settings, f"{ui.rstrip('/')}/runs/flow-run/" if ui else None)
     create_table_artifact(key=keys["drives"], table=rows,
                           description=f"{method}: drives worst first; mIoU is the true value where a drive has "
                                       f"ground truth, else the estimate (basis); {store}")
