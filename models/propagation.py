@@ -114,6 +114,60 @@ class SequenceInputs(Protocol):
     teacher_features: Callable[[int], np.ndarray] | None
 
 
+class WindowInputs:
+    """Frames ``start..stop-1`` of other :class:`SequenceInputs`, renumbered from 0 (partial relabelling)."""
+
+    def __init__(self, inputs: SequenceInputs, start: int, stop: int) -> None:
+        if not 0 <= start < stop <= inputs.num_frames:
+            raise ConfigError(f"window {start}..{stop} is outside the sequence of {inputs.num_frames} frames")
+        self._inputs, self.start = inputs, start
+        self.num_frames, self.height, self.width = stop - start, inputs.height, inputs.width
+        self.annotated = np.asarray(inputs.annotated[start:stop])
+        self.num_classes, self.ignore_index = inputs.num_classes, inputs.ignore_index
+        features = getattr(inputs, "teacher_features", None)
+        self.teacher_features = (lambda t: features(t + start)) if features is not None else None
+
+    def annotation(self, t: int) -> np.ndarray:
+        return self._inputs.annotation(t + self.start)
+
+    def frame(self, t: int) -> np.ndarray:
+        return self._inputs.frame(t + self.start)
+
+    def flow_to_next(self, t: int) -> np.ndarray:
+        return self._inputs.flow_to_next(t + self.start)
+
+    def flow_to_prev(self, t: int) -> np.ndarray:
+        return self._inputs.flow_to_prev(t + self.start)
+
+    def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._inputs.teacher(t + self.start)
+
+
+def affected_windows(old: dict[int, str], new: dict[int, str], num_frames: int) -> list[tuple[int, int]] | None:
+    """Frame windows ``[a, b]`` (inclusive) to propagate again after keyframes were added or changed.
+
+    ``old`` / ``new``: annotated frame -> fingerprint of its annotation before and now. A keyframe
+    n that is new or changed affects the frames strictly between its old neighbours ``a < n < b``
+    (chains stop at annotated frames, so nothing beyond them changes); the window keeps ``a`` and
+    ``b`` as anchors (the sequence's ends where n had no neighbour). None when a keyframe was
+    removed: everything is relabelled. Overlapping windows are merged.
+    """
+    if set(old) - set(new):
+        return None
+    changed = sorted(t for t, fp in new.items() if old.get(t) != fp)
+    keys = sorted(old)
+    windows: list[tuple[int, int]] = []
+    for n in changed:
+        before = [k for k in keys if k < n]
+        after = [k for k in keys if k > n]
+        a, b = (before[-1] if before else 0), (after[0] if after else num_frames - 1)
+        if windows and a <= windows[-1][1]:
+            windows[-1] = (windows[-1][0], max(windows[-1][1], b))
+        else:
+            windows.append((a, b))
+    return windows
+
+
 @dataclass
 class LabelState:
     """A propagated label: ``labels`` int64 (H, W), ``confidence`` float32 (H, W) in [0, 1]."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 INGEST = "ingest"
 TEACHER = "teacher"
+KEYFRAMES = "keyframes"  # annotations added after ingest (a reviewer's corrections): keyframes/{frames,labels}
 GROUND_TRUTH = "gt"
 
 

@@ -57,7 +57,9 @@ from autolabel.errors import (
     AutolabelError,
     ClassSetMismatchError,
     EmptySequenceError,
+    InputDataError,
     IntegrityError,
+    LabelValueError,
     NotAnnotatedError,
     SchemaVersionError,
     SequenceNotFoundError,
@@ -490,6 +492,45 @@ class SequenceStore:
             if self._group(seq_id) is not None:
                 del self._sequences[seq_id]
 
+    def add_keyframes(self, seq_id: str, labels: dict[int, np.ndarray], source: str = "") -> list[int]:
+        """Make frames of ``seq_id`` keyframes with these annotations (uint8 (H, W) each), atomically.
+
+        Keyframes added earlier are kept (a frame given again takes its new label). The next
+        ``autolabel label`` relabels only the frames whose labels depend on the changed keyframes.
+        Returns every added keyframe, sorted. ``source`` says where they came from (a CVAT export).
+        """
+        from autolabel.storage.stages import KEYFRAMES
+
+        seq = self.sequence(seq_id)
+        classes = self.classes
+        shape = (seq.height, seq.width)
+        for t, label in labels.items():
+            if not 0 <= int(t) < seq.num_frames:
+                raise InputDataError(f"sequence {seq_id!r} has {seq.num_frames} frames; no frame {t} to annotate")
+            if label.shape != shape:
+                raise InputDataError(f"annotation of frame {t} ({seq.frame_names[int(t)]}) of {seq_id!r} is "
+                                     f"{label.shape[1]}x{label.shape[0]}, the sequence is {shape[1]}x{shape[0]}")
+            bad = np.setdiff1d(np.unique(label), [*range(classes.num_classes), classes.ignore_index])
+            if len(bad):
+                raise LabelValueError(f"annotation of frame {t} of {seq_id!r} holds values {bad.tolist()} that are "
+                                     f"no class of the store ({classes.num_classes} classes)")
+        with self.writing(seq_id, KEYFRAMES) as out:
+            seq = self.writable_sequence(seq_id)
+            merged = {t: seq.annotation(t) for t in seq.added_keyframes}
+            merged.update({int(t): np.asarray(v, dtype=np.uint8) for t, v in labels.items()})
+            frames = sorted(merged)
+            digest = hashlib.sha256()
+            for t in frames:
+                digest.update(int(t).to_bytes(8, "little") + merged[t].tobytes())
+            out.group.create_array("frames", data=np.asarray(frames, dtype=np.int64), config=WRITE_EVERY_CHUNK)
+            stacked = out.group.create_array("labels", shape=(len(frames), *shape), chunks=(1, *shape),
+                                             dtype="uint8", fill_value=classes.ignore_index,
+                                             config=WRITE_EVERY_CHUNK)
+            for i, t in enumerate(frames):
+                stacked[i] = merged[t]
+            out.publish({"fingerprint": digest.hexdigest(), "frames": frames, "source": source})
+        return frames
+
     def writable_sequence(self, seq_id: str) -> Sequence:
         """A complete sequence whose group later stages may write into (store opened r+)."""
         if self.root.read_only:
@@ -591,6 +632,7 @@ class Sequence:
         self.attrs: dict[str, Any] = group.attrs.asdict()
         self._annotated: np.ndarray | None = None
         self._has_gt: np.ndarray | None = None
+        self._added: dict[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"Sequence({self.id!r}, frames={self.num_frames}, size={self.width}x{self.height})"
@@ -621,8 +663,27 @@ class Sequence:
 
     @property
     def content_hash(self) -> str:
-        """Hash of frames, labels and the annotation choice (cache keys, change detection)."""
-        return str(self.attrs["content_hash"])
+        """Hash of frames, labels and the annotation choice (cache keys, change detection).
+
+        Keyframes added after ingest (:meth:`SequenceStore.add_keyframes`) are part of it.
+        """
+        added = self.keyframes_fingerprint
+        return str(self.attrs["content_hash"]) + (f"+k{added[:16]}" if added else "")
+
+    @property
+    def keyframes_fingerprint(self) -> str | None:
+        """Hash of the keyframes added after ingest (None when there are none)."""
+        return self.stages.get("keyframes", {}).get("fingerprint")
+
+    @property
+    def added_keyframes(self) -> dict[int, int]:
+        """Frames annotated after ingest -> their row in ``keyframes/labels``."""
+        if self._added is None:
+            self._added = {}
+            if self.keyframes_fingerprint:
+                frames = np.asarray(self.array("keyframes/frames")[:])
+                self._added = {int(t): i for i, t in enumerate(frames)}
+        return self._added
 
     @property
     def source_fingerprint(self) -> str | None:
@@ -654,14 +715,18 @@ class Sequence:
     def annotated(self) -> np.ndarray:
         """bool (T,): frames whose label is a manual annotation (propagation sources)."""
         if self._annotated is None:
-            self._annotated = np.asarray(self.array("annotated")[:], dtype=bool)
+            annotated = np.asarray(self.array("annotated")[:], dtype=bool)
+            annotated[list(self.added_keyframes)] = True
+            self._annotated = annotated
         return self._annotated
 
     @property
     def has_gt(self) -> np.ndarray:
         """bool (T,): frames with any stored label (annotation or evaluation ground truth)."""
         if self._has_gt is None:
-            self._has_gt = np.asarray(self.array("has_gt")[:], dtype=bool)
+            has_gt = np.asarray(self.array("has_gt")[:], dtype=bool)
+            has_gt[list(self.added_keyframes)] = True
+            self._has_gt = has_gt
         return self._has_gt
 
     def frame(self, t: int) -> np.ndarray:
@@ -684,11 +749,19 @@ class Sequence:
             raise NotAnnotatedError(
                 f"frame {t} ({self.frame_names[t]}) of sequence {self.id!r} is not an annotated frame"
             )
+        if t in self.added_keyframes:
+            return np.asarray(self.array("keyframes/labels")[self.added_keyframes[t]])
         return np.asarray(self.array("gt")[t])
 
     def ground_truth(self, t: int) -> np.ndarray:
-        """Stored label of frame ``t`` for evaluation, uint8 (H, W); ignore_index where absent."""
-        return np.asarray(self.array("gt")[self._index(t)])
+        """Stored label of frame ``t`` for evaluation, uint8 (H, W); ignore_index where absent.
+
+        A keyframe added after ingest without ground truth of its own gives its annotation.
+        """
+        t = self._index(t)
+        if t in self.added_keyframes and not bool(self.array("has_gt")[t]):
+            return self.annotation(t)
+        return np.asarray(self.array("gt")[t])
 
     def to_dask(self, name: str = "frames") -> Any:
         """A lazy dask array over ``name`` with the store's chunking."""

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import zarr
 from autolabel.models.propagation import (
     Candidate,
+    OutputFrame,
     PropagationConfig,
+    WindowInputs,
+    affected_windows,
     create_method,
     method_class,
     propagate_frames,
 )
+from autolabel.models.quality import annotation_fingerprint
 from autolabel.models.refiner import Refiner
 from autolabel.models.teacher import Teacher
 from autolabel.storage.stages import (
@@ -22,6 +26,7 @@ from autolabel.storage.stages import (
     TEACHER_CONFIDENCE,
     TEACHER_LABELS,
     flow_stage,
+    result_array_names,
     results_stage,
 )
 from autolabel.storage.store import (
@@ -113,10 +118,12 @@ class StoreCandidateBuffer:
 
 
 def result_settings(config: PropagationConfig, flow: dict[str, Any] | None, teacher: dict[str, Any] | None,
-                    refiner_sha256: str | None = None) -> dict[str, Any]:
+                    refiner_sha256: str | None = None, keyframes: str | None = None) -> dict[str, Any]:
     settings = {**config.model_dump(exclude={"device"}), "flow": flow, "teacher": teacher}
     if refiner_sha256 is not None:
         settings["refiner_sha256"] = refiner_sha256
+    if keyframes is not None:  # keyframes added after ingest
+        settings["keyframes"] = keyframes
     return settings
 
 
@@ -126,7 +133,8 @@ def expected_settings(seq: Sequence, config: PropagationConfig, flow_name: str |
     method = method_class(config.method)
     flow_info = seq.stages[flow_stage(flow_name or "")].get("settings", {"backend": flow_name}) if method.needs_flow else None
     teacher_info = seq.stages[TEACHER]["settings"] if method.needs_teacher else None
-    return result_settings(config, flow_info, teacher_info, refiner_sha256 if method.needs_refiner else None)
+    return result_settings(config, flow_info, teacher_info, refiner_sha256 if method.needs_refiner else None,
+                           seq.keyframes_fingerprint)
 
 
 def results_are_current(seq: Sequence, config: PropagationConfig, flow_name: str | None,
@@ -159,6 +167,10 @@ def propagate_sequence(
     Writes ``results/<method>/{labels,confidence,distance}`` and marks the stage done last.
     warp-refine also needs ``refiner`` (its sha256 goes into the settings) and ``feature_teacher``,
     the teacher the refiner was trained with (its features are computed per frame).
+
+    After keyframes were added (:meth:`SequenceStore.add_keyframes`) with otherwise identical
+    settings, only the frames between each new keyframe's old neighbours are propagated again
+    (:func:`models.propagation.affected_windows`); the others are copied from the stored results.
     """
     stage = results_stage(config.method)
     with store.writing(seq_id, stage) as out:
@@ -167,16 +179,30 @@ def propagate_sequence(
         inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher,
                                      feature_teacher if method.needs_refiner else None)
         settings = expected_settings(seq, config, flow_name, refiner_sha256)
-        if seq.stages.get(stage, {}).get("settings") == settings:
+        previous = seq.stages.get(stage, {})
+        if previous.get("settings") == settings:
             return False
+        annotations = {int(t): annotation_fingerprint(inputs.annotation(int(t)))
+                       for t in np.flatnonzero(inputs.annotated)}
+        windows = None
+        if {k: v for k, v in previous.get("settings", {}).items() if k != "keyframes"} == \
+                {k: v for k, v in settings.items() if k != "keyframes"} and "annotations" in previous:
+            windows = affected_windows({int(t): fp for t, fp in previous["annotations"].items()}, annotations,
+                                       seq.num_frames)
         shape = (seq.height, seq.width)
         dims = ("T", "H", "W")
         ignore = store.classes.ignore_index
         labels_w = FrameArrayWriter(out.group, "labels", shape, "uint8", seq.num_frames, StoreLayout(), ignore, dims)
         conf_w = FrameArrayWriter(out.group, "confidence", shape, "uint8", seq.num_frames, StoreLayout(), 0, dims)
-        buffer = StoreCandidateBuffer(out.group.require_group("_backward"), seq.num_frames, *shape, ignore)
         distance = np.full(seq.num_frames, -1, dtype=DISTANCE_DTYPE)
-        for out_frame in propagate_frames(inputs, config, buffer, on_step, refiner):
+        if windows is None:
+            buffer = StoreCandidateBuffer(out.group.require_group("_backward"), seq.num_frames, *shape, ignore)
+            frames = propagate_frames(inputs, config, buffer, on_step, refiner)
+            relabelled = seq.num_frames
+        else:
+            frames = _partial_frames(seq, config, inputs, windows, out.group, on_step, refiner)
+            relabelled = sum(b - a - 1 for a, b in windows)
+        for out_frame in frames:
             labels_w.append(out_frame.labels)
             conf_w.append(out_frame.confidence)
             distance[out_frame.t] = out_frame.distance
@@ -186,6 +212,31 @@ def propagate_sequence(
                                       dtype=DISTANCE_DTYPE, fill_value=-1, overwrite=True, dimension_names=("T",),
                                       config=WRITE_EVERY_CHUNK)
         dist[:] = distance
-        del out.group["_backward"]
-        out.publish({"settings": settings, "reached": int((distance > 0).sum())})
+        if "_backward" in out.group:
+            del out.group["_backward"]
+        out.publish({"settings": settings, "reached": int((distance > 0).sum()),
+                     "annotations": {str(t): fp for t, fp in annotations.items()},
+                     "relabelled_frames": relabelled, "partial": windows is not None})
     return True
+
+
+def _partial_frames(seq: Sequence, config: PropagationConfig, inputs: StoreSequenceInputs,
+                    windows: list[tuple[int, int]], group: zarr.Group, on_step: Callable[[], None] | None,
+                    refiner: Refiner | None) -> Iterator[OutputFrame]:
+    """Every frame in time order: the stored results outside ``windows``, propagated again inside them."""
+    labels_name, conf_name, distance_name = result_array_names(config.method)
+    old_labels, old_conf = seq.array(labels_name), seq.array(conf_name)
+    old_distance = np.asarray(seq.array(distance_name)[:])
+    shape = (seq.height, seq.width)
+    t = 0
+    for a, b in windows:
+        while t < a:
+            yield OutputFrame(t, np.asarray(old_labels[t]), np.asarray(old_conf[t]), int(old_distance[t]))
+            t += 1
+        buffer = StoreCandidateBuffer(group.require_group("_backward"), b - a + 1, *shape, inputs.ignore_index)
+        for frame in propagate_frames(WindowInputs(inputs, a, b + 1), config, buffer, on_step, refiner):
+            yield OutputFrame(frame.t + a, frame.labels, frame.confidence, frame.distance)
+        t = b + 1
+    while t < seq.num_frames:
+        yield OutputFrame(t, np.asarray(old_labels[t]), np.asarray(old_conf[t]), int(old_distance[t]))
+        t += 1

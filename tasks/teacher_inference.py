@@ -17,13 +17,18 @@ from autolabel.storage.store import (
 from autolabel.storage.training_data import AnnotatedFrames
 
 
-def teacher_settings(teacher_hash: str, adapt_steps: int) -> dict[str, object]:
-    return {"checkpoint_sha256": teacher_hash, "adapt_steps": adapt_steps}
+def teacher_settings(teacher_hash: str, adapt_steps: int, keyframes: str | None = None) -> dict[str, object]:
+    """What the teacher stage's output depends on; an adapted teacher also on keyframes added after ingest."""
+    settings: dict[str, object] = {"checkpoint_sha256": teacher_hash, "adapt_steps": adapt_steps}
+    if adapt_steps > 0 and keyframes is not None:
+        settings["keyframes"] = keyframes
+    return settings
 
 
 def teacher_is_current(seq: Sequence, teacher_hash: str, adapt_steps: int) -> bool:
     stage = seq.stages.get(TEACHER)
-    return stage is not None and stage.get("settings") == teacher_settings(teacher_hash, adapt_steps)
+    return stage is not None and stage.get("settings") == teacher_settings(teacher_hash, adapt_steps,
+                                                                            seq.keyframes_fingerprint)
 
 
 def infer_teacher(
@@ -67,5 +72,6 @@ def infer_teacher(
                     on_frame()
         labels_w.close()
         conf_w.close()
-        out.publish({"settings": teacher_settings(teacher_hash, adapt_steps), "classes": teacher.classes})
+        out.publish({"settings": teacher_settings(teacher_hash, adapt_steps, seq.keyframes_fingerprint),
+                     "classes": teacher.classes})
     return True
