@@ -21,10 +21,11 @@ def _register() -> None:
         data_commands,
         flow_commands,
         label_commands,
+        review_commands,
         train_commands,
     )
 
-    for module in (data_commands, label_commands, train_commands, flow_commands):
+    for module in (data_commands, label_commands, review_commands, train_commands, flow_commands):
         module.register(app)
 
 

@@ -18,8 +18,10 @@ from autolabel.storage.export import OVERLAY_ALPHA
 
 
 def ingest(
-    layout: Annotated[str, typer.Argument(help="dataset layout: camvid, davis, cityscapes, apollo, folder")],
-    src: Annotated[Path, typer.Argument(help="dataset root (a video file or frame folder for 'folder')")],
+    layout: Annotated[str, typer.Argument(help="dataset layout: camvid, davis, cityscapes, apollo, folder; or "
+                                               "cvat-mask (a CVAT 'Segmentation mask 1.1' export of keyframes)")],
+    src: Annotated[Path, typer.Argument(help="dataset root (a video file or frame folder for 'folder'; the "
+                                             "export zip or folder for 'cvat-mask')")],
     store: Annotated[str, typer.Option("--store", help="store path or fsspec URL (created if missing)")],
     window: Window = None,
     keyframe_every: KeyframeEvery = None,
@@ -30,8 +32,17 @@ def ingest(
     classes: Annotated[Path | None, typer.Option(help="folder layout: class file (JSON names/palette/ignore_index)")] = None,
     fps: Annotated[float | None, typer.Option(help="frame rate to record when the layout has none")] = None,
     overwrite: Annotated[bool, typer.Option(help="rewrite sequences already in the store")] = False,
+    frames: Annotated[Path | None, typer.Option(help="cvat-mask: a frame folder (or video) to ingest as a new "
+                                                     "sequence whose keyframes the export holds")] = None,
 ) -> None:
-    """Ingest a dataset into a store; each sequence is written fully or not at all."""
+    """Ingest a dataset into a store; each sequence is written fully or not at all.
+
+    With layout cvat-mask the export's masks become keyframes of frames already in the store
+    (images named '<sequence>/<frame>', or --sequence ID), or of a new sequence from --frames.
+    """
+    if layout == "cvat-mask":
+        _ingest_cvat(src, store, sequence, frames, fps)
+        return
     from autolabel.storage.ingest import IngestOptions
     from autolabel.storage.ingest import ingest as run_ingest
     from autolabel.storage.readers import ReaderOptions, read_dataset
@@ -55,6 +66,34 @@ def ingest(
     print_ingest_report(report, time.perf_counter() - start)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _ingest_cvat(src: Path, store: str, sequence: list[str] | None, frames: Path | None, fps: float | None) -> None:
+    from autolabel.storage.cvat import import_keyframes, read_cvat_masks
+    from autolabel.storage.ingest import IngestOptions
+    from autolabel.storage.ingest import ingest as run_ingest
+    from autolabel.storage.readers import ReaderOptions, read_dataset
+    from autolabel.storage.store import SequenceStore
+
+    if sequence is not None and len(sequence) != 1:
+        raise ConfigError("ingest cvat-mask takes at most one --sequence (the sequence of bare image names)")
+    target = sequence[0] if sequence else None
+    st = SequenceStore.open(store, mode="r+")
+    if frames is not None:
+        read_cvat_masks(src, st.classes)  # check the export before anything is written
+        dataset = read_dataset("folder", frames, ReaderOptions(classes=st.classes, fps=fps, allow_unlabelled=True))
+        if len(dataset.sequences) != 1:
+            raise ConfigError(f"--frames {frames} holds {len(dataset.sequences)} sequences; give one frame folder")
+        report = run_ingest(dataset, store, IngestOptions())
+        if not report.ok:
+            print_ingest_report(report, 0.0)
+            raise typer.Exit(1)
+        target = dataset.sequences[0].id
+    added = import_keyframes(st, src, target)
+    for seq_id, keyframes in added.items():
+        console.print(f"{seq_id}: {len(keyframes)} keyframes from {src} ({', '.join(map(str, keyframes[:8]))}"
+                      f"{', ...' if len(keyframes) > 8 else ''})", highlight=False)
+    console.print(f"run `autolabel label {store} ...` to relabel the frames that depend on them", highlight=False)
 
 
 def info(
@@ -119,14 +158,36 @@ def export(
                                                 "boundaries")] = False,
     alpha: Annotated[float, typer.Option(help="overlay opacity of the class colours")] = OVERLAY_ALPHA,
     sequence: Sequences = None,
+    format: Annotated[str, typer.Option("--format", help="png (index, colour, overlay PNGs) or cvat-mask (a CVAT "
+                                                          "'Segmentation mask 1.1' task)")] = "png",
+    frames: Annotated[Path | None, typer.Option(help="cvat-mask: only the frames of this queue (queue.json of "
+                                                     "`autolabel review` or --json of suggest-keyframes)")] = None,
 ) -> None:
-    """Export labels as index PNG, colour PNG and (with --overlay) an overlay on the frame."""
-    from autolabel.storage.export import export_sequence
+    """Export labels as index PNG, colour PNG and (with --overlay) an overlay on the frame, or for CVAT."""
+    from autolabel.storage.export import export_sequence, label_frames
     from autolabel.storage.ids import select_ids
     from autolabel.storage.store import SequenceStore
 
     st = SequenceStore.open(store)
     seqs = [st.sequence(s) for s in select_ids(st.sequence_ids(), sequence, f"store {store!r}")]
+    if format not in ("png", "cvat-mask"):
+        raise ConfigError(f"--format must be png or cvat-mask, got {format!r}")
+    if format == "cvat-mask":
+        from autolabel.storage.cvat import export_frames, zip_export
+
+        if frames is not None:
+            try:
+                queue = json.loads(frames.read_text())["frames"]
+                chosen = [(f["sequence"], int(f["t"])) for f in queue]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{frames}: not a frame queue of `autolabel review` ({exc})") from None
+        else:
+            chosen = [(seq.id, t) for seq in seqs for t in label_frames(seq, method)[0]]
+        written = export_frames(st, method, out, chosen)
+        archive = zip_export(out, out.with_suffix(".zip"))
+        console.print(f"exported {written} frames as a CVAT 'Segmentation mask 1.1' task to {out} and {archive}",
+                      highlight=False)
+        return
     total, failures = 0, []
     with progress_display() as progress:
         task = progress.add_task(f"export {method}", total=sum(s.num_frames for s in seqs))

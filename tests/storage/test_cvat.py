@@ -1,0 +1,161 @@
+"""CVAT 'Segmentation mask 1.1' exports: fixtures written here in that layout (no CVAT server)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.cvat import (
+    format_labelmap,
+    import_keyframes,
+    parse_labelmap,
+    read_cvat_masks,
+    resolve_names,
+)
+from autolabel.storage.store import SequenceStore
+from autolabel.storage.synthetic import SyntheticConfig, drive_configs
+from autolabel.storage.synthetic_io import write_synthetic_store
+from PIL import Image
+
+from autolabel.errors import InputDataError, LabelValueError
+from tests.conftest import run_cli
+
+DRIVE = SyntheticConfig(width=64, height=48, frames=42, seed=0, fps=30.0, ego_speed=(2.0, 3.0))
+SEQ = "synth-0000"
+
+
+def write_cvat(root: Path, masks: dict[str, np.ndarray], colours: dict[str, tuple[int, int, int]],
+               classes: list[str]) -> Path:
+    """A CVAT export as CVAT writes it: labelmap with its header, the image set, colour masks."""
+    lines = ["# label:color_rgb:parts:actions", "background:0,0,0::"]
+    lines += [f"{name}:{','.join(map(str, colours[name]))}::" for name in classes]
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    (root / "labelmap.txt").write_text("\n".join(lines) + "\n")
+    (root / "ImageSets" / "Segmentation" / "default.txt").write_text("".join(f"{n}\n" for n in masks))
+    lut = np.zeros((256, 3), np.uint8)
+    for i, name in enumerate(classes):
+        lut[i] = colours[name]
+    for name, label in masks.items():
+        path = root / "SegmentationClass" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(lut[label]).save(path)
+    return root
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SequenceStore:
+    url = str(tmp_path / "s.zarr")
+    write_synthetic_store(url, drive_configs(1, DRIVE), AnnotationPolicy(mode="window", n=21))
+    return SequenceStore.open(url, mode="r+")
+
+
+def _colours(names: list[str]) -> dict[str, tuple[int, int, int]]:
+    """CVAT's own colours, unlike the store's palette: labels are matched by name."""
+    return {n: (10 + 20 * i, 200 - 15 * i, (37 * i) % 256) for i, n in enumerate(names)}
+
+
+class TestLabelmap:
+    def test_round_trip_of_a_class_set(self, store: SequenceStore) -> None:
+        labels = parse_labelmap(format_labelmap(store.classes), "x")
+        assert list(labels) == ["background", *store.classes.names]
+        assert labels["Road"] == tuple(store.classes.palette[store.classes.names.index("Road")])
+
+    @pytest.mark.parametrize(("text", "match"), [
+        ("car\n", "line 1: expected"), ("car:1,2::\n", "not 'r,g,b'"), ("a:1,2,3::\na:4,5,6::\n", "twice"),
+        ("# only a comment\n", "no label"),
+    ])
+    def test_malformed(self, text: str, match: str) -> None:
+        with pytest.raises(InputDataError, match=match):
+            parse_labelmap(text, "labelmap.txt")
+
+
+class TestRead:
+    def test_masks_map_by_label_name_from_folder_and_zip(self, store: SequenceStore, tmp_path: Path) -> None:
+        seq = store.sequence(SEQ)
+        names = store.classes.names
+        gt = {f"{SEQ}/{seq.frame_names[t]}": seq.ground_truth(t) for t in (5, 20)}
+        root = write_cvat(tmp_path / "export", gt, _colours(names), names)
+        for source in (root, _zip(root, tmp_path / "export.zip")):
+            masks = read_cvat_masks(source, store.classes)
+            assert [m.name for m in masks] == list(gt)
+            for m in masks:
+                np.testing.assert_array_equal(m.labels, gt[m.name])
+
+    def test_undeclared_colour_names_the_file(self, store: SequenceStore, tmp_path: Path) -> None:
+        seq = store.sequence(SEQ)
+        names = store.classes.names
+        name = f"{SEQ}/{seq.frame_names[5]}"
+        root = write_cvat(tmp_path / "export", {name: seq.ground_truth(5)}, _colours(names), names)
+        mask = root / "SegmentationClass" / f"{name}.png"
+        rgb = np.asarray(Image.open(mask)).copy()
+        rgb[:3, :3] = (1, 2, 3)
+        Image.fromarray(rgb).save(mask)
+        with pytest.raises(LabelValueError, match=rf"{seq.frame_names[5]}\.png: colours \[\(1, 2, 3\)\]"):
+            read_cvat_masks(root, store.classes)
+        assert "keyframes" not in store.sequence(SEQ).stages
+
+    def test_label_the_store_lacks_names_it(self, store: SequenceStore, tmp_path: Path) -> None:
+        names = [*store.classes.names, "Traffic cone"]
+        root = write_cvat(tmp_path / "export", {f"{SEQ}/x": np.zeros((48, 64), np.uint8)}, _colours(names), names)
+        with pytest.raises(LabelValueError, match="labelmap.txt: label 'Traffic cone' is not a class of the store"):
+            read_cvat_masks(root, store.classes)
+
+    def test_names_resolve_to_frames(self, store: SequenceStore) -> None:
+        frame = store.sequence(SEQ).frame_names[7]
+        assert resolve_names(store, [f"{SEQ}/{frame}", frame]) == {f"{SEQ}/{frame}": (SEQ, 7), frame: (SEQ, 7)}
+        with pytest.raises(InputDataError, match="has no frame 'nope'"):
+            resolve_names(store, [f"{SEQ}/nope"])
+        with pytest.raises(InputDataError, match="no sequence 'other'"):
+            resolve_names(store, [f"other/{frame}"])
+
+    def test_import_checks_every_mask_before_writing(self, store: SequenceStore, tmp_path: Path) -> None:
+        seq = store.sequence(SEQ)
+        names = store.classes.names
+        masks = {f"{SEQ}/{seq.frame_names[5]}": seq.ground_truth(5), f"{SEQ}/missing-frame": seq.ground_truth(6)}
+        root = write_cvat(tmp_path / "export", masks, _colours(names), names)
+        with pytest.raises(InputDataError, match="missing-frame"):
+            import_keyframes(store, root)
+        assert "keyframes" not in store.sequence(SEQ).stages
+
+
+def _zip(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in folder.rglob("*"):
+            if p.is_file():
+                z.write(p, str(p.relative_to(folder)))
+    return archive
+
+
+def test_cli_round_trip_ingest_label_export_reingest(store: SequenceStore, tmp_path: Path) -> None:
+    """CVAT keyframes in -> label -> export for CVAT -> back in as keyframes: the same labels."""
+    seq = store.sequence(SEQ)
+    names = store.classes.names
+    gt = {f"{SEQ}/{seq.frame_names[t]}": seq.ground_truth(t) for t in (3, 20)}
+    export = _zip(write_cvat(tmp_path / "cvat", gt, _colours(names), names), tmp_path / "cvat.zip")
+    done = run_cli("ingest", "cvat-mask", str(export), "--store", store.url)
+    assert done.returncode == 0, done.stderr
+    assert f"{SEQ}: 2 keyframes" in done.stdout
+    assert np.flatnonzero(SequenceStore.open(store.url).sequence(SEQ).annotated).tolist() == [3, 10, 20, 31]
+    done = run_cli("label", store.url, "--method", "motion-only", "--flow", "exact")
+    assert done.returncode == 0, done.stderr
+    labelled = SequenceStore.open(store.url).sequence(SEQ)
+    results = np.asarray(labelled.array("results/motion-only/labels")[:])
+    for t in (3, 20):
+        np.testing.assert_array_equal(results[t], seq.ground_truth(t))
+
+    queue = tmp_path / "queue.json"
+    queue.write_text(json.dumps({"frames": [{"sequence": SEQ, "t": t} for t in (8, 14, 25)]}))
+    done = run_cli("export", store.url, "--method", "motion-only", "--format", "cvat-mask", "--out",
+                   str(tmp_path / "review"), "--frames", str(queue))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "review.zip").is_file() and len(list((tmp_path / "review" / "JPEGImages").rglob("*.png"))) == 3
+    done = run_cli("ingest", "cvat-mask", str(tmp_path / "review.zip"), "--store", store.url)
+    assert done.returncode == 0, done.stderr
+    again = SequenceStore.open(store.url).sequence(SEQ)
+    assert again.stages["keyframes"]["frames"] == [3, 8, 14, 20, 25]
+    for t in (8, 14, 25):
+        np.testing.assert_array_equal(again.annotation(t), results[t])  # exported labels came back unchanged
