@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from benchmarks._report import machine, print_table, write_json  # noqa: E402
 from autolabel.models.optical_flow import FlowConfig  # noqa: E402
 from autolabel.models.propagation import PropagationConfig  # noqa: E402
+from autolabel.models.quality import EstimateConfig  # noqa: E402
 from autolabel.models.refiner_training import RefinerTrainConfig  # noqa: E402
 from autolabel.models.teacher import Teacher  # noqa: E402
 from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher  # noqa: E402
@@ -94,13 +95,14 @@ def ensure_refiner(path: Path, stores: list[str], patterns: list[str] | None, te
 
 
 def label_and_score(store: str, teacher: Path, sequences: list[str] | None, args: argparse.Namespace,
-                    adapt_steps: int, refiner: Path) -> dict:
+                    adapt_steps: int, refiner: Path, estimate: EstimateConfig | None = None) -> dict:
     log(f"  labelling (teacher adapted {adapt_steps} steps per sequence)")
     for method in METHODS:
         settings = LabelSettings(
             propagation=PropagationConfig(method=method, max_distance=10, tau=args.tau),
             flow=FlowConfig(backend=args.flow, workers=args.workers), teacher=str(teacher),
-            adapt_steps=adapt_steps, refiner=str(refiner), compare_with_warp_inpaint=False)
+            adapt_steps=adapt_steps, refiner=str(refiner), compare_with_warp_inpaint=False,
+            estimate=estimate or EstimateConfig())
         start = time.perf_counter()
         report = label_store(store, settings, sequences)
         if report.failed:

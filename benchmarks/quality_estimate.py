@@ -153,7 +153,7 @@ def synthetic(args: argparse.Namespace) -> tuple[SequenceStore, dict]:
         write_synthetic_store(store, varied_drives(args.drives), WINDOW)
     teacher = ensure_teacher(args.workdir / "teacher-synth.pt", [train], None, TeacherTrainConfig(epochs=args.epochs))
     refiner = ensure_refiner(args.workdir / "refiner-synth.pt", [train], None, teacher, args, 0)
-    return SequenceStore.open(store), label_and_score(store, teacher, None, args, 0, refiner)
+    return SequenceStore.open(store), label_and_score(store, teacher, None, args, 0, refiner, args.estimate)
 
 
 def davis(args: argparse.Namespace, data: Path) -> tuple[SequenceStore, dict]:
@@ -169,7 +169,7 @@ def davis(args: argparse.Namespace, data: Path) -> tuple[SequenceStore, dict]:
                                  TeacherTrainConfig(epochs=max(args.epochs, 60)))
         refiner = ensure_refiner(args.workdir / f"refiner-davis-{tag}.pt", [store], train, teacher, args, 0)
         log(f"  half {tag}: trained on {len(train)} sequences, labelling {len(test)}")
-        label_and_score(store, teacher, test, args, 0, refiner)
+        label_and_score(store, teacher, test, args, 0, refiner, args.estimate)
     from autolabel.tasks.evaluate import evaluate_store
 
     return st, evaluate_store(SequenceStore.open(store), METHODS, 10).model_dump()
@@ -184,7 +184,7 @@ def camvid(args: argparse.Namespace, data: Path) -> tuple[SequenceStore, dict]:
     train = str(args.workdir / "synth-train.zarr")
     refiner = ensure_refiner(args.workdir / "refiner-camvid-synth.pt", [train], None, args.camvid_teacher, args, 0)
     return SequenceStore.open(store), label_and_score(store, args.camvid_teacher, ["dense_*"], args,
-                                                      args.adapt_steps, refiner)
+                                                      args.adapt_steps, refiner, args.estimate)
 
 
 def plot(results: dict[str, Any], folder: Path) -> list[Path]:
@@ -260,8 +260,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--figures", type=Path, default=Path("docs/figures/quality"))
+    parser.add_argument("--label-only", action="store_true", help="label the stores, skip the estimate (a warm-up)")
     args = parser.parse_args()
+    from autolabel.models.quality import EstimateConfig
     from autolabel.settings import shared_data_dir
+
+    args.estimate = EstimateConfig(enabled=not args.label_only)
 
     torch.set_num_threads(os.cpu_count() or 1)
     data = args.data or shared_data_dir()
@@ -272,12 +276,16 @@ def main() -> None:
         log(f"== {name}")
         store, report = {"synthetic": lambda: synthetic(args), "davis": lambda: davis(args, data),
                          "camvid": lambda: camvid(args, data)}[name]()
+        if args.label_only:
+            continue
         results[name] = summarise(name, store, report)
         rows = [[m, f"{r['estimated']}/{r['scored']}", r["mae"], r["bias"], r["spearman"],
                  r["pooled_true"], r["pooled_estimated"], r["pixel"].get("auroc_wrong"),
                  r["pixel"].get("ece_raw"), r["pixel"].get("ece_calibrated")] for m, r in results[name].items()]
         print_table(f"{name}: estimated vs true per-sequence mIoU", ["method", "seqs", "MAE", "bias", "rho",
                     "true", "est.", "AUROC", "ECE raw", "ECE cal"], rows)
+    if args.label_only:
+        return
     figures = plot(results, args.figures)
     payload = {"machine": machine(), "seconds": round(time.perf_counter() - start, 1),
                "settings": {k: str(v) for k, v in vars(args).items()}, "datasets": results,

@@ -25,19 +25,21 @@ import hashlib
 import itertools
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
 import torch
 from autolabel.models.cycle import cycle_path
-from autolabel.models.metrics import confusion_matrix
+from autolabel.models.metrics import confusion_matrix, mean_iou
 from autolabel.models.propagation import LabelState, PropagationMethod, SequenceInputs
 from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.errors import ConfigError
 
 _EPS = 1e-4
+ESTIMATE_VERSION = 3  # bump when the estimate's algorithm changes: stored estimates are then recomputed
 
 
 class EstimateConfig(BaseModel):
@@ -45,11 +47,16 @@ class EstimateConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    enabled: bool = Field(True, description="run calibration cycles while labelling")
+    enabled: bool = Field(True, description="run the estimate's probes while labelling")
+    source: Literal["auto", "held-out", "cycles"] = Field(
+        "auto", description="held-out keyframe chains where two keyframes are at most max_gap apart, else cycles")
+    max_gap: int = Field(127, ge=2, description="longest keyframe gap a held-out probe runs across (frames)")
+    max_keyframes: int = Field(6, ge=1, description="keyframe pairs (or keyframes, for cycles) probed per sequence")
     cycle_lengths: tuple[int, ...] = Field(
-        (1, 3, 5), description="cycle lengths l (2l steps each); lengths above ceil(K/2) are skipped")
-    max_keyframes: int = Field(6, ge=1, description="keyframes per sequence whose cycles calibrate (evenly spread)")
-    pixels_per_cycle: int = Field(4096, ge=64, description="pixels sampled from each cycled label for the fit")
+        (1, 3, 5), description="cycles: lengths l (2l steps each); lengths above ceil(K/2) are skipped")
+    pixels_per_probe: int = Field(4096, ge=64, description="pixels sampled from each probe's answer for the fit")
+    class_prior_pixels: float = Field(200.0, ge=0, description="pseudo-pixels shrinking each class's offset to 0")
+    deficit_correction: float = Field(1.0, ge=0, le=1, description="exponent of the deficit ratio (0: off)")
     spread: int = Field(9, ge=1, description="box (pixels) around a pixel whose classes take its missing mass")
     seed: int = 0
 
@@ -66,15 +73,26 @@ def annotation_fingerprint(annotation: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class Calibration:
-    """``P(right) = sigmoid(a * logit(confidence) + b)``, fitted on cycles (identity: a=1, b=0)."""
+    """``P(right) = sigmoid(a * logit(confidence) + b + offsets[class])`` (identity: a=1, b=0, no offsets).
+
+    ``offsets`` (one per class, may be empty) say how much more often than average a pixel
+    labelled with that class is wrong: thin classes (poles, signs) are wrong more often at the
+    same confidence.
+    """
 
     a: float = 1.0
     b: float = 0.0
+    offsets: tuple[float, ...] = ()
 
-    def __call__(self, confidence: np.ndarray) -> np.ndarray:
-        """float32 probabilities of being right, same shape as ``confidence`` (0-1)."""
+    def __call__(self, confidence: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """float32 probabilities of being right, same shape as ``confidence`` (0-1); ``labels``: classes."""
         c = np.clip(np.asarray(confidence, dtype=np.float64), _EPS, 1 - _EPS)
-        return _sigmoid(self.a * np.log(c / (1 - c)) + self.b).astype(np.float32)
+        z = self.a * np.log(c / (1 - c)) + self.b
+        if labels is not None and self.offsets:
+            table = np.zeros(256)
+            table[: len(self.offsets)] = self.offsets
+            z = z + table[np.asarray(labels, dtype=np.uint8)]
+        return _sigmoid(z).astype(np.float32)
 
 
 def fit_calibration(confidence: np.ndarray, correct: np.ndarray, iterations: int = 50) -> Calibration:
@@ -121,6 +139,32 @@ def fit_calibration(confidence: np.ndarray, correct: np.ndarray, iterations: int
         if converged:
             break
     return Calibration(float(theta[0]), float(theta[1]))
+
+
+def fit_class_offsets(calibration: Calibration, confidence: np.ndarray, correct: np.ndarray, labels: np.ndarray,
+                      num_classes: int, prior_pixels: float = 200.0, iterations: int = 30) -> Calibration:
+    """Per-class offsets on top of a global fit, each shrunk towards 0 by ``prior_pixels`` pseudo-pixels."""
+    c = np.clip(np.asarray(confidence, dtype=np.float64).ravel(), _EPS, 1 - _EPS)
+    y = np.asarray(correct, dtype=np.float64).ravel()
+    lab = np.asarray(labels).ravel()
+    base = calibration.a * np.log(c / (1 - c)) + calibration.b
+    offsets = np.zeros(num_classes)
+    ridge = prior_pixels * 0.25  # the curvature of that many pixels at p = 0.5
+    for k in range(num_classes):
+        sel = lab == k
+        if not sel.any():
+            continue
+        zk, yk, o = base[sel], y[sel], 0.0
+        for _ in range(iterations):
+            p = _sigmoid(zk + o)
+            grad = np.sum(p - yk) + ridge * o
+            hess = np.sum(p * (1 - p)) + ridge
+            step = grad / hess
+            o -= float(np.clip(step, -2.0, 2.0))
+            if abs(step) < 1e-6:
+                break
+        offsets[k] = o
+    return Calibration(calibration.a, calibration.b, tuple(round(float(v), 5) for v in offsets))
 
 
 def expected_counts(labels: np.ndarray, prob_right: np.ndarray, num_classes: int, ignore_index: int,
@@ -180,32 +224,72 @@ def expected_miou(counts: np.ndarray) -> float:
 
 
 @dataclass
-class CycleCalibration:
-    """What a sequence's cycles say about one method: the calibration and the cycles' own scores.
+class Probe:
+    """One run of the method whose answer is known: from keyframe ``source`` to keyframe ``target``.
 
-    ``cycle_confusion`` maps cycle length l to the (C, C+1) confusion of the cycled labels against
-    the annotations; ``excluded`` counts keyframes left out because the refiner trained on them.
+    ``kind`` is ``held-out`` (a one-way chain to the next keyframe, scored against its annotation)
+    or ``cycle`` (there and back to the source, ``length`` steps each way).
+    """
+
+    kind: str
+    source: int
+    target: int
+    length: int
+    direction: int
+
+
+@dataclass
+class EstimateCalibration:
+    """What a sequence's probes say about one method's labels.
+
+    ``calibration`` maps confidence (and class) to P(right); ``deficit_ratio`` is how much lower
+    the probes' true mIoU was than expected-IoU predicted from their calibrated confidence (its
+    (100 - true) / (100 - expected)), applied to the estimates (``errors concentrate``);
+    ``confusion`` is the probes' own (C, C+1) confusion against the annotations; ``probe_auroc``
+    how well the confidence told their right pixels from the wrong ones.
     """
 
     calibration: Calibration
-    cycles: int
+    kind: str
+    probes: int
     pixels: int
     keyframes: list[int]
     excluded: int
-    cycle_confusion: dict[int, np.ndarray] = field(default_factory=dict)
+    deficit_ratio: float = 1.0
+    confusion: np.ndarray | None = None
+    probe_auroc: float = float("nan")
 
     def record(self) -> dict:
         """A JSON-ready record (kept in the store with the method's results)."""
-        return {"a": round(self.calibration.a, 6), "b": round(self.calibration.b, 6), "cycles": self.cycles,
+        return {"a": round(self.calibration.a, 6), "b": round(self.calibration.b, 6),
+                "offsets": list(self.calibration.offsets), "kind": self.kind, "probes": self.probes,
                 "pixels": self.pixels, "keyframes": self.keyframes, "excluded_keyframes": self.excluded,
-                "cycle_confusion": {str(k): v.tolist() for k, v in sorted(self.cycle_confusion.items())}}
+                "deficit_ratio": round(self.deficit_ratio, 5),
+                "probe_auroc": None if not np.isfinite(self.probe_auroc) else round(self.probe_auroc, 4),
+                "confusion": None if self.confusion is None else self.confusion.tolist()}
 
     @staticmethod
-    def from_record(record: dict) -> CycleCalibration:
-        return CycleCalibration(
-            Calibration(float(record["a"]), float(record["b"])), int(record["cycles"]), int(record["pixels"]),
+    def from_record(record: dict) -> EstimateCalibration:
+        confusion = record.get("confusion")
+        return EstimateCalibration(
+            Calibration(float(record["a"]), float(record["b"]), tuple(record.get("offsets", ()))),
+            str(record.get("kind", "cycle")), int(record.get("probes", 0)), int(record.get("pixels", 0)),
             list(record.get("keyframes", [])), int(record.get("excluded_keyframes", 0)),
-            {int(k): np.asarray(v, np.int64) for k, v in record.get("cycle_confusion", {}).items()})
+            float(record.get("deficit_ratio", 1.0)), None if confusion is None else np.asarray(confusion, np.int64),
+            float(record["probe_auroc"]) if record.get("probe_auroc") is not None else float("nan"))
+
+    def correct_counts(self, counts: np.ndarray) -> np.ndarray:
+        """:func:`expected_counts` sums with E[TP] lowered so each class's IoU deficit grows by the ratio.
+
+        IoU' = 1 - r (1 - IoU) per class; E[TP'] = IoU' (E[pred] + E[gt]) / (1 + IoU'). Summed over
+        sequences they pool like the uncorrected counts.
+        """
+        out = np.array(counts, dtype=np.float64, copy=True)
+        iou = expected_iou(out)
+        ok = np.isfinite(iou)
+        target = np.clip(1.0 - self.deficit_ratio * (1.0 - iou[ok]), 0.0, 1.0)
+        out[ok, 0] = target * (out[ok, 1] + out[ok, 2]) / (1.0 + target)
+        return out
 
 
 def run_cycle(method: PropagationMethod, inputs: SequenceInputs, t: int, length: int, direction: int) -> LabelState:
@@ -214,11 +298,18 @@ def run_cycle(method: PropagationMethod, inputs: SequenceInputs, t: int, length:
         raise ConfigError(f"a cycle needs length >= 1 and direction +1 or -1, got {length}, {direction}")
     if not 0 <= t + direction * length < inputs.num_frames:
         raise ConfigError(f"a cycle of length {length} from frame {t} leaves the sequence of {inputs.num_frames} frames")
-    ann = method._tensor(inputs.annotation(t)).long()
+    return run_path(method, inputs, cycle_path(t, length, direction))
+
+
+def run_path(method: PropagationMethod, inputs: SequenceInputs, path: list[int],
+             on_step: Callable[[], None] | None = None) -> LabelState:
+    """The method's steps along ``path`` (neighbouring frames), starting from the annotation of ``path[0]``."""
+    ann = method._tensor(inputs.annotation(path[0])).long()
     state = LabelState(ann, torch.ones(ann.shape, device=method.device))
-    path = cycle_path(t, length, direction)
     for src, dst in itertools.pairwise(path):
         state = method.step(state, src, dst, inputs)
+        if on_step is not None:
+            on_step()
     return state
 
 
@@ -231,61 +322,97 @@ def calibration_keyframes(annotated: np.ndarray, max_keyframes: int) -> list[int
     return [int(keys[i]) for i in pick]
 
 
-def estimate_plan(annotated: np.ndarray, config: EstimateConfig, max_distance: int) -> list[tuple[int, int, int]]:
-    """The cycles (keyframe t, length l, direction) the estimate runs: lengths up to ceil(K/2), inside the sequence."""
+def estimate_plan(annotated: np.ndarray, config: EstimateConfig, max_distance: int) -> list[Probe]:
+    """The probes the estimate runs.
+
+    Held-out probes when two keyframes lie at most ``max_gap`` apart: from each of up to
+    ``max_keyframes`` such pairs, a chain to the other keyframe in each direction. Otherwise
+    cycles of the configured lengths (up to ceil(K/2)) from up to ``max_keyframes`` keyframes;
+    they come back to what they started from and flatter the method (``deficit_ratio`` then 1).
+    """
+    keys = [int(k) for k in np.flatnonzero(annotated)]
+    pairs = [(a, b) for a, b in itertools.pairwise(keys) if 1 < b - a <= config.max_gap]
+    if pairs and config.source in ("auto", "held-out"):
+        if len(pairs) > config.max_keyframes:
+            pick = np.round(np.linspace(0, len(pairs) - 1, config.max_keyframes)).astype(int)
+            pairs = [pairs[i] for i in pick]
+        return [p for a, b in pairs for p in (Probe("held-out", a, b, b - a, 1), Probe("held-out", b, a, b - a, -1))]
+    if config.source == "held-out":
+        return []
     n = len(annotated)
     lengths = [length for length in config.cycle_lengths if 1 <= length <= math.ceil(max_distance / 2)] or [1]
-    return [(t, length, d) for t in calibration_keyframes(np.asarray(annotated, bool), config.max_keyframes)
+    return [Probe("cycle", t, t, length, d) for t in calibration_keyframes(np.asarray(annotated, bool),
+                                                                           config.max_keyframes)
             for length in lengths for d in (1, -1) if 0 <= t + d * length < n]
 
 
-def calibrate_on_cycles(method: PropagationMethod, inputs: SequenceInputs, config: EstimateConfig,
-                        skip: Iterable[str] = (),
-                        on_step: Callable[[], None] | None = None) -> CycleCalibration:
-    """Run the cycles of ``config`` from the sequence's keyframes and fit the calibration.
+def probe_steps(plan: list[Probe]) -> int:
+    """Propagation steps of a plan (progress)."""
+    return sum(p.length * (2 if p.kind == "cycle" else 1) for p in plan)
+
+
+def calibrate(method: PropagationMethod, inputs: SequenceInputs, config: EstimateConfig, skip: Iterable[str] = (),
+              on_step: Callable[[], None] | None = None) -> EstimateCalibration:
+    """Run the probes of :func:`estimate_plan` and fit the calibration and the deficit ratio.
 
     Args:
-        skip: annotation fingerprints (:func:`annotation_fingerprint`) whose keyframes are left
-            out: the refiner trained on their cycles.
-        on_step: called with no argument after each cycle (progress).
+        skip: annotation fingerprints (:func:`annotation_fingerprint`) of keyframes the refiner
+            trained on: probes that end on them are left out (their answer would flatter it).
+        on_step: called after every propagation step (progress).
     """
+    plan = estimate_plan(inputs.annotated, config, method.config.max_distance)
     skip = set(skip)
     rng = np.random.default_rng(config.seed)
     c, ignore = inputs.num_classes, inputs.ignore_index
-    confs: list[np.ndarray] = []
-    rights: list[np.ndarray] = []
-    by_length: dict[int, np.ndarray] = {}
-    used: list[int] = []
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    finals: list[tuple[np.ndarray, np.ndarray]] = []
+    confusion = np.zeros((c, c + 1), np.int64)
+    fingerprints: dict[int, str] = {}
+    used: set[int] = set()
     excluded: set[int] = set()
-    cycles = 0
-    annotations: dict[int, np.ndarray] = {}
-    for t, length, direction in estimate_plan(inputs.annotated, config, method.config.max_distance):
-        if t in excluded:
+
+    for probe in plan:
+        target = probe.target
+        if target not in fingerprints:
+            fingerprints[target] = annotation_fingerprint(np.asarray(inputs.annotation(target)))
+        if fingerprints[target] in skip:
+            excluded.add(target)
             continue
-        if t not in annotations:
-            annotations[t] = np.asarray(inputs.annotation(t))
-            if skip and annotation_fingerprint(annotations[t]) in skip:
-                excluded.add(t)
-                continue
-            used.append(t)
-        ann = annotations[t]
-        state = run_cycle(method, inputs, t, length, direction)
+        if probe.kind == "cycle":
+            path = cycle_path(probe.source, probe.length, probe.direction)
+        else:
+            path = list(range(probe.source, probe.target + probe.direction, probe.direction))
+        state = run_path(method, inputs, path, on_step)
+        used.update((probe.source, target))
+        ann = np.asarray(inputs.annotation(target))
         labels = state.labels.to(torch.uint8).cpu().numpy()
         conf = state.confidence.float().cpu().numpy()
-        cm = confusion_matrix(ann, labels, c, ignore)
-        by_length[length] = by_length[length] + cm if length in by_length else cm
+        confusion += confusion_matrix(ann, labels, c, ignore)
+        finals.append((labels, conf))
         idx = np.flatnonzero(ann.ravel() != ignore)
-        if len(idx) > config.pixels_per_cycle:
-            idx = rng.choice(idx, config.pixels_per_cycle, replace=False)
-        confs.append(conf.ravel()[idx])
-        rights.append(labels.ravel()[idx] == ann.ravel()[idx])
-        cycles += 1
-        if on_step is not None:
-            on_step()
-    conf_all = np.concatenate(confs) if confs else np.zeros(0, np.float32)
-    right_all = np.concatenate(rights) if rights else np.zeros(0, bool)
-    return CycleCalibration(fit_calibration(conf_all, right_all), cycles, int(conf_all.size), used, len(excluded),
-                            by_length)
+        if len(idx) > config.pixels_per_probe:
+            idx = rng.choice(idx, config.pixels_per_probe, replace=False)
+        samples.append((conf.ravel()[idx], labels.ravel()[idx] == ann.ravel()[idx], labels.ravel()[idx]))
+    kind = plan[0].kind if plan else "none"
+    if not samples:
+        return EstimateCalibration(Calibration(), kind, 0, 0, sorted(used), len(excluded))
+    conf_all, right_all, labels_all = (np.concatenate(x) for x in zip(*samples))
+    calibration = fit_class_offsets(fit_calibration(conf_all, right_all), conf_all, right_all, labels_all, c,
+                                    config.class_prior_pixels)
+    ratio = 1.0
+    probe_auroc = auroc(-conf_all, ~right_all)
+    if kind == "held-out" and config.deficit_correction > 0:
+        expected = sum(expected_counts(lab, calibration(cf, lab), c, ignore, config.spread) for lab, cf in finals)
+        true_deficit = 100.0 - mean_iou(confusion)
+        expected_deficit = 100.0 - expected_miou(expected)
+        # transferred in full only where confidence tells right from wrong (probe AUROC >= 0.8): where it
+        # does not, the gap mostly reflects the probes' longer distance, not how errors concentrate
+        informative = float(np.clip((probe_auroc - 0.5) / 0.3, 0.0, 1.0)) if np.isfinite(probe_auroc) else 0.0
+        if np.isfinite(true_deficit) and np.isfinite(expected_deficit) and expected_deficit > 0.5:
+            ratio = float(np.clip(true_deficit / expected_deficit, 0.25, 4.0)) ** (config.deficit_correction
+                                                                                   * informative)
+    return EstimateCalibration(calibration, kind, len(samples), int(conf_all.size), sorted(used), len(excluded),
+                               ratio, confusion, probe_auroc)
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from autolabel.models.metrics import confusion_matrix, iou_per_class, mean_iou
-from autolabel.models.quality import CycleCalibration, expected_counts, expected_iou, expected_miou
+from autolabel.models.quality import EstimateCalibration, expected_counts, expected_iou, expected_miou
 from autolabel.storage.stages import estimate_stage, evaluation_stage, result_array_names, results_stage
 from autolabel.storage.store import Sequence, SequenceStore
 from pydantic import BaseModel, Field, computed_field
@@ -122,7 +122,7 @@ def _class_ious_expected(counts: np.ndarray, names: list[str]) -> dict[str, floa
     return {n: percent(v * 100) for n, v in zip(names, expected_iou(counts))}
 
 
-def sequence_calibration(seq: Sequence, method: str) -> tuple[CycleCalibration | None, str]:
+def sequence_calibration(seq: Sequence, method: str) -> tuple[EstimateCalibration | None, str]:
     """The estimate stage's calibration of ``method`` on ``seq`` and a one-line basis (or why none)."""
     record = seq.stages.get(estimate_stage(method))
     results = seq.stages.get(results_stage(method), {})
@@ -130,14 +130,17 @@ def sequence_calibration(seq: Sequence, method: str) -> tuple[CycleCalibration |
         return None, "no estimate: label with the estimate enabled (the default) to run the cycles"
     if record.get("settings", {}).get("results_finished_at") != results.get("finished_at"):
         return None, "no estimate: the results changed since the cycles ran; label again"
-    cal = CycleCalibration.from_record(record["calibration"])
-    if cal.cycles == 0:
+    cal = EstimateCalibration.from_record(record["calibration"])
+    if cal.probes == 0:
         why = (f"all {cal.excluded} keyframes were the refiner's training keyframes" if cal.excluded
                else "no keyframe has neighbouring frames")
         return None, f"no estimate: {why}"
-    basis = f"{cal.cycles} cycles from {len(cal.keyframes)} keyframes"
+    what = "held-out keyframe chains" if cal.kind == "held-out" else "cycles (optimistic: they come back)"
+    basis = f"{cal.probes} {what} over {len(cal.keyframes)} keyframes"
     if cal.excluded:
         basis += f"; {cal.excluded} keyframes left out (the refiner trained on them)"
+    if record.get("teacher_adapted"):
+        basis += "; the teacher was adapted on these keyframes (optimistic)"
     return cal, basis
 
 
@@ -173,7 +176,7 @@ def score_sequence(seq: Sequence, method: str, max_distance: int,
             by_d[d] = by_d[d] + cm if d in by_d else cm
             right = percent(100 * np.trace(cm[:, :c]) / max(int(cm.sum()), 1))
         if calibration is not None and d <= max_distance:
-            prob = np.where(lab != ignore, calibration.calibration(np.asarray(conf[t]) / 255.0), 0.0)
+            prob = np.where(lab != ignore, calibration.calibration(np.asarray(conf[t]) / 255.0, lab), 0.0)
             e = expected_counts(lab, prob, c, ignore)
             expected[d] = expected[d] + e if d in expected else e
             estimated = percent(100 * float(prob.mean()))
@@ -181,6 +184,8 @@ def score_sequence(seq: Sequence, method: str, max_distance: int,
             frame_scores.append((t, estimated, right))
         if on_frame is not None:
             on_frame()
+    if calibration is not None:  # the deficit ratio: errors concentrate more than confidence says
+        expected = {d: calibration.correct_counts(e) for d, e in expected.items()}
     row = SequenceEvaluation(
         sequence=seq.id, method=method, max_distance=max_distance, frames=seq.num_frames,
         annotated=int(seq.annotated.sum()), frames_labelled=int((distance >= 0).sum()),
@@ -188,7 +193,7 @@ def score_sequence(seq: Sequence, method: str, max_distance: int,
         coverage=percent(100 * covered / pixels) if pixels else None,
         mean_confidence=percent(100 * conf_sum / 255 / pixels) if pixels else None,
         confusion={str(d): cm.tolist() for d, cm in sorted(by_d.items())},
-        expected={str(d): e.round(3).tolist() for d, e in sorted(expected.items())},
+        expected={str(d): e.round(3).tolist() for d, e in sorted(expected.items())},  # corrected below
         estimate_basis=basis,
         worst_frames=sorted(frame_scores, key=lambda f: f[2] if f[2] is not None else f[1])[:5],
     )

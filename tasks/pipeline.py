@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal, Protocol, Self
 
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig, count_steps, method_class
-from autolabel.models.quality import EstimateConfig, estimate_plan
+from autolabel.models.quality import EstimateConfig, estimate_plan, probe_steps
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.export import export_is_current, export_sequence
 from autolabel.storage.ids import select_ids
@@ -414,7 +414,8 @@ class EstimateStage(Stage):
         seq = store.sequence(seq_id)
         current = self.is_current(store, seq_id)
         progress.start(seq_id, self.title,
-                       0 if current else len(estimate_plan(seq.annotated, self.estimate, self.propagation.max_distance)))
+                       0 if current else probe_steps(estimate_plan(seq.annotated, self.estimate,
+                                                                      self.propagation.max_distance)))
         refiner = feature_teacher = None
         if self.refiner is not None and self.teacher is not None and not current:
             refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}")

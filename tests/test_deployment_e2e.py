@@ -190,14 +190,16 @@ def test_deployments_workers_nightly_and_failures(tmp_path: Path) -> None:
         ids = [f"road{i:02d}_Record001_Camera5" for i in range(1, 5)]
         children = prefect.flow_runs("label-sequence")
         assert sorted(c["name"] for c in children) == ids and {c["state_type"] for c in children} == {"COMPLETED"}
-        table = prefect.artifact("apollo-per-sequence")
-        rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
-        assert sorted(r["sequence"] for r in rows) == ids
-        assert all(float(r["mIoU (%)"]) > 0 for r in rows)
+        rows = _table(prefect.artifact("apollo-drives"))
+        assert sorted(r["drive"] for r in rows) == ids
+        assert all(r["mIoU"] > 0 and r["basis"] == "ground truth" for r in rows)
+        assert [r["mIoU"] for r in rows] == sorted(r["mIoU"] for r in rows)  # worst first
         host = socket.gethostname()
         assert {r["worker"] for r in rows} == {f"gpu-{host}-0", f"gpu-{host}-1"}
-        for key in ("apollo-miou-by-distance", "apollo-per-class-iou", "apollo-summary"):
+        for key in ("apollo-miou-by-distance", "apollo-per-class-iou", "apollo-summary", "apollo-history"):
             prefect.artifact(key)
+        assert prefect.artifact("apollo-figure-miou-by-distance")["data"].startswith("data:image/png;base64,")
+        assert parent["name"].startswith("apollo-")  # runs named by store and date
         _no_half_written_results(str(tmp_path / "apollo.zarr"), ids)
 
         # 2. a second store while worker 0 dies mid-run: its sequence is re-submitted and finishes
@@ -246,14 +248,22 @@ def test_deployments_workers_nightly_and_failures(tmp_path: Path) -> None:
         parent = prefect.wait(prefect.run_deployment("autolabel/apollo"))
         assert parent["state_type"] == "COMPLETED" and len(prefect.flow_runs("label-sequence")) == before
 
-        # 4. nightly: one new drive in the inbox -> exactly one new run, for that drive
-        write_apollo_layout(tmp_path / "inbox", drive_configs(1, DRIVE.model_copy(update={"seed": 4})))
+        # 4. nightly: one new drive in the inbox -> exactly one new run, for that drive; it has no ground
+        # truth besides its keyframe (frame 10), so its dashboard row carries an estimate
+        new = write_apollo_layout(tmp_path / "inbox", drive_configs(1, DRIVE.model_copy(update={"seed": 4})))[0]
+        label_dir = Path(str(new).replace("ColorImage", "Label"))
+        for i, label in enumerate(sorted(label_dir.glob("*_bin.png"))):
+            if i != 10:
+                label.unlink()
         parent = prefect.wait(prefect.run_deployment("relabel-new-drives/nightly"))
         assert parent["state_type"] == "COMPLETED", parent["state"]
         runs = prefect.flow_runs("label-sequence")
         assert len(runs) == before + 1
         newest = max(runs, key=lambda r: r["created"])
         assert newest["name"] == "road05_Record001_Camera5" and newest["state_type"] == "COMPLETED"
+        row = {r["drive"]: r for r in _table(prefect.artifact("apollo-drives"))}["road05_Record001_Camera5"]
+        assert row["basis"] == "estimate" and 0 < row["mIoU"] <= 100, row
+        assert len(_table(prefect.artifact("apollo-history"))) >= 2
 
         # 5. a drive with a corrupt frame fails its own run; the others stay done; the summary says so
         bad = write_apollo_layout(tmp_path / "inbox", drive_configs(1, DRIVE.model_copy(update={"seed": 5})))[0]
@@ -275,6 +285,11 @@ def test_deployments_workers_nightly_and_failures(tmp_path: Path) -> None:
         assert len(started) == 4 and not alive, alive
     finally:
         prefect.stop()
+
+
+def _table(artifact: dict[str, Any]) -> list[dict[str, Any]]:
+    data = artifact["data"]
+    return json.loads(data) if isinstance(data, str) else data
 
 
 def _request(env: dict[str, str]) -> dict[str, Any]:

@@ -10,13 +10,16 @@ from autolabel.models.metrics import confusion_matrix, iou_per_class
 from autolabel.models.propagation import PropagationConfig, create_method
 from autolabel.models.quality import (
     Calibration,
-    CycleCalibration,
+    EstimateCalibration,
     EstimateConfig,
     annotation_fingerprint,
     auroc,
     reliability,
-    calibrate_on_cycles,
+    calibrate,
     calibration_keyframes,
+    estimate_plan,
+    fit_class_offsets,
+    probe_steps,
     expected_counts,
     expected_iou,
     expected_miou,
@@ -116,23 +119,62 @@ class TestCycles:
         with pytest.raises(ConfigError, match="leaves the sequence"):
             run_cycle(method, inputs, 3, 2, 1)
 
-    def test_calibrate_counts_cycles_and_skips_trained_keyframes(self) -> None:
+    def test_plan_prefers_held_out_chains_between_keyframes(self) -> None:
+        annotated = np.zeros(63, bool)
+        annotated[[10, 31, 52]] = True
+        plan = estimate_plan(annotated, EstimateConfig(), 10)
+        assert [(p.kind, p.source, p.target) for p in plan] == [
+            ("held-out", 10, 31, ), ("held-out", 31, 10), ("held-out", 31, 52), ("held-out", 52, 31)]
+        assert probe_steps(plan) == 84
+        far = estimate_plan(annotated, EstimateConfig(max_gap=20, cycle_lengths=(1, 3)), 10)
+        assert {p.kind for p in far} == {"cycle"} and len(far) == 12 and probe_steps(far) == 48
+
+    def test_calibrate_on_held_out_chains_and_skips_trained_keyframes(self) -> None:
+        inputs = DriveInputs(CFG.model_copy(update={"frames": 20}), annotated=[2, 9, 16])
+        method = create_method(PropagationConfig(method="motion-only", max_distance=6))
+        steps: list[int] = []
+        cal = calibrate(method, inputs, EstimateConfig(), on_step=lambda: steps.append(1))
+        assert (cal.kind, cal.probes, cal.keyframes, len(steps)) == ("held-out", 4, [2, 9, 16], 28)
+        assert cal.confusion is not None and cal.confusion.sum() == 4 * 96 * 72
+        assert 0.25 <= cal.deficit_ratio <= 4
+        skipped = calibrate(method, inputs, EstimateConfig(), skip=[annotation_fingerprint(inputs.annotation(9))])
+        assert skipped.probes == 2 and skipped.excluded == 1  # the two chains ending on frame 9 are left out
+        again = EstimateCalibration.from_record(cal.record())
+        assert again.calibration.a == pytest.approx(cal.calibration.a, abs=1e-5)
+        assert again.probes == cal.probes and again.kind == "held-out"
+
+    def test_cycles_when_keyframes_are_far_apart(self) -> None:
         inputs = DriveInputs(CFG, annotated=[2, 9])
         method = create_method(PropagationConfig(method="warp-inpaint", max_distance=6))
-        cal = calibrate_on_cycles(method, inputs, EstimateConfig(cycle_lengths=(1, 3)))
-        # keyframe 2: l=1 both ways, l=3 forward only; keyframe 9: l=1 both ways, l=3 backward only
-        assert cal.cycles == 6 and cal.keyframes == [2, 9] and set(cal.cycle_confusion) == {1, 3}
-        skipped = calibrate_on_cycles(method, inputs, EstimateConfig(cycle_lengths=(1,)),
-                                      skip=[annotation_fingerprint(inputs.annotation(2))])
-        assert skipped.keyframes == [9] and skipped.excluded == 1 and skipped.cycles == 2
-        again = CycleCalibration.from_record(cal.record())
-        assert again.calibration.a == pytest.approx(cal.calibration.a, abs=1e-5)
-        assert again.cycles == cal.cycles and set(again.cycle_confusion) == {1, 3}
+        cal = calibrate(method, inputs, EstimateConfig(max_gap=4, cycle_lengths=(1, 3)))
+        # of 12 frames: keyframe 2: l=1 both ways, l=3 forward only; keyframe 9: l=1 both, l=3 backward only
+        assert (cal.kind, cal.probes, cal.deficit_ratio) == ("cycle", 6, 1.0)
 
     def test_keyframes_are_spread(self) -> None:
         annotated = np.zeros(100, bool)
         annotated[::5] = True
         assert calibration_keyframes(annotated, 3) == [0, 50, 95]
+
+
+class TestClassOffsets:
+    def test_a_class_wrong_more_often_gets_a_negative_offset(self) -> None:
+        rng = np.random.default_rng(3)
+        conf = rng.uniform(0.5, 1.0, 50_000)
+        labels = rng.integers(0, 3, conf.size)
+        right = rng.random(conf.size) < np.where(labels == 2, conf - 0.3, conf)
+        cal = fit_class_offsets(fit_calibration(conf, right), conf, right, labels, 4)
+        assert cal.offsets[2] < -0.5 < cal.offsets[0] and cal.offsets[3] == 0.0  # class 3: no pixel, no offset
+        p = cal(np.full(3, 0.8), np.array([0, 1, 2]))
+        assert p[2] == pytest.approx(0.5, abs=0.06) and p[0] > 0.75
+
+
+class TestDeficitCorrection:
+    def test_counts_are_corrected_per_class(self) -> None:
+        counts = np.array([[90.0, 100.0, 100.0], [0.0, 0.0, 0.0]])  # IoU 90/110
+        cal = EstimateCalibration(Calibration(), "held-out", 1, 1, [], 0, deficit_ratio=2.0)
+        fixed = cal.correct_counts(counts)
+        iou = expected_iou(fixed)
+        assert iou[0] == pytest.approx(1 - 2 * (1 - 90 / 110)) and np.isnan(iou[1])
 
 
 class TestCalibrationMetrics:
