@@ -157,7 +157,7 @@ def summary_markdown(store: str, name: str, rows: list[dict[str, Any]], report: 
     if low or regressed:
         lines += ["## Drives that need you", "", "| drive | mIoU | basis | change | next action |", "|---|---|---|---|---|"]
         for r in (low[: settings.worst] + [r for r in regressed if r not in low]):
-            action = ("review its worst frames: `autolabel review STORE --sequence "
+            action = (f"review its worst frames: `autolabel review {store} --sequence "
                       f"{r['drive']} --method {method} --budget 10 --out review/`")
             if r in regressed and r not in low:
                 action = "compare checkpoints with the previous run (history table); relabel or roll back"
@@ -180,6 +180,10 @@ def summary_markdown(store: str, name: str, rows: list[dict[str, Any]], report: 
               f"{counts.get('skipped', 0)}, failed {len(failures)})",
               f"- {method}: true mIoU **{_fmt(m.miou_mean)}** on drives with ground truth, estimated "
               f"**{_fmt(m.estimated_miou_mean)}** over all drives (mean over distances 1..{report.max_distance})"]
+    if m.estimated_miou_mean is None:
+        why = next((s.estimate_basis for s in m.sequences if s.estimate_basis), None)
+        if why:
+            lines.append(f"  - why no estimate: {why}")
     if method == "warp-refine" and "warp-inpaint" in report.methods:
         w = report.methods["warp-inpaint"]
         lines.append(f"- warp-inpaint: true {_fmt(w.miou_mean)}, estimated {_fmt(w.estimated_miou_mean)}")

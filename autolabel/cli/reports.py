@@ -61,7 +61,7 @@ def print_evaluation(report: Any) -> None:
     out.add_row("estimated", *[fmt(m.estimated_miou_mean) for m in methods.values()])
     out.add_row("frames", *[str(m.frames_scored) for m in methods.values()])
     print_table(f"mIoU (%) by propagation distance - {report.store}", out,
-                "estimated: mean over distances without ground truth, all sequences (cycles)")
+                "estimated: mean over distances, estimated without ground truth, all sequences")
     for name, m in methods.items():
         if m.sequences_missing:
             console.print(f"[yellow]{name}[/]: no results for {len(m.sequences_missing)} sequences "
