@@ -53,7 +53,7 @@ class EstimateConfig(BaseModel):
     max_gap: int = Field(127, ge=2, description="longest keyframe gap a held-out probe runs across (frames)")
     max_keyframes: int = Field(6, ge=1, description="keyframe pairs (or keyframes, for cycles) probed per sequence")
     cycle_lengths: tuple[int, ...] = Field(
-        (1, 3, 5), description="cycles: lengths l (2l steps each); lengths above ceil(K/2) are skipped")
+        (3,), description="cycles: lengths l (2l steps each); lengths above ceil(K/2) are skipped")
     pixels_per_probe: int = Field(4096, ge=64, description="pixels sampled from each probe's answer for the fit")
     class_prior_pixels: float = Field(200.0, ge=0, description="pseudo-pixels shrinking each class's offset to 0")
     deficit_correction: float = Field(1.0, ge=0, le=1, description="exponent of the deficit ratio (0: off)")
