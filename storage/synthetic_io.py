@@ -12,6 +12,8 @@ from autolabel.storage.images import write_png_atomic
 from autolabel.storage.ingest import IngestReport, SequenceOutcome
 from autolabel.storage.stages import flow_array_names, flow_stage
 from autolabel.storage.store import SequenceStore, StoreLayout
+
+from autolabel.errors import ClassSetMismatchError
 from autolabel.storage.synthetic import SyntheticConfig, SyntheticDrive
 from PIL import Image
 
@@ -40,8 +42,17 @@ def write_drive(
 ) -> SequenceOutcome:
     """Render one drive into ``store`` with frames, labels and exact flow (stage ``flow/exact``).
 
-    Every frame has ground truth; ``annotation`` decides which frames are annotations.
+    Every frame has ground truth; ``annotation`` decides which frames are annotations. A drive
+    rendered with a subset of the store's classes has its labels mapped to the store's class ids
+    by name; a class the store lacks is an error.
     """
+    names = store.classes.names
+    missing = [c for c in config.classes if c not in names]
+    if missing:
+        raise ClassSetMismatchError(f"synthetic drive seed={config.seed} has classes {missing} that store "
+                                    f"{store.url!r} lacks (store classes: {', '.join(names)})")
+    to_store = np.full(256, store.classes.ignore_index, np.uint8)
+    to_store[: len(config.classes)] = [names.index(c) for c in config.classes]
     drive = SyntheticDrive(config)
     seq_id = seq_id or synthetic_sequence_id(config)
     h, w, t_total = config.height, config.width, config.frames
@@ -53,7 +64,7 @@ def write_drive(
         bw = writer.extra_array(bw_name, (2, h, w), "float16", pairs, ("T", "XY", "H", "W"))
         for t in range(t_total):
             frame = drive.render(t)
-            writer.write(f"{t:06d}", frame.rgb, frame.label, origin=f"{seq_id} frame {t}")
+            writer.write(f"{t:06d}", frame.rgb, to_store[frame.label], origin=f"{seq_id} frame {t}")
             if t + 1 < t_total:
                 fw.append(frame.flow_next.astype(np.float16))
             if t > 0:
@@ -77,7 +88,8 @@ def write_synthetic_store(
     overwrite: bool = False,
     on_frame: Callable[[], None] | None = None,
 ) -> IngestReport:
-    """Render ``configs`` into the store at ``url`` (created with their class set)."""
+    """Render ``configs`` into the store at ``url`` (created with the first one's class set, which
+    must hold every other drive's classes)."""
     annotation = annotation or AnnotationPolicy(mode="keyframe-every", n=10)
     if not configs:
         return IngestReport(store=url)

@@ -155,3 +155,26 @@ class TestApolloExport:
         buffer = io.BytesIO()
         Image.fromarray(rendered.rgb).save(buffer, format="JPEG", quality=95)
         np.testing.assert_array_equal(seq.frame(3), np.asarray(Image.open(buffer)))  # the JPEG's exact pixels
+
+
+def test_drives_with_a_class_subset_are_written_with_the_store_class_ids(tmp_path) -> None:  # noqa: ANN001
+    """A drive of 7 classes in an 11-class store: its labels use the store's ids, by class name."""
+    import pytest
+
+    from autolabel.errors import ClassSetMismatchError
+    from autolabel.storage.annotation import AnnotationPolicy
+    from autolabel.storage.store import SequenceStore
+    from autolabel.storage.synthetic import SYNTHETIC_CLASSES, SyntheticConfig, SyntheticDrive
+    from autolabel.storage.synthetic_io import write_synthetic_store
+
+    full = SyntheticConfig(width=48, height=32, frames=3, seed=0)
+    subset = full.model_copy(update={"seed": 1, "classes": [c for c in SYNTHETIC_CLASSES if c not in ("Pole", "Fence")]})
+    url = str(tmp_path / "s.zarr")
+    write_synthetic_store(url, [full, subset], AnnotationPolicy(mode="keyframe-every", n=2))
+    store = SequenceStore.open(url)
+    rendered = SyntheticDrive(subset).render(1).label
+    names = [subset.classes[i] for i in rendered.ravel()]
+    stored = store.sequence("synth-0001").ground_truth(1).ravel()
+    assert [store.classes.names[i] for i in stored] == names
+    with pytest.raises(ClassSetMismatchError, match="Pole"):
+        write_synthetic_store(str(tmp_path / "t.zarr"), [subset, full])
