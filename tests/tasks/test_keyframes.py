@@ -82,26 +82,44 @@ class TestAddKeyframes:
         assert "keyframes" not in store.sequence("synth-0000").stages
 
 
-@pytest.mark.parametrize("method", ["motion-only", "warp-inpaint"])
-def test_partial_relabel_equals_full_relabel(method: str, tmp_path: Path, teacher_path: Path) -> None:
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny teacher for the synthetic class set (one per module: the stores here are local only)."""
+    from autolabel.models.teacher import Teacher
+    from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
+    from autolabel.storage.training_data import AnnotatedFrames
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    write_synthetic_store(str(tmp / "t.zarr"), drive_configs(1, DRIVE), AnnotationPolicy(mode="window", n=21))
+    store = SequenceStore.open(str(tmp / "t.zarr"))
+    teacher = Teacher.create("unet-tiny", store.classes.names, [list(c) for c in store.classes.palette])
+    train_teacher(teacher, AnnotatedFrames([store]), TeacherTrainConfig(arch="unet-tiny", max_steps=4, batch_size=2,
+                                                                        crop=64))
+    teacher.save(tmp / "teacher.pt")
+    return tmp / "teacher.pt"
+
+
+def test_partial_relabel_equals_full_relabel(tmp_path: Path, teacher_path: Path) -> None:
     """A keyframe added at 20 (keyframes 10 and 31): frames 11..30 are propagated again, nothing else."""
+    methods = ("motion-only", "warp-inpaint")
     urls = [str(tmp_path / f"{name}.zarr") for name in ("partial", "full")]
     for url in urls:
         write_synthetic_store(url, drive_configs(1, DRIVE), AnnotationPolicy(mode="window", n=21))
     partial, full = (SequenceStore.open(u, mode="r+") for u in urls)
-    settings = _settings(method, teacher_path)
-    label_store(urls[0], settings)
-    before = _results(partial, method)
+    for method in methods:
+        label_store(urls[0], _settings(method, teacher_path))
+    before = {m: _results(partial, m) for m in methods}
     for store in (partial, full):
         store.add_keyframes("synth-0000", {20: store.sequence("synth-0000").ground_truth(20)})
-    assert [o.status for o in label_store(urls[0], settings).outcomes] == ["labelled"]
-    label_store(urls[1], settings)
-    record = partial.sequence("synth-0000").stages[f"results/{method}"]
-    assert record["partial"] and record["relabelled_frames"] == 20
-    after, reference = _results(partial, method), _results(full, method)
-    for a, r in zip(after, reference):
-        np.testing.assert_array_equal(a, r)  # identical to labelling the whole drive again
-    outside = np.r_[0:11, 31:42]
-    for a, b in zip(after, before):
-        np.testing.assert_array_equal(a[outside], b[outside])
-    assert after[2][20] == 0 and before[2][20] == 10
+    for method in methods:
+        assert [o.status for o in label_store(urls[0], _settings(method, teacher_path)).outcomes] == ["labelled"]
+        label_store(urls[1], _settings(method, teacher_path))
+        record = partial.sequence("synth-0000").stages[f"results/{method}"]
+        assert record["partial"] and record["relabelled_frames"] == 20, method
+        after, reference = _results(partial, method), _results(full, method)
+        for a, r in zip(after, reference):
+            np.testing.assert_array_equal(a, r)  # identical to labelling the whole drive again
+        outside = np.r_[0:11, 31:42]
+        for a, b in zip(after, before[method]):
+            np.testing.assert_array_equal(a[outside], b[outside])
+        assert after[2][20] == 0 and before[method][2][20] == 10
