@@ -167,3 +167,20 @@ def test_cli_round_trip_ingest_label_export_reingest(store: SequenceStore, tmp_p
     assert again.stages["keyframes"]["frames"] == sorted({3, 20, *picked})
     for t in picked:
         np.testing.assert_array_equal(again.annotation(t), results[t])  # exported labels came back unchanged
+
+
+def test_cli_keyframes_of_a_new_frame_folder(store: SequenceStore, tmp_path: Path) -> None:
+    """--frames: the folder becomes a new sequence whose keyframes are the export's masks (bare names)."""
+    seq = store.sequence(SEQ)
+    frames = tmp_path / "drive-7"
+    frames.mkdir()
+    for t in range(12):
+        Image.fromarray(seq.frame(t)).save(frames / f"f{t:03d}.png")
+    names = store.classes.names
+    export = write_cvat(tmp_path / "cvat", {"f002": seq.ground_truth(2), "f009": seq.ground_truth(9)},
+                        _colours(names), names)
+    done = run_cli("ingest", "cvat-mask", str(export), "--store", store.url, "--frames", str(frames))
+    assert done.returncode == 0, done.stderr
+    added = SequenceStore.open(store.url).sequence("drive-7")
+    assert added.num_frames == 12 and np.flatnonzero(added.annotated).tolist() == [2, 9]
+    np.testing.assert_array_equal(added.annotation(9), seq.ground_truth(9))
