@@ -67,6 +67,8 @@ def quality(row: SequenceEvaluation) -> tuple[float | None, str]:
     if row.has_gt and row.miou is not None:
         return row.miou, "ground truth"
     if row.estimated_miou is not None:
+        if row.estimate_basis and "cycles" in row.estimate_basis:
+            return row.estimated_miou, "estimate (cycles: optimistic)"
         return row.estimated_miou, "estimate"
     return None, "none"
 
@@ -150,7 +152,7 @@ def summary_markdown(store: str, name: str, rows: list[dict[str, Any]], report: 
         lines += [f"## {len(failures)} drives failed", "",
                   "Fix the input named in each error, then run again (the others are done and kept).", "",
                   "| drive | error |", "|---|---|"]
-        lines += [f"| {seq} | {err.replace('|', '/')[:300]} |" for seq, err in sorted(failures.items())]
+        lines += [f"| {seq} | {err.replace('|', '/')} |" for seq, err in sorted(failures.items())]
         lines.append("")
     low = [r for r in rows if r["mIoU"] is not None and r["mIoU"] < settings.flag_below]
     regressed = [r for r in rows if r["change"] is not None and r["change"] < -settings.regression]

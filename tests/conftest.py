@@ -205,3 +205,16 @@ def teacher_path(synth_store: str, tmp_path: Path) -> Path:
     path = tmp_path / "teacher.pt"
     teacher.save(path)
     return path
+
+
+# the longest files first: pytest-xdist (--dist loadfile) hands out whole files in collection
+# order, so the deployment test (about 5 minutes) then runs beside the rest instead of after it
+LONGEST_FIRST = ("test_deployment_e2e.py", "test_faults.py", "test_s3_store.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file is kept

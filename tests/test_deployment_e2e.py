@@ -262,7 +262,7 @@ def test_deployments_workers_nightly_and_failures(tmp_path: Path) -> None:
         newest = max(runs, key=lambda r: r["created"])
         assert newest["name"] == "road05_Record001_Camera5" and newest["state_type"] == "COMPLETED"
         row = {r["drive"]: r for r in _table(prefect.artifact("apollo-drives"))}["road05_Record001_Camera5"]
-        assert row["basis"] == "estimate" and 0 < row["mIoU"] <= 100, row
+        assert row["basis"].startswith("estimate") and 0 < row["mIoU"] <= 100, row
         assert len(_table(prefect.artifact("apollo-history"))) >= 2
 
         # 5. a drive with a corrupt frame fails its own run; the others stay done; the summary says so

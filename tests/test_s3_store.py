@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import run_cli
 from tests.faults import kill_at_progress, run_concurrently, snapshot, start_cli
 
-MOTION = ["--method", "motion-only", "--flow", "dis-fast", "--max-distance", "5"]
+MOTION = ["--method", "motion-only", "--flow", "dis-fast", "--max-distance", "5", "--no-estimate"]
 SYNTH = ["--sequences", "2", "--frames", "16", "--size", "80x64", "--keyframe-every", "8"]
 
 

@@ -35,6 +35,7 @@ def run(
     device: opt.Device = default(LabelSettings, "device"),
     compare: opt.Compare = default(LabelSettings, "compare_with_warp_inpaint"),
     export: opt.Export = None,
+    estimate: opt.Estimate = True,
     inbox: Annotated[Path | None, typer.Option(help="ingest new or changed drives from this folder first")] = None,
     layout: Annotated[str, typer.Option(help="the inbox's layout: apollo, camvid, davis, cityscapes, folder")]
     = "apollo",
@@ -52,7 +53,8 @@ def run(
     from autolabel.flows.run_requests import AutolabelRequest
 
     settings = opt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
-                                  override_confidence, flow_backend, workers, adapt_steps, device, compare, export)
+                                  override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
+                                  estimate)
     request = AutolabelRequest(
         store=store, inbox=str(inbox) if inbox else None, layout=layout,
         annotation=AnnotationPolicy.from_options(window=window, keyframe_every=keyframe_every),

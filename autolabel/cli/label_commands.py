@@ -55,6 +55,7 @@ def label(
     device: opt.Device = default(LabelSettings, "device"),
     compare: opt.Compare = default(LabelSettings, "compare_with_warp_inpaint"),
     export: opt.Export = None,
+    estimate: opt.Estimate = True,
     sequence: opt.Sequences = None,
 ) -> None:
     """Label sequences with a method: flow -> teacher -> propagate -> evaluate (-> export), in this process.
@@ -65,7 +66,8 @@ def label(
     from autolabel.tasks.pipeline import label_store
 
     settings = opt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
-                                  override_confidence, flow_backend, workers, adapt_steps, device, compare, export)
+                                  override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
+                                  estimate)
     start = time.perf_counter()
     with progress_display() as progress:
         report = label_store(store, settings, sequence or None, StageBar(progress))

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from autolabel.errors import ConfigError
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig
+from autolabel.models.quality import EstimateConfig
 from autolabel.tasks.pipeline import LabelSettings
 
 
@@ -68,6 +69,8 @@ def device_here(device: str) -> str:
 Device = Annotated[str, typer.Option(help=describe(LabelSettings, "device"), callback=device_here)]
 Compare = Annotated[bool, typer.Option(help=describe(LabelSettings, "compare_with_warp_inpaint"))]
 Export = Annotated[Path | None, typer.Option(help=describe(LabelSettings, "export_dir"))]
+Estimate = Annotated[bool, typer.Option(help="estimate the labels' mIoU without ground truth (the estimate stage: "
+                                             "probes between keyframes, about as long again as propagation)")]
 Window = Annotated[int | None, typer.Option(help="annotate the centre frame of each N-frame window; other labels "
                                                  "are kept as evaluation ground truth")]
 KeyframeEvery = Annotated[int | None, typer.Option(help="annotate frames 0, N, 2N, ...")]
@@ -75,11 +78,13 @@ KeyframeEvery = Annotated[int | None, typer.Option(help="annotate frames 0, N, 2
 
 def label_settings(method: str, teacher: Path | None, refiner: Path | None, max_distance: int, tau: float,
                    inpaint_confidence: float, override_confidence: float, flow_backend: str, workers: int,
-                   adapt_steps: int, device: str, compare: bool, export: Path | None) -> LabelSettings:
+                   adapt_steps: int, device: str, compare: bool, export: Path | None,
+                   estimate: bool = True) -> LabelSettings:
     """The LabelSettings of ``label`` and ``run`` from their (shared) options."""
     return LabelSettings(
         propagation=PropagationConfig(method=method, max_distance=max_distance, tau=tau,
                                       inpaint_confidence=inpaint_confidence, override_confidence=override_confidence),
         flow=FlowConfig(backend=flow_backend, workers=workers), teacher=str(teacher) if teacher else None,
         refiner=str(refiner) if refiner else None, adapt_steps=adapt_steps, device=device,
-        compare_with_warp_inpaint=compare, export_dir=str(export) if export else None)
+        compare_with_warp_inpaint=compare, export_dir=str(export) if export else None,
+        estimate=EstimateConfig(enabled=estimate))
