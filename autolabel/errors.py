@@ -108,6 +108,14 @@ class CheckpointError(AutolabelError, ValueError):
     """A model checkpoint is missing, corrupt, or does not fit the data."""
 
 
+class TeacherFormatError(CheckpointError):
+    """An exported teacher (``.pt2`` / ``.onnx``) or its JSON sidecar cannot be used as given."""
+
+
+class ClassMapError(ClassSetMismatchError):
+    """A class mapping file does not fit the teacher's or the store's class list."""
+
+
 class FlowError(AutolabelError, RuntimeError):
     """Optical flow could not be computed (a worker process died, say)."""
 

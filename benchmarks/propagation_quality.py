@@ -133,11 +133,19 @@ def davis(args: argparse.Namespace, data: Path) -> dict:
     return label_and_score(store, teacher, None, args, 0, refiner)
 
 
-def synthetic(args: argparse.Namespace, data: Path) -> dict:
-    train, test = str(args.workdir / "synth-train.zarr"), str(args.workdir / "synth-test.zarr")
-    size = SyntheticConfig(width=320, height=240, frames=30, seed=100)
+def ensure_synth_train(workdir: Path) -> str:
+    """8 synthetic drives of 30 frames at 320x240, keyframes every 3rd frame: teachers' and refiners'
+    training data (written once per workdir)."""
+    train = str(workdir / "synth-train.zarr")
     if not Path(train).exists():
+        size = SyntheticConfig(width=320, height=240, frames=30, seed=100)
         write_synthetic_store(train, drive_configs(8, size), AnnotationPolicy(mode="keyframe-every", n=3))
+    return train
+
+
+def synthetic(args: argparse.Namespace, data: Path) -> dict:
+    train, test = ensure_synth_train(args.workdir), str(args.workdir / "synth-test.zarr")
+    size = SyntheticConfig(width=320, height=240, frames=30, seed=100)
     if not Path(test).exists():
         write_synthetic_store(test, drive_configs(4, size.model_copy(update={"frames": 63, "seed": 0})), WINDOW)
     teacher = ensure_teacher(args.workdir / "teacher-synth.pt", [train], None, TeacherTrainConfig(epochs=args.epochs))

@@ -44,6 +44,7 @@ from benchmarks.propagation_quality import (  # noqa: E402
     METHODS,
     WINDOW,
     ensure_refiner,
+    ensure_synth_train,
     ensure_teacher,
     label_and_score,
     log,
@@ -181,7 +182,7 @@ def camvid(args: argparse.Namespace, data: Path) -> tuple[SequenceStore, dict]:
     store = str(args.workdir / "camvid-x.zarr")
     if not Path(store).exists():
         ingest(read_dataset("camvid", data / "camvid"), store, IngestOptions(annotation=WINDOW))
-    train = str(args.workdir / "synth-train.zarr")
+    train = ensure_synth_train(args.workdir)
     refiner = ensure_refiner(args.workdir / "refiner-camvid-synth.pt", [train], None, args.camvid_teacher, args, 0)
     return SequenceStore.open(store), label_and_score(store, args.camvid_teacher, ["dense_*"], args,
                                                       args.adapt_steps, refiner, args.estimate)

@@ -23,7 +23,7 @@ from autolabel.storage.ids import select_ids
 from autolabel.storage.readers import read_dataset
 from autolabel.storage.store import SequenceStore
 from autolabel.tasks.evaluate import evaluate_store
-from autolabel.tasks.checkpoints import checkpoint_sha256
+from autolabel.tasks.checkpoints import checkpoint_sha256, teacher_sha256
 from autolabel.tasks.pipeline import check_checkpoints, stale_reason
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -188,7 +188,8 @@ def run_autolabel(request: AutolabelRequest) -> dict[str, Any]:
     report = evaluate_store(store, request.label.methods, request.label.max_distance, done)
     exported = request.label.export_dir
     counts = {"labelled": len([i for i in ids if i not in failures]), "skipped": len(skipped)}
-    checkpoints = {"teacher": checkpoint_sha256(request.label.teacher) if request.label.teacher else None,
+    checkpoints = {"teacher": teacher_sha256(request.label.teacher, request.label.teacher_map)
+                   if request.label.teacher else None,
                    "refiner": checkpoint_sha256(request.label.refiner) if request.label.refiner else None}
     dashboard = publish(request.store, report, request.label.method, failures, exported, counts, checkpoints,
                         name=current_run.name or None, settings=request.dashboard)

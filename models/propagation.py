@@ -306,6 +306,8 @@ class WarpInpaint(PropagationMethod):
         # the warp is kept where trusted, and also where the teacher is too unsure to replace it
         keep = trusted | (teacher_conf < self.config.inpaint_confidence)
         keep &= teacher_conf < self.config.override_confidence
+        # a mapped teacher's "unknown" (stored as the ignore label) never replaces the warp
+        keep |= teacher_labels == inputs.ignore_index
         labels = torch.where(keep, warped_labels, teacher_labels)
         conf = torch.where(keep, torch.where(trusted, warped_conf, warped_conf * 0.5), teacher_conf)
         return WarpInpaintStep(LabelState(labels, conf), trusted, warped[0], target[0])

@@ -36,6 +36,8 @@ from autolabel.models.teacher import MEAN, STD, conv_bn_relu
 CHECKPOINT_FORMAT = "autolabel.refiner"
 CHECKPOINT_VERSION = 1
 
+TEACHER_INPUTS = ("features", "probabilities")
+
 REFINER_ARCHS: Registry[type[nn.Module]] = Registry("refiner architecture")
 
 
@@ -46,7 +48,8 @@ class RefinerInput:
     labels: int64 (B, H, W) warp-inpainted labels (ignore index allowed: all-zero one-hot);
     confidence: float (B, H, W) in [0, 1]; trusted: bool (B, H, W);
     warped_image, target_image: float (B, 3, H, W) RGB in [0, 1];
-    features: float (B, F, h, w) teacher decoder features (any h, w; resized to H/4 x W/4).
+    features: float (B, F, h, w) teacher decoder features, or for a teacher without them its mapped
+        class probabilities (B, C + 1, h, w) (any h, w; resized to H/4 x W/4).
     """
 
     labels: torch.Tensor
@@ -153,19 +156,25 @@ class Refiner:
     """A trained refiner: network + class names + the teacher it was trained with + how it was made."""
 
     def __init__(self, net: RefinerUNet, arch: str, classes: list[str], ignore_index: int,
-                 teacher_sha256: str, train_info: dict[str, Any] | None = None) -> None:
+                 teacher_sha256: str, train_info: dict[str, Any] | None = None,
+                 teacher_input: str = "features") -> None:
         self.net = net
         self.arch = arch
         self.classes = classes
         self.ignore_index = ignore_index
         self.teacher_sha256 = teacher_sha256
         self.train_info = train_info or {}
+        self.teacher_input = teacher_input
 
     @classmethod
     def create(cls, arch: str, classes: list[str], feature_channels: int, teacher_sha256: str,
-               ignore_index: int = 255) -> Refiner:
+               ignore_index: int = 255, teacher_input: str = "features") -> Refiner:
+        """``teacher_input``: ``"features"`` (decoder features) or ``"probabilities"`` (mapped class
+        probabilities with the unknown channel, for teachers without features)."""
+        if teacher_input not in TEACHER_INPUTS:
+            raise CheckpointError(f"teacher_input must be one of {TEACHER_INPUTS}, not {teacher_input!r}")
         net = REFINER_ARCHS.get(arch)(num_classes=len(classes), feature_channels=feature_channels)
-        return cls(net, arch, list(classes), ignore_index, teacher_sha256)
+        return cls(net, arch, list(classes), ignore_index, teacher_sha256, teacher_input=teacher_input)
 
     @property
     def device(self) -> torch.device:
@@ -177,14 +186,21 @@ class Refiner:
 
     def copy(self) -> Refiner:
         return Refiner(copy.deepcopy(self.net), self.arch, list(self.classes), self.ignore_index,
-                       self.teacher_sha256, dict(self.train_info))
+                       self.teacher_sha256, dict(self.train_info), self.teacher_input)
 
-    def check_compatible(self, classes: list[str], teacher_sha256: str, where: str) -> None:
-        """Raise unless this refiner predicts ``classes`` and was trained on this teacher's features."""
+    def check_compatible(self, classes: list[str], teacher_sha256: str, where: str,
+                         teacher_input: str = "features") -> None:
+        """Raise unless this refiner predicts ``classes`` and was trained on this teacher's output
+        of kind ``teacher_input`` (decoder features or class probabilities)."""
         if list(classes) != self.classes:
             raise ClassSetMismatchError(
                 f"refiner predicts classes {self.classes} but {where} holds {list(classes)}; train a refiner "
                 "on stores with this class set (`autolabel train-refiner --store ...`)")
+        if teacher_input != self.teacher_input:
+            raise CheckpointError(
+                f"the refiner learnt on the teacher's {self.teacher_input} but the teacher given offers "
+                f"{teacher_input} (a teacher {'with' if teacher_input == 'features' else 'without'} a features "
+                "output); retrain the refiner with this teacher (`autolabel train-refiner --teacher ...`)")
         if teacher_sha256 != self.teacher_sha256:
             raise CheckpointError(
                 f"the refiner was trained with the features of teacher sha256 {self.teacher_sha256[:12]}..., but the "
@@ -204,6 +220,7 @@ class Refiner:
             "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "arch": self.arch,
             "classes": self.classes, "ignore_index": self.ignore_index,
             "feature_channels": self.net.feature_channels, "teacher_sha256": self.teacher_sha256,
+            "teacher_input": self.teacher_input,
             "train": self.train_info,
             "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
         }
@@ -217,7 +234,7 @@ class Refiner:
         """Load a checkpoint written by :meth:`save` (``weights_only=True``: no code runs)."""
         state = load_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "refiner", "autolabel train-refiner")
         refiner = cls.create(state["arch"], state["classes"], state["feature_channels"], state["teacher_sha256"],
-                             state["ignore_index"])
+                             state["ignore_index"], state.get("teacher_input", "features"))
         load_weights(refiner.net, state["state_dict"], path, state["arch"])
         refiner.train_info = state.get("train", {})
         return refiner.to(device)

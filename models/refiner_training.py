@@ -24,7 +24,8 @@ from autolabel.models.metrics import confusion_matrix, mean_iou
 from autolabel.models.optimisation import apply_step, poly_adamw
 from autolabel.models.refiner import REFINER_ARCHS, Refiner, RefinerInput
 from autolabel.models.rmi import rmi_loss
-from autolabel.models.teacher import Teacher, to_tensor
+from autolabel.models.teacher import to_tensor
+from autolabel.models.teacher_runtime import SemanticTeacher
 
 ProgressFn = Callable[[int, int, float], None]
 
@@ -93,7 +94,7 @@ def batch_input(maps: dict[str, np.ndarray], features: torch.Tensor, device: tor
     )
 
 
-def sample_input(sample: CycleSample, teacher: Teacher, device: torch.device) -> RefinerInput:
+def sample_input(sample: CycleSample, teacher: SemanticTeacher, device: torch.device) -> RefinerInput:
     """A full-frame batch of one (inference on a training sample)."""
     maps = {name: getattr(sample, name)[None] for name in MAPS}
     maps["trusted"] = maps["trusted"].astype(np.uint8)
@@ -109,7 +110,7 @@ def refiner_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, 
     return loss
 
 
-def train_refiner(refiner: Refiner, teacher: Teacher, samples: Sequence[CycleSample], cfg: RefinerTrainConfig,
+def train_refiner(refiner: Refiner, teacher: SemanticTeacher, samples: Sequence[CycleSample], cfg: RefinerTrainConfig,
                   progress: ProgressFn | None = None) -> dict[str, Any]:
     """Train ``refiner.net`` in place on cycle ``samples``; returns a summary.
 
@@ -122,7 +123,7 @@ def train_refiner(refiner: Refiner, teacher: Teacher, samples: Sequence[CycleSam
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device(cfg.device)
-    teacher.to(device)
+    teacher = teacher.to(device)
     net = refiner.net.to(device).to(memory_format=torch.channels_last)
     optimizer, schedule = poly_adamw(net.parameters(), cfg.lr, cfg.weight_decay, cfg.steps)
     use_bf16 = device.type == "cuda"
@@ -155,7 +156,7 @@ def train_refiner(refiner: Refiner, teacher: Teacher, samples: Sequence[CycleSam
             "config": cfg.model_dump(mode="json")}
 
 
-def score_on_samples(refiner: Refiner, teacher: Teacher, samples: Sequence[CycleSample]) -> dict[str, float]:
+def score_on_samples(refiner: Refiner, teacher: SemanticTeacher, samples: Sequence[CycleSample]) -> dict[str, float]:
     """mIoU of the cycled labels and of their refinement against the annotations (a training-fit check)."""
     c = len(refiner.classes)
     before = np.zeros((c, c + 1), np.int64)

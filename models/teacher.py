@@ -93,8 +93,11 @@ class UNetLite(nn.Module):
     def forward(self, images: torch.Tensor) -> TeacherOutput:
         """Args: images (B, 3, H, W) RGB in [0, 1]. Returns :class:`TeacherOutput`."""
         check_shape(images, ["B", "3", "H", "W"], "images")
-        h, w = images.shape[-2:]
-        x = (images - self.mean) / self.std
+        return self.forward_normalised((images - self.mean) / self.std)
+
+    def forward_normalised(self, x: torch.Tensor) -> TeacherOutput:
+        """Args: x (B, 3, H, W) already normalised with ``MEAN`` / ``STD`` (what exports take)."""
+        h, w = x.shape[-2:]
         s1 = self.stem(x)
         s2 = self.enc1(s1)
         s3 = self.enc2(s2)
@@ -152,6 +155,15 @@ class Teacher:
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
+
+    @property
+    def feature_kind(self) -> str:
+        """What the refiner takes from this teacher: its decoder ``"features"``."""
+        return "features"
+
+    @property
+    def feature_channels(self) -> int:
+        return int(self.net.feature_channels)
 
     def to(self, device: str | torch.device) -> Teacher:
         self.net.to(device)

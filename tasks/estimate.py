@@ -19,7 +19,7 @@ from autolabel.models.quality import (
     calibrate,
 )
 from autolabel.models.refiner import Refiner
-from autolabel.models.teacher import Teacher
+from autolabel.models.teacher_runtime import SemanticTeacher
 from autolabel.storage.stages import estimate_stage, results_stage
 from autolabel.storage.store import Sequence, SequenceStore
 from autolabel.tasks.propagate import StoreSequenceInputs
@@ -50,7 +50,7 @@ def estimate_is_current(seq: Sequence, method: str, config: EstimateConfig) -> b
 
 def estimate_sequence(store: SequenceStore, seq_id: str, config: PropagationConfig, flow_name: str | None,
                       estimate: EstimateConfig, *, refiner: Refiner | None = None,
-                      feature_teacher: Teacher | None = None,
+                      feature_teacher: SemanticTeacher | None = None,
                       on_step: Callable[[], None] | None = None) -> bool:
     """Run the calibration cycles of ``config.method`` on ``seq_id`` and store them; False when current.
 

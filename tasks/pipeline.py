@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal, Protocol, Self
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig, count_steps, method_class
 from autolabel.models.quality import EstimateConfig, estimate_plan, probe_steps
+from autolabel.models.teacher import Teacher
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.export import export_is_current, export_sequence
 from autolabel.storage.ids import select_ids
@@ -44,7 +45,7 @@ from autolabel.storage.stages import (
     results_stage,
 )
 from autolabel.storage.store import SequenceStore
-from autolabel.tasks.checkpoints import checkpoint_sha256, load_refiner, load_teacher
+from autolabel.tasks.checkpoints import checkpoint_sha256, load_refiner, load_teacher, teacher_files, teacher_sha256
 from autolabel.tasks.evaluate import (
     SequenceEvaluation,
     evaluate_sequence,
@@ -117,7 +118,10 @@ class LabelSettings(BaseModel):
     propagation: PropagationConfig = Field(PropagationConfig(method="warp-refine"),
                                            description="method, K (max_distance) and its settings")
     flow: FlowConfig = FlowConfig()
-    teacher: str | None = Field(None, description="teacher checkpoint path (on every worker)")
+    teacher: str | None = Field(None, description="teacher: checkpoint .pt, torch.export .pt2 or .onnx with its "
+                                                  "JSON sidecar (on every worker)")
+    teacher_map: str | None = Field(None, description="JSON mapping of the teacher's classes onto the store's "
+                                                      "(unmapped -> unknown)")
     refiner: str | None = Field(None, description="refiner checkpoint path (warp-refine)")
     adapt_steps: int = Field(0, ge=0, description="fine-tune the teacher on each sequence's annotations first")
     device: str = Field("cpu", description="cpu, cuda or cuda:N, for every stage")
@@ -148,6 +152,8 @@ class LabelSettings(BaseModel):
         if cls.needs_teacher and not self.teacher:
             raise ConfigError(f"method {self.method!r} needs a teacher checkpoint: pass --teacher CHECKPOINT "
                               "(train one with `autolabel train-teacher --store ... --out teacher.pt`)")
+        if self.teacher_map and not self.teacher:
+            raise ConfigError("a class mapping (--teacher-map) needs a teacher (--teacher)")
         if cls.needs_refiner and not self.refiner:
             raise ConfigError(f"method {self.method!r} needs a refiner checkpoint: pass --refiner CHECKPOINT "
                               "(train one with `autolabel train-refiner --store ... --teacher ... --out refiner.pt`)")
@@ -303,6 +309,7 @@ class FlowStage(Stage):
 class TeacherStage(Stage):
     kind: Literal["teacher"] = "teacher"
     teacher: str
+    teacher_map: str | None = None
     adapt_steps: int = 0
     on_device: str = "cpu"
     TASK: ClassVar[str] = "teacher-inference"
@@ -321,15 +328,17 @@ class TeacherStage(Stage):
         return self.on_device
 
     def checkpoints(self) -> list[str]:
-        return [self.teacher]
+        return teacher_files(self.teacher, self.teacher_map)
 
     def is_current(self, store: SequenceStore, seq_id: str) -> bool:
-        return teacher_is_current(store.sequence(seq_id), checkpoint_sha256(self.teacher), self.adapt_steps)
+        return teacher_is_current(store.sequence(seq_id), teacher_sha256(self.teacher, self.teacher_map),
+                                  self.adapt_steps)
 
     def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
         progress.start(seq_id, self.title, store.sequence(seq_id).num_frames)
-        computed = infer_teacher(store, seq_id, load_teacher(self.teacher, self.device),
-                                 checkpoint_sha256(self.teacher), adapt_steps=self.adapt_steps,
+        computed = infer_teacher(store, seq_id,
+                                 load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names),
+                                 teacher_sha256(self.teacher, self.teacher_map), adapt_steps=self.adapt_steps,
                                  on_frame=progress.advance)
         return {"computed": computed}
 
@@ -339,6 +348,7 @@ class PropagateStage(Stage):
     propagation: PropagationConfig
     flow_name: str | None = None
     teacher: str | None = None
+    teacher_map: str | None = None
     refiner: str | None = None
     uses_gpu: ClassVar[bool] = True
 
@@ -359,7 +369,8 @@ class PropagateStage(Stage):
         return self.propagation.device
 
     def checkpoints(self) -> list[str]:
-        return [c for c in (self.teacher, self.refiner) if c]
+        return [*(teacher_files(self.teacher, self.teacher_map) if self.teacher else []),
+                *([self.refiner] if self.refiner else [])]
 
     def _refiner_hash(self) -> str | None:
         return checkpoint_sha256(self.refiner) if self.refiner else None
@@ -372,8 +383,9 @@ class PropagateStage(Stage):
         progress.start(seq_id, self.title, count_steps(seq.annotated, self.propagation.max_distance))
         refiner = feature_teacher = None
         if self.refiner is not None and self.teacher is not None:
-            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}")
-            feature_teacher = load_teacher(self.teacher, self.device)
+            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
+                                   self.teacher_map)
+            feature_teacher = load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names)
         computed = propagate_sequence(store, seq_id, self.propagation, self.flow_name, on_step=progress.advance,
                                       refiner=refiner, refiner_sha256=self._refiner_hash(),
                                       feature_teacher=feature_teacher)
@@ -388,6 +400,7 @@ class EstimateStage(Stage):
     estimate: EstimateConfig = EstimateConfig()
     flow_name: str | None = None
     teacher: str | None = None
+    teacher_map: str | None = None
     refiner: str | None = None
     uses_gpu: ClassVar[bool] = True
     TASK: ClassVar[str] = "estimate"
@@ -405,7 +418,8 @@ class EstimateStage(Stage):
         return self.propagation.device
 
     def checkpoints(self) -> list[str]:
-        return [c for c in (self.teacher, self.refiner) if c]
+        return [*(teacher_files(self.teacher, self.teacher_map) if self.teacher else []),
+                *([self.refiner] if self.refiner else [])]
 
     def is_current(self, store: SequenceStore, seq_id: str) -> bool:
         return estimate_is_current(store.sequence(seq_id), self.propagation.method, self.estimate)
@@ -418,8 +432,9 @@ class EstimateStage(Stage):
                                                                       self.propagation.max_distance)))
         refiner = feature_teacher = None
         if self.refiner is not None and self.teacher is not None and not current:
-            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}")
-            feature_teacher = load_teacher(self.teacher, self.device)
+            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
+                                   self.teacher_map)
+            feature_teacher = load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names)
         computed = estimate_sequence(store, seq_id, self.propagation, self.flow_name, self.estimate, refiner=refiner,
                                      feature_teacher=feature_teacher, on_step=progress.advance)
         return {"computed": computed}
@@ -489,13 +504,15 @@ def sequence_stages(settings: LabelSettings, source: DriveSource | None = None) 
         stages.append(FlowStage(flow=settings.flow))
     if settings.needs_teacher:
         assert settings.teacher is not None  # LabelSettings checks it
-        stages.append(TeacherStage(teacher=settings.teacher, adapt_steps=settings.adapt_steps,
+        stages.append(TeacherStage(teacher=settings.teacher, teacher_map=settings.teacher_map,
+                                   adapt_steps=settings.adapt_steps,
                                    on_device=settings.device))
     for method in settings.methods:
         cls = method_class(method)
         inputs = {"propagation": settings.propagation.model_copy(update={"method": method}),
                   "flow_name": flow_name if cls.needs_flow else None,
                   "teacher": settings.teacher if cls.needs_teacher else None,
+                  "teacher_map": settings.teacher_map if cls.needs_teacher else None,
                   "refiner": settings.refiner if cls.needs_refiner else None}
         stages.append(PropagateStage(**inputs))
         if settings.estimate.enabled:
@@ -606,10 +623,15 @@ def check_checkpoints(store: SequenceStore, settings: LabelSettings) -> None:
     """Fail before any work when the teacher or refiner does not fit the store (or each other)."""
     where = f"store {store.url!r}"
     if settings.teacher:
-        load_teacher(settings.teacher, settings.device).check_classes(store.classes.names,
-                                                                     store.classes.ignore_index, where)
+        teacher = load_teacher(settings.teacher, settings.device, settings.teacher_map, store.classes.names)
+        teacher.check_classes(store.classes.names, store.classes.ignore_index, where)
+        if settings.adapt_steps > 0 and not isinstance(teacher, Teacher):
+            raise ConfigError(f"teacher {settings.teacher}: per-sequence adaptation (--adapt-steps) fine-tunes a "
+                              "built-in checkpoint (.pt) on its own classes; use --adapt-steps 0 with exported or "
+                              "mapped teachers")
     if settings.refiner and settings.teacher:
-        load_refiner(settings.refiner, settings.device, store.classes.names, settings.teacher, where)
+        load_refiner(settings.refiner, settings.device, store.classes.names, settings.teacher, where,
+                     settings.teacher_map)
 
 
 def label_store(store_url: str, settings: LabelSettings, sequences: list[str] | None = None,

@@ -19,7 +19,7 @@ from autolabel.models.propagation import (
 )
 from autolabel.models.quality import annotation_fingerprint
 from autolabel.models.refiner import Refiner
-from autolabel.models.teacher import Teacher
+from autolabel.models.teacher_runtime import SemanticTeacher
 from autolabel.storage.stages import (
     DISTANCE_DTYPE,
     TEACHER,
@@ -45,7 +45,7 @@ class StoreSequenceInputs:
     """:class:`models.propagation.SequenceInputs` read lazily from a stored sequence."""
 
     def __init__(self, seq: Sequence, flow_name: str | None, need_teacher: bool,
-                 feature_teacher: Teacher | None = None) -> None:
+                 feature_teacher: SemanticTeacher | None = None) -> None:
         """``feature_teacher``: computes the teacher features of a frame on demand (warp-refine)."""
         self.seq = seq
         self.num_frames, self.height, self.width = seq.num_frames, seq.height, seq.width
@@ -158,7 +158,7 @@ def propagate_sequence(
     on_step: Callable[[], None] | None = None,
     refiner: Refiner | None = None,
     refiner_sha256: str | None = None,
-    feature_teacher: Teacher | None = None,
+    feature_teacher: SemanticTeacher | None = None,
 ) -> bool:
     """Propagate the annotations of ``seq_id`` with ``config.method`` and store the results.
 

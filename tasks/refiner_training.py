@@ -20,10 +20,11 @@ from autolabel.models.propagation import PropagationConfig, WarpInpaint
 from autolabel.models.quality import annotation_fingerprint
 from autolabel.models.refiner import Refiner
 from autolabel.models.refiner_training import RefinerTrainConfig, score_on_samples, train_refiner
-from autolabel.models.teacher import Teacher, file_sha256
+from autolabel.models.teacher_runtime import SemanticTeacher
 from autolabel.storage.stages import TEACHER
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.ids import select_ids
+from autolabel.tasks.checkpoints import load_teacher, teacher_sha256
 from autolabel.tasks.pipeline import FlowStage, Progress, QuietProgress, TeacherStage
 from autolabel.tasks.propagate import StoreSequenceInputs
 
@@ -35,6 +36,7 @@ class RefinerRequest(BaseModel):
 
     stores: list[str] = Field(min_length=1)
     teacher: Path
+    teacher_map: Path | None = Field(None, description="JSON mapping of the teacher's classes onto the stores'")
     out: Path
     train: RefinerTrainConfig = RefinerTrainConfig()
     propagation: PropagationConfig = PropagationConfig(method="warp-inpaint")
@@ -44,7 +46,7 @@ class RefinerRequest(BaseModel):
     sequences: list[str] | None = None
 
 
-def collect_cycles(request: RefinerRequest, teacher: Teacher, teacher_hash: str,
+def collect_cycles(request: RefinerRequest, teacher: SemanticTeacher, teacher_hash: str,
                    progress: Progress | None = None,
                    on_sample: Callable[[int, int], None] | None = None) -> list[CycleSample]:
     """All cycle samples of the request's stores (flow and teacher stages computed where missing)."""
@@ -55,7 +57,9 @@ def collect_cycles(request: RefinerRequest, teacher: Teacher, teacher_hash: str,
     every_id: list[str] = []
     rng = np.random.default_rng(request.train.seed)
     flow_stage = FlowStage(flow=request.flow)
-    teacher_stage = TeacherStage(teacher=str(request.teacher), adapt_steps=request.adapt_steps,
+    teacher_stage = TeacherStage(teacher=str(request.teacher),
+                                 teacher_map=str(request.teacher_map) if request.teacher_map else None,
+                                 adapt_steps=request.adapt_steps,
                                  on_device=request.train.device)
     for url in request.stores:
         store = SequenceStore.open(url, mode="r+")
@@ -101,11 +105,12 @@ def train_refiner_from_stores(request: RefinerRequest, progress: Progress | None
                               on_sample: Callable[[int, int], None] | None = None,
                               on_step: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
     """Generate cycles, train a refiner, save it to ``request.out``; returns the training summary."""
-    teacher = Teacher.load(request.teacher, request.train.device)
-    teacher_hash = file_sha256(request.teacher)
+    first = SequenceStore.open(request.stores[0])
+    teacher = load_teacher(request.teacher, request.train.device, request.teacher_map, first.classes.names)
+    teacher_hash = teacher_sha256(request.teacher, request.teacher_map)
     samples = collect_cycles(request, teacher, teacher_hash, progress, on_sample)
-    refiner = Refiner.create(request.train.arch, teacher.classes, teacher.net.feature_channels, teacher_hash,
-                             teacher.ignore_index)
+    refiner = Refiner.create(request.train.arch, teacher.classes, teacher.feature_channels, teacher_hash,
+                             teacher.ignore_index, teacher.feature_kind)
     info = train_refiner(refiner, teacher, samples, request.train, on_step)
     info["fit"] = score_on_samples(refiner, teacher, samples)
     info["cycles"] = {str(k): int(v) for k, v in zip(*np.unique([s.length for s in samples], return_counts=True))}

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from autolabel.errors import ConfigError
 from autolabel.models.teacher import Teacher
+from autolabel.models.teacher_runtime import SemanticTeacher
 from autolabel.models.teacher_training import adapt_teacher
 from autolabel.storage.stages import TEACHER
 from autolabel.storage.store import (
@@ -34,7 +36,7 @@ def teacher_is_current(seq: Sequence, teacher_hash: str, adapt_steps: int) -> bo
 def infer_teacher(
     store: SequenceStore,
     seq_id: str,
-    teacher: Teacher,
+    teacher: SemanticTeacher,
     teacher_hash: str,
     *,
     adapt_steps: int = 0,
@@ -45,7 +47,8 @@ def infer_teacher(
 
     With ``adapt_steps`` > 0 a copy of the teacher is first fine-tuned on this sequence's own
     annotated frames (per-sequence adaptation). Skips (returns False) when the stage already holds
-    the output of the same checkpoint and adaptation.
+    the output of the same checkpoint and adaptation. A mapped teacher's *unknown* pixels are
+    stored with the ignore label (inpainting never copies them).
     """
     teacher.check_classes(store.classes.names, store.classes.ignore_index, f"store {store.url!r}")
     with store.writing(seq_id, TEACHER) as out:
@@ -53,10 +56,13 @@ def infer_teacher(
         if teacher_is_current(seq, teacher_hash, adapt_steps):
             return False
         model = teacher
+        if adapt_steps > 0 and not isinstance(teacher, Teacher):
+            raise ConfigError(f"sequence {seq_id!r}: per-sequence adaptation needs a built-in teacher checkpoint (.pt); "
+                              "use --adapt-steps 0 with exported or mapped teachers")
         if adapt_steps > 0:
             samples = AnnotatedFrames.from_sequence(seq)
             if len(samples):
-                model = adapt_teacher(teacher, samples, adapt_steps)
+                model = adapt_teacher(teacher, samples, adapt_steps)  # type: ignore[arg-type]
         shape = (seq.height, seq.width)
         labels_w = FrameArrayWriter(out.group, "labels", shape, "uint8", seq.num_frames, StoreLayout(),
                                     store.classes.ignore_index, ("T", "H", "W"))

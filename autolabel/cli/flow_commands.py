@@ -24,6 +24,7 @@ def run(
     method: Annotated[str, typer.Option(help="motion-only, semantic-only, warp-inpaint, warp-refine")]
     = default(LabelSettings, "propagation").method,
     teacher: opt.Teacher = None,
+    teacher_map: opt.TeacherMap = None,
     refiner: opt.Refiner = None,
     max_distance: opt.MaxDistance = default(PropagationConfig, "max_distance"),
     tau: opt.Tau = default(PropagationConfig, "tau"),
@@ -54,7 +55,7 @@ def run(
 
     settings = opt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
                                   override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
-                                  estimate)
+                                  estimate, teacher_map)
     request = AutolabelRequest(
         store=store, inbox=str(inbox) if inbox else None, layout=layout,
         annotation=AnnotationPolicy.from_options(window=window, keyframe_every=keyframe_every),

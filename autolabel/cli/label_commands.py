@@ -44,6 +44,7 @@ def label(
     store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
     method: Annotated[str, typer.Option(help="motion-only, semantic-only, warp-inpaint, warp-refine")],
     teacher: opt.Teacher = None,
+    teacher_map: opt.TeacherMap = None,
     refiner: opt.Refiner = None,
     max_distance: opt.MaxDistance = default(PropagationConfig, "max_distance"),
     tau: opt.Tau = default(PropagationConfig, "tau"),
@@ -67,7 +68,7 @@ def label(
 
     settings = opt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
                                   override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
-                                  estimate)
+                                  estimate, teacher_map)
     start = time.perf_counter()
     with progress_display() as progress:
         report = label_store(store, settings, sequence or None, StageBar(progress))

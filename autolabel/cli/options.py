@@ -51,6 +51,7 @@ def parse_size(size: str) -> tuple[int, int]:
 Sequences = Annotated[list[str] | None, typer.Option("--sequence", help="only these sequences: ids or globs like "
                                                                         "'train_*' (repeatable)")]
 Teacher = Annotated[Path | None, typer.Option(help=describe(LabelSettings, "teacher"))]
+TeacherMap = Annotated[Path | None, typer.Option(help=describe(LabelSettings, "teacher_map"))]
 Refiner = Annotated[Path | None, typer.Option(help=describe(LabelSettings, "refiner"))]
 MaxDistance = Annotated[int, typer.Option(help=describe(PropagationConfig, "max_distance"))]
 Tau = Annotated[float, typer.Option(help=describe(PropagationConfig, "tau"))]
@@ -79,12 +80,13 @@ KeyframeEvery = Annotated[int | None, typer.Option(help="annotate frames 0, N, 2
 def label_settings(method: str, teacher: Path | None, refiner: Path | None, max_distance: int, tau: float,
                    inpaint_confidence: float, override_confidence: float, flow_backend: str, workers: int,
                    adapt_steps: int, device: str, compare: bool, export: Path | None,
-                   estimate: bool = True) -> LabelSettings:
+                   estimate: bool = True, teacher_map: Path | None = None) -> LabelSettings:
     """The LabelSettings of ``label`` and ``run`` from their (shared) options."""
     return LabelSettings(
         propagation=PropagationConfig(method=method, max_distance=max_distance, tau=tau,
                                       inpaint_confidence=inpaint_confidence, override_confidence=override_confidence),
         flow=FlowConfig(backend=flow_backend, workers=workers), teacher=str(teacher) if teacher else None,
+        teacher_map=str(teacher_map) if teacher_map else None,
         refiner=str(refiner) if refiner else None, adapt_steps=adapt_steps, device=device,
         compare_with_warp_inpaint=compare, export_dir=str(export) if export else None,
         estimate=EstimateConfig(enabled=estimate))

@@ -57,9 +57,10 @@ def train_teacher(
 
 def train_refiner(
     store: Annotated[list[str], typer.Option("--store", help="store of annotated sequences (repeatable)")],
-    teacher: Annotated[Path, typer.Option(help="teacher checkpoint (its labels inpaint, its features feed the "
-                                                "refiner)")],
+    teacher: Annotated[Path, typer.Option(help="teacher: checkpoint .pt, or .pt2 / .onnx with its JSON sidecar "
+                                                "(its labels inpaint, its features or probabilities feed the refiner)")],
     out: Annotated[Path, typer.Option(help="refiner checkpoint to write")],
+    teacher_map: Annotated[Path | None, typer.Option(help=describe(RefinerRequest, "teacher_map"))] = None,
     max_cycle: Annotated[int, typer.Option(help=describe(R, "max_cycle"))] = default(R, "max_cycle"),
     steps: Annotated[int, typer.Option(help=describe(R, "steps"))] = default(R, "steps"),
     batch_size: Annotated[int, typer.Option(help=describe(R, "batch_size"))] = default(R, "batch_size"),
@@ -81,7 +82,7 @@ def train_refiner(
     from autolabel.tasks.refiner_training import train_refiner_from_stores
 
     request = RefinerRequest(
-        stores=store, teacher=teacher, out=out, adapt_steps=adapt_steps, max_samples=max_samples,
+        stores=store, teacher=teacher, teacher_map=teacher_map, out=out, adapt_steps=adapt_steps, max_samples=max_samples,
         sequences=sequence or None, flow=FlowConfig(backend=flow_backend, device=device),
         propagation=PropagationConfig(method="warp-inpaint", device=device),
         train=RefinerTrainConfig(arch=arch, max_cycle=max_cycle, steps=steps, batch_size=batch_size, crop=crop,
@@ -105,6 +106,22 @@ def train_refiner(
                   highlight=False)
 
 
+def export_teacher(
+    teacher: Annotated[Path, typer.Option(help="built-in teacher checkpoint (.pt) to export")],
+    out: Annotated[Path, typer.Option(help="model file to write: NAME.pt2 (torch.export) or NAME.onnx; the "
+                                           "sidecar NAME.pt2.json / NAME.onnx.json is written beside it")],
+    features: Annotated[bool, typer.Option(help="also export the decoder features (else the refiner learns on the "
+                                                "teacher's class probabilities)")] = True,
+) -> None:
+    """Export a teacher checkpoint to torch.export (.pt2) or ONNX (.onnx) with its JSON sidecar."""
+    from autolabel.models.teacher import Teacher
+    from autolabel.models.teacher_export import export_builtin_teacher
+
+    model, sidecar = export_builtin_teacher(Teacher.load(teacher), out, with_features=features)
+    console.print(f"wrote {model} and its sidecar {sidecar}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("train-teacher")(train_teacher)
     app.command("train-refiner")(train_refiner)
+    app.command("export-teacher")(export_teacher)
