@@ -158,20 +158,40 @@ def export(
                                                 "boundaries")] = False,
     alpha: Annotated[float, typer.Option(help="overlay opacity of the class colours")] = OVERLAY_ALPHA,
     sequence: Sequences = None,
-    format: Annotated[str, typer.Option("--format", help="png (index, colour, overlay PNGs) or cvat-mask (a CVAT "
-                                                          "'Segmentation mask 1.1' task)")] = "png",
+    format: Annotated[str, typer.Option("--format", help="png (index, colour, overlay PNGs), cvat-mask (a CVAT "
+                                                          "'Segmentation mask 1.1' task), or a training set: "
+                                                          "cityscapes (gtFine-style tree) or folder (images + "
+                                                          "index PNGs), each with classes.json and a manifest")] = "png",
     frames: Annotated[Path | None, typer.Option(help="cvat-mask: only the frames of this queue (queue.json of "
                                                      "`autolabel review` or --json of suggest-keyframes)")] = None,
+    min_confidence: Annotated[float, typer.Option(help="cityscapes/folder: propagated pixels below this confidence "
+                                                       "become ignore (255); keyframes are kept whole")] = 0.0,
+    split: Annotated[str, typer.Option(help="cityscapes: the split folder name")] = "train",
 ) -> None:
-    """Export labels as index PNG, colour PNG and (with --overlay) an overlay on the frame, or for CVAT."""
+    """Export labels as index PNG, colour PNG and (with --overlay) an overlay on the frame, for CVAT, or as a
+    training set (Cityscapes-like or folder, with a manifest of distance and confidence per frame)."""
     from autolabel.storage.export import export_sequence, label_frames
     from autolabel.storage.ids import select_ids
     from autolabel.storage.store import SequenceStore
 
     st = SequenceStore.open(store)
     seqs = [st.sequence(s) for s in select_ids(st.sequence_ids(), sequence, f"store {store!r}")]
-    if format not in ("png", "cvat-mask"):
-        raise ConfigError(f"--format must be png or cvat-mask, got {format!r}")
+    if format not in ("png", "cvat-mask", "cityscapes", "folder"):
+        raise ConfigError(f"--format must be png, cvat-mask, cityscapes or folder, got {format!r}")
+    if format in ("cityscapes", "folder"):
+        from autolabel.storage.training_export import export_training_set
+
+        with progress_display() as progress:
+            task = progress.add_task(f"export {method}", total=sum(s.num_frames for s in seqs))
+            rows, failures = export_training_set(st, method, out, [s.id for s in seqs], format, min_confidence,
+                                                 split, on_frame=lambda: progress.advance(task))
+        keyframes = sum(r.keyframe for r in rows)
+        console.print(f"exported {len(rows)} frames ({keyframes} keyframes) of {len(seqs) - len(failures)} sequences "
+                      f"as a {format} training set to {out} (manifest.csv, classes.json)", highlight=False)
+        print_failures(failures)
+        if failures:
+            raise typer.Exit(1)
+        return
     if format == "cvat-mask":
         from autolabel.storage.cvat import export_frames, zip_export
 

@@ -1,0 +1,171 @@
+"""Export auto-labels as a training set: Cityscapes-like tree or plain folder, plus a manifest.
+
+Layouts (``<split>`` is ``train`` unless chosen):
+
+* ``cityscapes``: ``leftImg8bit/<split>/<seq>/<seq>_<frame>_leftImg8bit.png``,
+  ``gtFine/<split>/<seq>/<seq>_<frame>_gtFine_labelIds.png`` (class index, ignore 255) and
+  ``..._gtFine_color.png``; the ids are the store's class ids (``classes.json`` names them).
+* ``folder``: ``images/<seq>/<frame>.png`` and ``labels/<seq>/<frame>.png`` (class index).
+
+Both write ``classes.json`` (names, palette, ignore index) and ``manifest.csv`` / ``manifest.json``:
+one row per frame with its sequence, frame name, whether it is a keyframe (manual label), its
+source keyframe and distance, the method, the mean confidence of its labelled pixels and the
+fraction of pixels kept. With ``min_confidence`` C, propagated pixels whose confidence is below C
+become ignore; keyframes are always exported whole. Files are written atomically and the manifest
+last, so an interrupted export never leaves a manifest that names missing files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from autolabel.errors import AutolabelError, ConfigError
+from autolabel.storage.export import label_frames
+from autolabel.storage.images import write_png_atomic
+from autolabel.storage.stages import GROUND_TRUTH, result_array_names
+from autolabel.storage.store import Sequence, SequenceStore
+
+LAYOUTS = ("cityscapes", "folder")
+
+
+@dataclass
+class ManifestRow:
+    """One exported frame (paths relative to the export folder)."""
+
+    sequence: str
+    frame: str
+    t: int
+    image: str
+    label: str
+    keyframe: bool
+    source_keyframe: str
+    distance: int
+    method: str
+    mean_confidence: float
+    kept_fraction: float
+
+
+def _paths(layout: str, split: str, seq: str, frame: str) -> tuple[str, str, str | None]:
+    """(image, class-index label, colour label or None) paths of one frame."""
+    if layout == "cityscapes":
+        stem = f"{seq}_{frame}"
+        return (f"leftImg8bit/{split}/{seq}/{stem}_leftImg8bit.png", f"gtFine/{split}/{seq}/{stem}_gtFine_labelIds.png",
+                f"gtFine/{split}/{seq}/{stem}_gtFine_color.png")
+    return f"images/{seq}/{frame}.png", f"labels/{seq}/{frame}.png", None
+
+
+def source_keyframe(annotated: np.ndarray, t: int, distance: int) -> int | None:
+    """The keyframe ``distance`` frames from ``t`` that its labels came from (the earlier one on a tie;
+    labels fuse both chains, so some pixels may come from the other)."""
+    for s in (t - distance, t + distance):
+        if 0 <= s < len(annotated) and annotated[s]:
+            return s
+    return None
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_sequence_for_training(seq: Sequence, method: str, out: Path, layout: str = "folder",
+                                 min_confidence: float = 0.0, split: str = "train",
+                                 on_frame: Callable[[], None] | None = None) -> list[ManifestRow]:
+    """Write one sequence's labelled frames (keyframes included) in ``layout``; returns its manifest rows."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"training export layout must be one of {LAYOUTS}, not {layout!r}")
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ConfigError(f"--min-confidence must lie in [0, 1], got {min_confidence}")
+    frames, read = label_frames(seq, method)
+    classes = seq.store.classes
+    lut = classes.colour_lut()
+    annotated = seq.annotated
+    if method == GROUND_TRUTH:
+        distance = np.where(annotated, 0, -1)
+        conf_array = None
+    else:
+        _, conf_name, dist_name = result_array_names(method)
+        distance = np.asarray(seq.array(dist_name)[:])
+        conf_array = seq.array(conf_name)
+    names = seq.frame_names
+    rows: list[ManifestRow] = []
+    for t in frames:
+        label = read(t).copy()
+        keyframe = bool(annotated[t])
+        if keyframe:
+            label = seq.annotation(t).astype(np.uint8)
+            conf = np.ones(label.shape, np.float32)
+        elif conf_array is not None:
+            conf = np.asarray(conf_array[t], dtype=np.float32) / 255.0
+        else:
+            conf = np.ones(label.shape, np.float32)
+        valid = label != classes.ignore_index
+        mean_conf = float(conf[valid].mean()) if valid.any() else 0.0
+        if min_confidence > 0 and not keyframe:
+            label[conf < min_confidence] = classes.ignore_index
+        d = int(distance[t]) if distance[t] >= 0 else 0
+        src = t if keyframe else source_keyframe(annotated, t, d)
+        image_rel, label_rel, colour_rel = _paths(layout, split, seq.id, names[t])
+        write_png_atomic(out / image_rel, seq.frame(t))
+        write_png_atomic(out / label_rel, label)
+        if colour_rel is not None:
+            write_png_atomic(out / colour_rel, lut[label])
+        rows.append(ManifestRow(seq.id, names[t], int(t), image_rel, label_rel, keyframe,
+                                names[src] if src is not None else "", d, "manual" if keyframe else method,
+                                round(mean_conf, 4), round(float((label != classes.ignore_index).mean()), 4)))
+        if on_frame is not None:
+            on_frame()
+    return rows
+
+
+def write_manifest(out: Path, rows: list[ManifestRow], store: SequenceStore, settings: dict[str, object]) -> None:
+    """``classes.json``, ``manifest.json`` and ``manifest.csv`` (written last, atomically)."""
+    classes = store.classes
+    _write_atomic_text(out / "classes.json", json.dumps(
+        {"names": classes.names, "palette": [list(map(int, c)) for c in classes.palette],
+         "ignore_index": classes.ignore_index}, indent=2) + "\n")
+    buffer = io.StringIO()
+    fields = list(ManifestRow.__dataclass_fields__)
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(asdict(row))
+    _write_atomic_text(out / "manifest.csv", buffer.getvalue())
+    _write_atomic_text(out / "manifest.json", json.dumps(
+        {"store": store.url, **settings, "frames": [asdict(r) for r in rows]}, indent=1) + "\n")
+
+
+def export_training_set(store: SequenceStore, method: str, out: Path, sequences: list[str], layout: str = "folder",
+                        min_confidence: float = 0.0, split: str = "train",
+                        on_frame: Callable[[], None] | None = None) -> tuple[list[ManifestRow], list[tuple[str, str]]]:
+    """Export ``sequences``; one failing sequence never stops the others.
+
+    Returns (manifest rows of the exported frames, [(sequence, error)] of the failed ones).
+    """
+    rows: list[ManifestRow] = []
+    failures: list[tuple[str, str]] = []
+    for seq_id in sequences:
+        try:
+            rows.extend(export_sequence_for_training(store.sequence(seq_id), method, out, layout, min_confidence,
+                                                     split, on_frame))
+        except AutolabelError as exc:
+            failures.append((seq_id, str(exc)))
+    write_manifest(out, rows, store, {"method": method, "layout": layout, "min_confidence": min_confidence,
+                                      "split": split, "failed": [f[0] for f in failures]})
+    return rows, failures
