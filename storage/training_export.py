@@ -30,7 +30,7 @@ import numpy as np
 
 from autolabel.errors import AutolabelError, ConfigError
 from autolabel.storage.export import label_frames
-from autolabel.storage.images import write_png_atomic
+from autolabel.storage.images import read_label_raw, read_rgb, write_png_atomic
 from autolabel.storage.stages import GROUND_TRUTH, result_array_names
 from autolabel.storage.store import Sequence, SequenceStore
 
@@ -169,3 +169,29 @@ def export_training_set(store: SequenceStore, method: str, out: Path, sequences:
     write_manifest(out, rows, store, {"method": method, "layout": layout, "min_confidence": min_confidence,
                                       "split": split, "failed": [f[0] for f in failures]})
     return rows, failures
+
+
+class ExportedFrames:
+    """An exported training set read back: indexable ``(rgb uint8 (H, W, 3), label uint8 (H, W))``.
+
+    Args:
+        folder: what :func:`export_training_set` wrote (its ``manifest.json`` lists the frames).
+        max_distance: only frames at most this far from their keyframe (keyframes are distance 0).
+    """
+
+    def __init__(self, folder: Path, max_distance: int | None = None) -> None:
+        self.folder = Path(folder)
+        try:
+            manifest = json.loads((self.folder / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{self.folder}: no readable manifest.json of `autolabel export --format "
+                              f"cityscapes|folder` ({exc})") from exc
+        self.rows = [ManifestRow(**r) for r in manifest["frames"]
+                     if max_distance is None or r["distance"] <= max_distance]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        row = self.rows[i]
+        return read_rgb(self.folder / row.image), read_label_raw(self.folder / row.label)

@@ -1,0 +1,209 @@
+"""Utility of the auto-labels (the paper's Table 1 on our data): train a student on them.
+
+    python benchmarks/student.py --workdir runs/student [--datasets synthetic davis]
+
+A student segmentation network (the built-in ``unet-lite``) is trained with the same steps,
+crop, batch, augmentation and seed on
+
+  (a) the keyframes only,
+  (b) keyframes + motion-only labels,
+  (c) keyframes + warp-inpaint labels,
+  (d) keyframes + warp-refine labels,
+
+and scored (mIoU) on held-out drives' ground truth it never saw. The labels reach the students
+through the product's own training export (``autolabel export --format folder``: keyframes
+marked, a manifest), read back with ``storage.training_export.ExportedFrames``.
+
+The teacher that inpaints (c, d) is student (a) itself: the model one can train from the
+keyframes alone; the refiner learns on the training drives' keyframe cycles (no extra labels).
+
+* synthetic: 16 training drives (63 frames, 320x240, fps 10/15/30 x ego speed 3-14 m/s, seeds
+  300+) with keyframes every 21 frames (window centres 10, 31, 52) and 4 held-out drives (seeds
+  400+) scored on all their frames.
+* davis: the 10 DAVIS-2016 sequences split by sequence (first five train, last five held out);
+  the training sequences keep only their 21-frame window centres as keyframes, the held-out ones
+  are scored on every annotated frame.
+
+Writes the JSON (``--out``) with the machine, data and settings; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks._report import machine, print_table, write_json  # noqa: E402
+from benchmarks.propagation_quality import WINDOW, ensure_refiner, log  # noqa: E402
+from autolabel.models.metrics import confusion_matrix, iou_per_class, mean_iou  # noqa: E402
+from autolabel.models.optical_flow import FlowConfig  # noqa: E402
+from autolabel.models.propagation import PropagationConfig  # noqa: E402
+from autolabel.models.quality import EstimateConfig  # noqa: E402
+from autolabel.models.teacher import Teacher  # noqa: E402
+from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher  # noqa: E402
+from autolabel.storage.ingest import IngestOptions, ingest  # noqa: E402
+from autolabel.storage.readers import read_dataset  # noqa: E402
+from autolabel.storage.store import SequenceStore  # noqa: E402
+from autolabel.storage.synthetic import SyntheticConfig  # noqa: E402
+from autolabel.storage.synthetic_io import write_synthetic_store  # noqa: E402
+from autolabel.storage.training_data import AnnotatedFrames  # noqa: E402
+from autolabel.storage.training_export import ExportedFrames, export_training_set  # noqa: E402
+from autolabel.tasks.pipeline import LabelSettings, label_store  # noqa: E402
+
+ARMS = {"a": None, "b": "motion-only", "c": "warp-inpaint", "d": "warp-refine"}
+ARM_NAMES = {"a": "keyframes only", "b": "+ motion-only", "c": "+ warp-inpaint", "d": "+ warp-refine"}
+
+
+def drives(count: int, seed: int) -> list[SyntheticConfig]:
+    """Drives of varied fps and ego speed, all 11 classes."""
+    fps = (10.0, 15.0, 30.0)
+    speeds = ((3.0, 5.0), (6.0, 9.0), (10.0, 14.0))
+    return [SyntheticConfig(width=320, height=240, frames=63, seed=seed + i, fps=fps[i % 3],
+                            ego_speed=speeds[(i // 3) % 3]) for i in range(count)]
+
+
+def student_config(args: argparse.Namespace) -> TeacherTrainConfig:
+    return TeacherTrainConfig(max_steps=args.steps, epochs=10_000, crop=args.crop, batch_size=args.batch,
+                              seed=args.seed)
+
+
+def train_student(path: Path, samples: Any, classes: Any, args: argparse.Namespace) -> tuple[Path, dict]:
+    if path.is_file():
+        log(f"reusing student {path.name}")
+        return path, Teacher.load(path).train_info
+    log(f"training student {path.name} on {len(samples)} frames, {args.steps} steps")
+    student = Teacher.create("unet-lite", classes.names, [list(c) for c in classes.palette], classes.ignore_index)
+    info = train_teacher(student, samples, student_config(args),
+                         lambda s, n, loss: log(f"  step {s}/{n} loss {loss:.3f}") if s % 250 == 0 else None)
+    student.train_info = {**info, "frames": len(samples)}
+    student.save(path)
+    log(f"  {info['seconds']} s, final loss {info['final_loss']:.3f}")
+    return path, student.train_info
+
+
+def score(student: Path, store: SequenceStore, sequences: list[str]) -> dict[str, Any]:
+    """mIoU of the student on every ground-truth frame of ``sequences`` (pooled confusion matrix)."""
+    model = Teacher.load(student)
+    n = store.classes.num_classes
+    cm = np.zeros((n, n + 1), np.int64)
+    frames = 0
+    for seq_id in sequences:
+        seq = store.sequence(seq_id)
+        gt_frames = np.flatnonzero(seq.has_gt)
+        for start in range(0, len(gt_frames), 4):
+            chunk = gt_frames[start:start + 4]
+            labels, _ = model.predict_labels(np.stack([seq.frame(int(t)) for t in chunk]))
+            for t, pred in zip(chunk, labels):
+                cm += confusion_matrix(seq.ground_truth(int(t)), pred, n, store.classes.ignore_index)
+                frames += 1
+    iou = iou_per_class(cm)
+    return {"miou": round(mean_iou(cm), 2), "scored_frames": frames,
+            "per_class": {c: (None if np.isnan(v) else round(float(v) * 100, 1)) for c, v in zip(store.classes.names, iou)}}
+
+
+def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_store: str, test_ids: list[str],
+             args: argparse.Namespace) -> dict[str, Any]:
+    """Train and score the four students of one dataset."""
+    work = args.workdir / name
+    store = SequenceStore.open(train_store)
+    keyframes = AnnotatedFrames([store], train_ids)
+    student_a, info_a = train_student(work / "student-a.pt", keyframes, store.classes, args)
+    refiner = ensure_refiner(work / "refiner.pt", [train_store], train_ids, student_a, args, 0)
+    results: dict[str, Any] = {}
+    for arm, method in ARMS.items():
+        if method is None:
+            path, info, samples = student_a, info_a, keyframes
+        else:
+            settings = LabelSettings(propagation=PropagationConfig(method=method, max_distance=10, tau=args.tau),
+                                     flow=FlowConfig(backend=args.flow), teacher=str(student_a), refiner=str(refiner),
+                                     compare_with_warp_inpaint=False, estimate=EstimateConfig(enabled=False))
+            start = time.perf_counter()
+            report = label_store(train_store, settings, train_ids)
+            if report.failed:
+                raise SystemExit(f"{name}: {method} failed: {report.failed}")
+            log(f"  {method}: labelled in {time.perf_counter() - start:.1f} s")
+            export = work / f"export-{method}"
+            if not (export / "manifest.json").is_file():
+                rows, failures = export_training_set(store, method, export, [s for s in store.sequence_ids()
+                                                     if train_ids is None or s in train_ids], "folder",
+                                                     args.min_confidence)
+                if failures:
+                    raise SystemExit(f"{name}: export of {method} failed: {failures}")
+            samples = ExportedFrames(export)
+            path, info = train_student(work / f"student-{arm}.pt", samples, store.classes, args)
+        scored = score(path, SequenceStore.open(test_store), test_ids)
+        labelled = len(samples)
+        results[arm] = {"training": ARM_NAMES[arm], "method": method, "frames": labelled,
+                        "train_seconds": info.get("seconds"), **scored}
+        log(f"  ({arm}) {ARM_NAMES[arm]}: {labelled} frames -> held-out mIoU {scored['miou']}")
+    return results
+
+
+def synthetic(args: argparse.Namespace) -> dict[str, Any]:
+    train, test = str(args.workdir / "synth-train.zarr"), str(args.workdir / "synth-test.zarr")
+    if not Path(train).exists():
+        write_synthetic_store(train, drives(args.train_drives, 300), WINDOW)
+    if not Path(test).exists():
+        write_synthetic_store(test, drives(args.test_drives, 400))
+    return run_arms("synthetic", train, None, test, SequenceStore.open(test).sequence_ids(), args)
+
+
+def davis(args: argparse.Namespace, data: Path) -> dict[str, Any]:
+    train = str(args.workdir / "davis-train.zarr")
+    if not Path(train).exists():
+        ingest(read_dataset("davis", data / "davis2016"), train, IngestOptions(annotation=WINDOW))
+    ids = SequenceStore.open(train).sequence_ids()
+    held_out = ids[len(ids) // 2:]
+    # the held-out half is scored on all of its ground truth; only the first half trains
+    return run_arms("davis", train, ids[: len(ids) // 2], train, held_out, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/student"))
+    parser.add_argument("--datasets", nargs="+", default=["synthetic"], choices=["synthetic", "davis"])
+    parser.add_argument("--train-drives", type=int, default=16)
+    parser.add_argument("--test-drives", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=1500, help="student training steps (every arm)")
+    parser.add_argument("--crop", type=int, default=192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-confidence", type=float, default=0.0)
+    parser.add_argument("--flow", default="dis-medium")
+    parser.add_argument("--tau", type=float, default=40.0)
+    parser.add_argument("--refiner-steps", type=int, default=400)
+    parser.add_argument("--refiner-crop", type=int, default=192)
+    parser.add_argument("--refiner-samples", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    from autolabel.settings import shared_data_dir
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    for name in args.datasets:
+        log(f"== {name}")
+        results[name] = synthetic(args) if name == "synthetic" else davis(args, args.data or shared_data_dir())
+        base = results[name]["a"]["miou"]
+        rows = [[f"({arm}) {r['training']}", r["frames"], r["miou"], round(r["miou"] - base, 2)]
+                for arm, r in results[name].items()]
+        print_table(f"{name}: student mIoU on held-out ground truth", ["student", "frames", "mIoU", "vs (a)"], rows)
+    payload = {"machine": machine(), "seconds": round(time.perf_counter() - start, 1),
+               "settings": {k: str(v) for k, v in vars(args).items()}, "datasets": results}
+    write_json("student", payload, args.out)
+
+
+if __name__ == "__main__":
+    main()
