@@ -142,13 +142,7 @@ def summarise(name: str, store: SequenceStore, report: dict[str, Any]) -> dict[s
 
 
 def synthetic(args: argparse.Namespace) -> tuple[SequenceStore, dict]:
-    train = str(args.workdir / "synth-train.zarr")
-    size = SyntheticConfig(width=320, height=240, frames=30, seed=100)
-    if not Path(train).exists():
-        from autolabel.storage.annotation import AnnotationPolicy
-        from autolabel.storage.synthetic import drive_configs
-
-        write_synthetic_store(train, drive_configs(8, size), AnnotationPolicy(mode="keyframe-every", n=3))
+    train = ensure_synth_train(args.workdir)
     store = str(args.workdir / "synth-varied.zarr")
     if not Path(store).exists():
         write_synthetic_store(store, varied_drives(args.drives), WINDOW)

@@ -625,6 +625,10 @@ def check_checkpoints(store: SequenceStore, settings: LabelSettings) -> None:
     if settings.teacher:
         teacher = load_teacher(settings.teacher, settings.device, settings.teacher_map, store.classes.names)
         teacher.check_classes(store.classes.names, store.classes.ignore_index, where)
+        class_map = getattr(teacher, "class_map", None)
+        if class_map is not None and class_map.unreached:
+            log.warning("no class of teacher %s maps to %s of %s: inpainting never fills them (only warps and the "
+                        "refiner can)", settings.teacher, ", ".join(class_map.unreached), where)
         if settings.adapt_steps > 0 and not isinstance(teacher, Teacher):
             raise ConfigError(f"teacher {settings.teacher}: per-sequence adaptation (--adapt-steps) fine-tunes a "
                               "built-in checkpoint (.pt) on its own classes; use --adapt-steps 0 with exported or "
