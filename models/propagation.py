@@ -31,9 +31,10 @@ Confidence: 1 for annotated pixels; motion-only halves it wherever the forward/b
 fails or the content came from outside the frame; warp-inpaint carries it along trusted pixels and takes the teacher's probability where it
 inpaints; semantic-only uses the teacher's probability.
 
-The recursion runs as two sweeps over time (backward, then forward) with bounded memory: the
-backward sweep parks its candidates in a :class:`CandidateBuffer` (the store, in production),
-the forward sweep fuses and emits frames in order.
+The recursion runs gap by gap (the frames between two annotated frames are reached by the forward
+chain of the one before and the backward chain of the one after): the chains of consecutive gaps
+advance together as one batch (:func:`propagate_frames`), so memory holds one group of gaps and
+networks see batches, and frames are emitted in time order.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ from autolabel.errors import ConfigError
 from autolabel.registry import Registry
 
 MAX_DISTANCE = 127  # the store keeps each frame's distance to its keyframe as int8
+# chains per batch when not set: a CPU gains little beyond a few; a GPU needs many to stay busy
+AUTO_BATCH = {"cpu": 4, "cuda": 16}
 
 
 class PropagationConfig(BaseModel):
@@ -79,6 +82,13 @@ class PropagationConfig(BaseModel):
         description="warp-inpaint: teacher probability at which it replaces even a trusted warped label "
                     "(1 = never, the paper's Eq. 5)")
     device: str = "cpu"
+    batch_size: int = Field(0, ge=0, description="chains propagated together as one batch (0 = automatic: "
+                                                 f"{AUTO_BATCH['cpu']} on CPU, {AUTO_BATCH['cuda']} on CUDA); "
+                                                 "labels do not depend on it")
+
+    def chains_per_batch(self) -> int:
+        """``batch_size``, or the automatic choice for ``device``."""
+        return self.batch_size or AUTO_BATCH["cuda" if self.device.startswith("cuda") else "cpu"]
 
     @field_validator("max_distance")
     @classmethod
@@ -126,6 +136,8 @@ class WindowInputs:
         self.num_classes, self.ignore_index = inputs.num_classes, inputs.ignore_index
         features = getattr(inputs, "teacher_features", None)
         self.teacher_features = (lambda t: features(t + start)) if features is not None else None
+        batch = getattr(inputs, "teacher_features_batch", None)
+        self.teacher_features_batch = (lambda ts: batch([t + start for t in ts])) if batch is not None else None
 
     def annotation(self, t: int) -> np.ndarray:
         return self._inputs.annotation(t + self.start)
@@ -185,26 +197,6 @@ class Candidate:
     distance: int
 
 
-class CandidateBuffer(Protocol):
-    """Where the backward sweep parks its candidates until the forward sweep fuses them."""
-
-    def put(self, t: int, candidate: Candidate) -> None: ...
-    def get(self, t: int) -> Candidate | None: ...
-
-
-class MemoryBuffer:
-    """A CandidateBuffer in a dict (tests, short sequences)."""
-
-    def __init__(self) -> None:
-        self._items: dict[int, Candidate] = {}
-
-    def put(self, t: int, candidate: Candidate) -> None:
-        self._items[t] = candidate
-
-    def get(self, t: int) -> Candidate | None:
-        return self._items.get(t)
-
-
 class PropagationMethod(ABC):
     """One recursive propagation step ``Psi`` from ``src`` to the neighbouring frame ``dst``."""
 
@@ -219,6 +211,11 @@ class PropagationMethod(ABC):
     @abstractmethod
     def step(self, state: LabelState, src: int, dst: int, inputs: SequenceInputs) -> LabelState:
         """The label of ``dst`` (= src +- 1) from the label ``state`` of ``src``."""
+
+    def step_batch(self, states: list[LabelState], srcs: list[int], dsts: list[int],
+                   inputs: SequenceInputs) -> list[LabelState]:
+        """:meth:`step` for several chains at once (one step each); methods with a network batch it."""
+        return [self.step(state, src, dst, inputs) for state, src, dst in zip(states, srcs, dsts)]
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
@@ -280,29 +277,42 @@ class WarpInpaintStep:
 
 @METHODS.register("warp-inpaint")
 class WarpInpaint(PropagationMethod):
-    def _trust(self, src: int, dst: int,
+    def _pair_flows(self, srcs: list[int], dsts: list[int],
+                    inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [self._flows(src, dst, inputs) for src, dst in zip(srcs, dsts)]
+        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+    def _frames(self, ts: list[int], inputs: SequenceInputs) -> torch.Tensor:
+        """float (B, 3, H, W), 0-255."""
+        return torch.stack([self._tensor(inputs.frame(t)).permute(2, 0, 1) for t in ts]).float()
+
+    def _trust(self, srcs: list[int], dsts: list[int],
                inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(M (H, W), dst -> src flow (1, 2, H, W), warped source (1, 3, H, W), target (1, 3, H, W))."""
-        to_src, to_dst = self._flows(src, dst, inputs)
-        source = self._tensor(inputs.frame(src)).permute(2, 0, 1)[None].float()
-        target = self._tensor(inputs.frame(dst)).permute(2, 0, 1)[None].float()
+        """(M (B, H, W), dst -> src flows (B, 2, H, W), warped sources (B, 3, H, W), targets (B, 3, H, W))."""
+        to_src, to_dst = self._pair_flows(srcs, dsts, inputs)
+        source, target = self._frames(srcs, inputs), self._frames(dsts, inputs)
         warped, inside = backward_warp(source, to_src)
         trusted = (photometric_error(target, warped) < self.config.tau) & inside
         if self.config.fb_check:
             trusted &= fb_consistency(to_src, to_dst)
-        return trusted[0], to_src, warped, target
+        return trusted, to_src, warped, target
 
     def trust_mask(self, src: int, dst: int, inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, dst -> src flow): M (H, W) bool = photometric error < tau & inside (& fb-consistent)."""
-        trusted, to_src, _, _ = self._trust(src, dst, inputs)
-        return trusted, to_src
+        trusted, to_src, _, _ = self._trust([src], [dst], inputs)
+        return trusted[0], to_src
 
-    def step_detail(self, state: LabelState, src: int, dst: int, inputs: SequenceInputs) -> WarpInpaintStep:
-        """Psi_W from ``src`` to ``dst`` with its trust mask and warped image."""
-        trusted, to_src, warped, target = self._trust(src, dst, inputs)
-        warped_labels = warp_labels(state.labels[None], to_src, inputs.ignore_index, outside="border")[0]
-        warped_conf = warp_labels(state.confidence[None], to_src, outside="border")[0]
-        teacher_labels, teacher_conf = self._teacher(dst, inputs)
+    def step_details(self, states: list[LabelState], srcs: list[int], dsts: list[int],
+                     inputs: SequenceInputs) -> WarpInpaintStep:
+        """Psi_W for B chains at once: a :class:`WarpInpaintStep` whose tensors have a batch dimension."""
+        trusted, to_src, warped, target = self._trust(srcs, dsts, inputs)
+        labels_in = torch.stack([s.labels for s in states])
+        conf_in = torch.stack([s.confidence for s in states])
+        warped_labels = warp_labels(labels_in, to_src, inputs.ignore_index, outside="border")
+        warped_conf = warp_labels(conf_in, to_src, outside="border")
+        teacher = [self._teacher(t, inputs) for t in dsts]
+        teacher_labels = torch.stack([t[0] for t in teacher])
+        teacher_conf = torch.stack([t[1] for t in teacher])
         # the warp is kept where trusted, and also where the teacher is too unsure to replace it
         keep = trusted | (teacher_conf < self.config.inpaint_confidence)
         keep &= teacher_conf < self.config.override_confidence
@@ -310,19 +320,40 @@ class WarpInpaint(PropagationMethod):
         keep |= teacher_labels == inputs.ignore_index
         labels = torch.where(keep, warped_labels, teacher_labels)
         conf = torch.where(keep, torch.where(trusted, warped_conf, warped_conf * 0.5), teacher_conf)
-        return WarpInpaintStep(LabelState(labels, conf), trusted, warped[0], target[0])
+        return WarpInpaintStep(LabelState(labels, conf), trusted, warped, target)
+
+    def step_detail(self, state: LabelState, src: int, dst: int, inputs: SequenceInputs) -> WarpInpaintStep:
+        """Psi_W from ``src`` to ``dst`` with its trust mask and warped image (no batch dimension)."""
+        d = self.step_details([state], [src], [dst], inputs)
+        return WarpInpaintStep(LabelState(d.state.labels[0], d.state.confidence[0]), d.trusted[0],
+                               d.warped_image[0], d.target_image[0])
 
     def step(self, state: LabelState, src: int, dst: int, inputs: SequenceInputs) -> LabelState:
         return self.step_detail(state, src, dst, inputs).state
 
+    def step_batch(self, states: list[LabelState], srcs: list[int], dsts: list[int],
+                   inputs: SequenceInputs) -> list[LabelState]:
+        d = self.step_details(states, srcs, dsts, inputs)
+        return [LabelState(d.state.labels[i], d.state.confidence[i]) for i in range(len(states))]
+
 
 def refiner_input(step: WarpInpaintStep, features: torch.Tensor) -> RefinerInput:
-    """A batch of one for the refiner from a warp-inpaint step and the target's teacher features (F, h, w)."""
+    """The refiner's batch from a batched warp-inpaint step and the targets' teacher features (B, F, h, w)."""
     return RefinerInput(
-        labels=step.state.labels[None], confidence=step.state.confidence[None], trusted=step.trusted[None],
-        warped_image=step.warped_image[None] / 255.0, target_image=step.target_image[None] / 255.0,
-        features=features[None],
+        labels=step.state.labels, confidence=step.state.confidence, trusted=step.trusted,
+        warped_image=step.warped_image / 255.0, target_image=step.target_image / 255.0, features=features,
     )
+
+
+def teacher_features(inputs: SequenceInputs, ts: list[int]) -> np.ndarray:
+    """float (B, F, h, w) teacher features of frames ``ts``: one batched call where the inputs offer it."""
+    batch = getattr(inputs, "teacher_features_batch", None)
+    if batch is not None:
+        return batch(ts)
+    single = getattr(inputs, "teacher_features", None)
+    if single is None:
+        raise ConfigError("method 'warp-refine' needs the teacher's features: give the sequence inputs a teacher")
+    return np.stack([single(t) for t in ts])
 
 
 @METHODS.register("warp-refine")
@@ -338,15 +369,16 @@ class WarpRefine(WarpInpaint):
                               "(train one with `autolabel train-refiner --store ... --teacher ... --out refiner.pt`)")
         self.refiner = refiner.to(self.device)
 
+    def step_batch(self, states: list[LabelState], srcs: list[int], dsts: list[int],
+                   inputs: SequenceInputs) -> list[LabelState]:
+        detail = self.step_details(states, srcs, dsts, inputs)
+        features = self._tensor(teacher_features(inputs, dsts)).float()
+        probs = self.refiner.refine(refiner_input(detail, features))
+        conf, labels = probs.max(1)
+        return [LabelState(labels[i], conf[i]) for i in range(len(states))]
+
     def step(self, state: LabelState, src: int, dst: int, inputs: SequenceInputs) -> LabelState:
-        detail = self.step_detail(state, src, dst, inputs)
-        teacher_features = getattr(inputs, "teacher_features", None)
-        if teacher_features is None:
-            raise ConfigError("method 'warp-refine' needs the teacher's features: give the sequence inputs a teacher")
-        features = self._tensor(teacher_features(dst)).float()
-        probs = self.refiner.refine(refiner_input(detail, features))[0]
-        conf, labels = probs.max(0)
-        return LabelState(labels, conf)
+        return self.step_batch([state], [src], [dst], inputs)[0]
 
 
 def method_class(name: str) -> type[PropagationMethod]:
@@ -377,25 +409,56 @@ def fuse(forward: Candidate | None, backward: Candidate | None) -> Candidate | N
     )
 
 
-def _chain(method: PropagationMethod, inputs: SequenceInputs, order: range,
-           direction: int) -> Iterator[tuple[int, Candidate | None]]:
-    """Walk ``order`` (one time direction); chains restart at annotated frames and end after K steps."""
-    k_max = method.config.max_distance
-    state: LabelState | None = None
-    distance = 0
-    for t in order:
-        if inputs.annotated[t]:
-            ann = method._tensor(inputs.annotation(t)).long()
-            state, distance = LabelState(ann, torch.ones(ann.shape, device=method.device)), 0
-            yield t, None
-        elif state is not None and distance < k_max:
-            state = method.step(state, t - direction, t, inputs)
-            distance += 1
-            yield t, Candidate(state.labels.to(torch.uint8).cpu().numpy(),
-                               state.confidence.float().cpu().numpy(), distance)
-        else:
-            state = None
-            yield t, None
+@dataclass(frozen=True)
+class Chain:
+    """A label travelling from annotated frame ``key`` in ``direction`` (+1 / -1) over ``length`` frames."""
+
+    key: int
+    direction: int
+    length: int
+
+    def frame(self, i: int) -> int:
+        """The frame the chain reaches at step ``i`` (0 = its keyframe)."""
+        return self.key + self.direction * i
+
+
+def gap_chains(annotated: np.ndarray, max_distance: int) -> list[list[Chain]]:
+    """Per gap between annotated frames (before the first, between each pair, after the last), the
+    chains that reach into it: the forward chain of the keyframe before, the backward one of the
+    keyframe after, each up to ``max_distance`` frames and never onto an annotated frame."""
+    keys = [int(k) for k in np.flatnonzero(annotated)]
+    bounds = [-1, *keys, len(annotated)]
+    gaps: list[list[Chain]] = []
+    for left, right in zip(bounds[:-1], bounds[1:]):
+        span = right - left - 1
+        chains = []
+        if left >= 0 and span > 0:
+            chains.append(Chain(left, 1, min(max_distance, span)))
+        if right < len(annotated) and span > 0:
+            chains.append(Chain(right, -1, min(max_distance, span)))
+        gaps.append(chains)
+    return gaps
+
+
+def _run_chains(method: PropagationMethod, inputs: SequenceInputs, chains: list[Chain],
+                on_step: Callable[[], None] | None) -> dict[tuple[int, int], Candidate]:
+    """Step ``chains`` in lockstep (one batch per step); candidates by (frame, direction)."""
+    out: dict[tuple[int, int], Candidate] = {}
+    states: list[LabelState] = []
+    for chain in chains:
+        ann = method._tensor(inputs.annotation(chain.key)).long()
+        states.append(LabelState(ann, torch.ones(ann.shape, device=method.device)))
+    for i in range(1, max((c.length for c in chains), default=0) + 1):
+        active = [j for j, c in enumerate(chains) if c.length >= i]
+        new = method.step_batch([states[j] for j in active], [chains[j].frame(i - 1) for j in active],
+                                [chains[j].frame(i) for j in active], inputs)
+        for j, state in zip(active, new):
+            states[j] = state
+            out[(chains[j].frame(i), chains[j].direction)] = Candidate(
+                state.labels.to(torch.uint8).cpu().numpy(), state.confidence.float().cpu().numpy(), i)
+            if on_step is not None:
+                on_step()
+    return out
 
 
 @dataclass
@@ -408,41 +471,50 @@ class OutputFrame:
     distance: int           # 0 annotated, 1..K propagated, -1 out of reach
 
 
-def propagate_frames(inputs: SequenceInputs, config: PropagationConfig, buffer: CandidateBuffer | None = None,
-                     on_step: Callable[[], None] | None = None,
-                     refiner: Refiner | None = None) -> Iterator[OutputFrame]:
+def propagate_frames(inputs: SequenceInputs, config: PropagationConfig, on_step: Callable[[], None] | None = None,
+                     refiner: Refiner | None = None, batch_size: int = 1) -> Iterator[OutputFrame]:
     """Run ``config.method`` over a whole sequence; frames come out in time order, one at a time.
+
+    The chains of consecutive gaps between annotated frames advance together, up to ``batch_size``
+    chains per batch (warping, teacher features and the refiner see them as one batch); memory
+    holds the candidates of one group of gaps, whatever the sequence's length.
 
     Args:
         inputs: the sequence's frames, annotations, flows and teacher output.
-        buffer: where backward-chain candidates wait (default: in memory).
-        on_step: called after each propagation step (progress).
+        on_step: called after each propagation step of each chain (progress).
         refiner: the trained refiner Omega (warp-refine only).
+        batch_size: chains stepped together (>= 1; a gap has up to two).
     """
+    if batch_size < 1:
+        raise ConfigError(f"the propagation batch size must be >= 1, got {batch_size}")
     method = create_method(config, refiner)
-    buffer = buffer if buffer is not None else MemoryBuffer()
     if not inputs.annotated.any():
         raise ConfigError("the sequence has no annotated frame to propagate from")
-    total = inputs.num_frames
-    for t, cand in _chain(method, inputs, range(total - 1, -1, -1), -1):
-        if cand is not None:
-            buffer.put(t, cand)
-            if on_step:
-                on_step()
-    for t, cand in _chain(method, inputs, range(total), 1):
-        if inputs.annotated[t]:
-            ann = inputs.annotation(t).astype(np.uint8)
-            yield OutputFrame(t, ann, np.full(ann.shape, 255, np.uint8), 0)
-            continue
-        if cand is not None and on_step:
-            on_step()
-        fused = fuse(cand, buffer.get(t))
-        if fused is None:
-            shape = (inputs.height, inputs.width)
-            yield OutputFrame(t, np.full(shape, inputs.ignore_index, np.uint8), np.zeros(shape, np.uint8), -1)
-        else:
-            conf = np.clip(np.round(fused.confidence * 255), 0, 255).astype(np.uint8)
-            yield OutputFrame(t, fused.labels, conf, fused.distance)
+    gaps = gap_chains(inputs.annotated, config.max_distance)
+    keys = [int(k) for k in np.flatnonzero(inputs.annotated)]
+    shape = (inputs.height, inputs.width)
+    g = t = 0
+    while g < len(gaps):
+        group = [g]
+        while (g + len(group) < len(gaps)
+               and sum(len(gaps[x]) for x in group) + len(gaps[g + len(group)]) <= batch_size):
+            group.append(g + len(group))
+        candidates = _run_chains(method, inputs, [c for x in group for c in gaps[x]], on_step)
+        last = group[-1]
+        stop = keys[last] if last < len(keys) else inputs.num_frames - 1  # up to the group's closing keyframe
+        while t <= stop:
+            if inputs.annotated[t]:
+                ann = inputs.annotation(t).astype(np.uint8)
+                yield OutputFrame(t, ann, np.full(ann.shape, 255, np.uint8), 0)
+            else:
+                fused = fuse(candidates.get((t, 1)), candidates.get((t, -1)))
+                if fused is None:
+                    yield OutputFrame(t, np.full(shape, inputs.ignore_index, np.uint8), np.zeros(shape, np.uint8), -1)
+                else:
+                    conf = np.clip(np.round(fused.confidence * 255), 0, 255).astype(np.uint8)
+                    yield OutputFrame(t, fused.labels, conf, fused.distance)
+            t += 1
+        g = last + 1
 
 
 def count_steps(annotated: np.ndarray, max_distance: int) -> int:

@@ -178,7 +178,8 @@ class Teacher:
         if list(names) != self.classes or ignore_index != self.ignore_index:
             raise ClassSetMismatchError(
                 f"teacher predicts classes {self.classes} but {where} holds {list(names)}; train a teacher "
-                "on stores with this class set (`autolabel train-teacher --store ...`)"
+                "on stores with this class set (`autolabel train-teacher --store ...`) or map its classes onto "
+                "the store's (--teacher-map map.json)"
             )
 
     @torch.inference_mode()

@@ -6,9 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-import zarr
 from autolabel.models.propagation import (
-    Candidate,
     OutputFrame,
     PropagationConfig,
     WindowInputs,
@@ -41,6 +39,9 @@ from autolabel.tasks.flow_estimation import flow_arrays
 from autolabel.errors import StageNotDoneError
 
 
+FRAME_CACHE = 48  # decoded frames kept (two per chain of a batch of 16, with room)
+
+
 class StoreSequenceInputs:
     """:class:`models.propagation.SequenceInputs` read lazily from a stored sequence."""
 
@@ -65,14 +66,15 @@ class StoreSequenceInputs:
         self._frames: dict[int, np.ndarray] = {}
         self._feature_teacher = feature_teacher
         self.teacher_features = self._features if feature_teacher is not None else None
+        self.teacher_features_batch = self._features_batch if feature_teacher is not None else None
 
     def annotation(self, t: int) -> np.ndarray:
         return self.seq.annotation(t)
 
     def frame(self, t: int) -> np.ndarray:
-        # each step reads its two frames; keep the last few to read every frame once per sweep
+        # a batched step reads two frames per chain; keep enough to read every frame once
         if t not in self._frames:
-            if len(self._frames) > 3:
+            if len(self._frames) >= FRAME_CACHE:
                 self._frames.pop(next(iter(self._frames)))
             self._frames[t] = self.seq.frame(t)
         return self._frames[t]
@@ -86,40 +88,22 @@ class StoreSequenceInputs:
         return np.asarray(self._bw[t - 1], dtype=np.float32)
 
     def _features(self, t: int) -> np.ndarray:
+        return self._features_batch([t])[0]
+
+    def _features_batch(self, ts: list[int]) -> np.ndarray:
+        """float (B, F, h, w) teacher features of frames ``ts``, one batched forward pass."""
         assert self._feature_teacher is not None
-        return self._feature_teacher.predict(self.frame(t)).features[0].cpu().numpy()
+        return self._feature_teacher.predict(np.stack([self.frame(t) for t in ts])).features.cpu().numpy()
 
     def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         assert self._teacher_labels is not None and self._teacher_conf is not None
         return np.asarray(self._teacher_labels[t]), np.asarray(self._teacher_conf[t], dtype=np.float32) / 255.0
 
 
-class StoreCandidateBuffer:
-    """Backward-chain candidates parked in the store, one chunk per frame (deleted afterwards)."""
-
-    def __init__(self, group: zarr.Group, num_frames: int, height: int, width: int, ignore_index: int) -> None:
-        self.group = group
-        kw: dict[str, Any] = {"chunks": (1, height, width), "overwrite": True}
-        self.labels = group.create_array("labels", shape=(num_frames, height, width), dtype="uint8",
-                                         fill_value=ignore_index, **kw)
-        self.conf = group.create_array("confidence", shape=(num_frames, height, width), dtype="float16",
-                                       fill_value=0, **kw)
-        self.distance = np.full(num_frames, -1, dtype=np.int16)
-
-    def put(self, t: int, candidate: Candidate) -> None:
-        self.labels[t] = candidate.labels
-        self.conf[t] = candidate.confidence.astype(np.float16)
-        self.distance[t] = candidate.distance
-
-    def get(self, t: int) -> Candidate | None:
-        if self.distance[t] < 0:
-            return None
-        return Candidate(np.asarray(self.labels[t]), np.asarray(self.conf[t], dtype=np.float32), int(self.distance[t]))
-
-
 def result_settings(config: PropagationConfig, flow: dict[str, Any] | None, teacher: dict[str, Any] | None,
                     refiner_sha256: str | None = None, keyframes: str | None = None) -> dict[str, Any]:
-    settings = {**config.model_dump(exclude={"device"}), "flow": flow, "teacher": teacher}
+    # neither the device nor the batch size changes the labels
+    settings = {**config.model_dump(exclude={"device", "batch_size"}), "flow": flow, "teacher": teacher}
     if refiner_sha256 is not None:
         settings["refiner_sha256"] = refiner_sha256
     if keyframes is not None:  # keyframes added after ingest
@@ -196,11 +180,10 @@ def propagate_sequence(
         conf_w = FrameArrayWriter(out.group, "confidence", shape, "uint8", seq.num_frames, StoreLayout(), 0, dims)
         distance = np.full(seq.num_frames, -1, dtype=DISTANCE_DTYPE)
         if windows is None:
-            buffer = StoreCandidateBuffer(out.group.require_group("_backward"), seq.num_frames, *shape, ignore)
-            frames = propagate_frames(inputs, config, buffer, on_step, refiner)
+            frames = propagate_frames(inputs, config, on_step, refiner, config.chains_per_batch())
             relabelled = seq.num_frames
         else:
-            frames = _partial_frames(seq, config, inputs, windows, out.group, on_step, refiner)
+            frames = _partial_frames(seq, config, inputs, windows, on_step, refiner)
             relabelled = sum(b - a - 1 for a, b in windows)
         for out_frame in frames:
             labels_w.append(out_frame.labels)
@@ -212,8 +195,6 @@ def propagate_sequence(
                                       dtype=DISTANCE_DTYPE, fill_value=-1, overwrite=True, dimension_names=("T",),
                                       config=WRITE_EVERY_CHUNK)
         dist[:] = distance
-        if "_backward" in out.group:
-            del out.group["_backward"]
         out.publish({"settings": settings, "reached": int((distance > 0).sum()),
                      "annotations": {str(t): fp for t, fp in annotations.items()},
                      "relabelled_frames": relabelled, "partial": windows is not None})
@@ -221,20 +202,19 @@ def propagate_sequence(
 
 
 def _partial_frames(seq: Sequence, config: PropagationConfig, inputs: StoreSequenceInputs,
-                    windows: list[tuple[int, int]], group: zarr.Group, on_step: Callable[[], None] | None,
+                    windows: list[tuple[int, int]], on_step: Callable[[], None] | None,
                     refiner: Refiner | None) -> Iterator[OutputFrame]:
     """Every frame in time order: the stored results outside ``windows``, propagated again inside them."""
     labels_name, conf_name, distance_name = result_array_names(config.method)
     old_labels, old_conf = seq.array(labels_name), seq.array(conf_name)
     old_distance = np.asarray(seq.array(distance_name)[:])
-    shape = (seq.height, seq.width)
     t = 0
     for a, b in windows:
         while t < a:
             yield OutputFrame(t, np.asarray(old_labels[t]), np.asarray(old_conf[t]), int(old_distance[t]))
             t += 1
-        buffer = StoreCandidateBuffer(group.require_group("_backward"), b - a + 1, *shape, inputs.ignore_index)
-        for frame in propagate_frames(WindowInputs(inputs, a, b + 1), config, buffer, on_step, refiner):
+        for frame in propagate_frames(WindowInputs(inputs, a, b + 1), config, on_step, refiner,
+                                      config.chains_per_batch()):
             yield OutputFrame(frame.t + a, frame.labels, frame.confidence, frame.distance)
         t = b + 1
     while t < seq.num_frames:
