@@ -1,11 +1,16 @@
 """Labelling and refiner-training throughput, DIS-fast flow, teacher inference included.
 
     python benchmarks/throughput.py [--method warp-inpaint warp-refine] [--sizes 480x360 960x720]
-        [--teacher runs/teacher-camvid.pt] [--refiner runs/refiner-camvid.pt] [--device cpu|cuda] [--out ...]
+        [--batch 1 0] [--fresh-frames 105] [--teacher runs/teacher-camvid.pt] [--refiner runs/refiner-camvid.pt]
+        [--device cpu|cuda] [--out ...]
 
 Runs the three stages of ``autolabel label`` (flow estimation, teacher inference, propagation)
 for each method on synthetic drives at each size (and on CamVid dense at 480x360 when the shared
-data is present) and reports frames per second for each stage and end to end. It also times
+data is present) and reports frames per second for each stage and end to end; propagation once
+per batch size (``--batch``: 1 = one chain at a time, 0 = the automatic choice), with a check that
+every batch size stored the same labels. ``--fresh-frames`` times ``autolabel label --method
+warp-refine --flow dis-fast`` as a user runs it on a freshly ingested drive (a new process: start,
+flow, teacher, warp-inpaint, warp-refine, with and without the estimate stage). It also times
 refiner training (cycle samples per second, crop 256, batch 8). Without --teacher / --refiner,
 randomly initialised unet-lite / refine-unet nets are used: their cost does not depend on the weights.
 """
@@ -44,25 +49,72 @@ from autolabel.tasks.propagate import StoreSequenceInputs  # noqa: E402
 from autolabel.tasks.teacher_inference import infer_teacher  # noqa: E402
 
 
-def run(store_url: str, teacher: Path, flow: FlowConfig, device: str, method: str, refiner: Path | None) -> dict:
-    """The pipeline's flow, teacher and propagate stages over every drive, timed per stage kind."""
+def run(store_url: str, teacher: Path, flow: FlowConfig, device: str, method: str, refiner: Path | None,
+        batches: list[int]) -> dict:
+    """The pipeline's flow, teacher and propagate stages over every drive, timed per stage kind; the
+    propagate stage once per batch size (0 = automatic), each on a copy with the same flow and teacher."""
     store = SequenceStore.open(store_url, mode="r+")
     settings = LabelSettings(propagation=PropagationConfig(method=method), flow=flow, teacher=str(teacher),
                              refiner=str(refiner) if refiner else None, device=device,
                              compare_with_warp_inpaint=False)
-    stages = [s for s in sequence_stages(settings) if s.kind in ("flow", "teacher", "propagate")]
+    stages = [s for s in sequence_stages(settings) if s.kind in ("flow", "teacher")]
     times = {s.kind: 0.0 for s in stages}
-    frames = 0
+    frames = sum(store.sequence(seq_id).num_frames for seq_id in store.sequence_ids())
     for seq_id in store.sequence_ids():
-        frames += store.sequence(seq_id).num_frames
         for stage in stages:
             start = time.perf_counter()
             run_stage(store_url, seq_id, stage)
             times[stage.kind] += time.perf_counter() - start
-    times = {"flow": times.get("flow", 0.0), "teacher": times.get("teacher", 0.0), "propagate": times["propagate"]}
-    total = sum(times.values())
-    return {"frames": frames, "seconds": {k: round(v, 2) for k, v in times.items()},
-            "frames_per_s": {**{k: frames / v for k, v in times.items()}, "end_to_end": frames / total}}
+    propagate: dict[str, float] = {}
+    labels: dict[str, list] = {}
+    for batch in batches:
+        copy = f"{store_url}-b{batch}"
+        shutil.copytree(store_url, copy)
+        batched = settings.model_copy(update={"propagation": settings.propagation.model_copy(
+            update={"batch_size": batch, "device": device})})
+        stage = next(s for s in sequence_stages(batched) if s.kind == "propagate")
+        start = time.perf_counter()
+        for seq_id in store.sequence_ids():
+            run_stage(copy, seq_id, stage)
+        key = f"batch {batch or 'auto'} ({batched.propagation.chains_per_batch()})"
+        propagate[key] = time.perf_counter() - start
+        out = SequenceStore.open(copy)
+        labels[key] = [out.sequence(s).array(f"results/{method}/labels")[:] for s in out.sequence_ids()]
+        shutil.rmtree(copy, ignore_errors=True)
+    first = next(iter(labels.values()))
+    same = all(all((a == b).all() for a, b in zip(first, other)) for other in labels.values())
+    best = min(propagate.values())
+    total = times.get("flow", 0.0) + times.get("teacher", 0.0) + best
+    return {"frames": frames, "seconds": {**{k: round(v, 2) for k, v in times.items()},
+                                          **{f"propagate {k}": round(v, 2) for k, v in propagate.items()}},
+            "frames_per_s": {"flow": frames / times["flow"] if times.get("flow") else None,
+                             "teacher": frames / times["teacher"] if times.get("teacher") else None,
+                             **{f"propagate {k}": frames / v for k, v in propagate.items()},
+                             "end_to_end": frames / total},
+            "labels_identical_across_batches": bool(same)}
+
+
+def fresh_drive(teacher: Path, refiner: Path, frames: int, size: str, estimate: bool) -> dict:
+    """``autolabel label --method warp-refine --flow dis-fast`` as a user runs it, on a freshly ingested
+    drive: flow, teacher, warp-inpaint, warp-refine (and the estimate stage), process start included."""
+    import subprocess
+
+    w, h = (int(v) for v in size.split("x"))
+    with tempfile.TemporaryDirectory(prefix="autolabel-fresh-") as tmp:
+        url = f"{tmp}/drive.zarr"
+        write_synthetic_store(url, drive_configs(1, SyntheticConfig(width=w, height=h, frames=frames, seed=7)),
+                              AnnotationPolicy(mode="window", n=21))
+        cmd = [sys.executable, "-m", "autolabel.cli", "label", url, "--method", "warp-refine", "--flow", "dis-fast",
+               "--teacher", str(teacher), "--refiner", str(refiner)]
+        if not estimate:
+            cmd.append("--no-estimate")
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"autolabel label failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return {"frames": frames, "size": size, "estimate": estimate, "seconds": round(seconds, 2),
+            "frames_per_s": round(frames / seconds, 2)}
 
 
 def refiner_training_rate(teacher: Teacher, refiner: Refiner, device: str, steps: int) -> dict:
@@ -97,6 +149,10 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=10, help="refiner training steps to time (0 = skip)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=0, help="flow processes (0 = auto)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 0],
+                        help="propagation batch sizes to compare (0 = automatic for the device)")
+    parser.add_argument("--fresh-frames", type=int, default=105,
+                        help="frames of the fresh drive timed through `autolabel label` (0 = skip)")
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -117,13 +173,14 @@ def main() -> None:
         refiner = Refiner.load(args.refiner, args.device)
     else:
         torch.manual_seed(0)
-        refiner = Refiner.create("refine-unet", teacher.classes, teacher.net.feature_channels, digest).to(args.device)
+        refiner = Refiner.create("refine-unet", teacher.classes, teacher.feature_channels, digest).to(args.device)
     refiner_path = args.refiner or work / "refiner-random.pt"
     if not args.refiner:
         refiner.save(refiner_path)
     flow = FlowConfig(backend="dis-fast", workers=args.workers)
     results: dict = {"machine": machine(), "settings": {
         "methods": args.method, "flow": "dis-fast", "workers": args.workers, "device": args.device,
+        "batches": args.batch,
         "teacher": str(args.teacher or "unet-lite, random init"),
         "refiner": str(args.refiner or "refine-unet, random init"), "torch_threads": torch.get_num_threads()},
         "runs": []}
@@ -138,20 +195,31 @@ def main() -> None:
                                                                              seed=0)),
                                       AnnotationPolicy(mode="window", n=21))
                 results["runs"].append({"method": method, "data": f"synthetic drives, 3 x {args.frames} frames",
-                                        "size": size, **run(synth, teacher_path, flow, args.device, method, refiner_for[method])})
+                                        "size": size, **run(synth, teacher_path, flow, args.device, method,
+                                                            refiner_for[method], args.batch)})
                 shutil.rmtree(synth, ignore_errors=True)
             if camvid.is_dir():
                 url = f"{tmp}/camvid-{method}.zarr"
                 ingest(read_dataset("camvid", camvid), url,
                        IngestOptions(annotation=AnnotationPolicy(mode="window", n=21), sequences=["dense_*"]))
                 results["runs"].append({"method": method, "data": "CamVid dense 0016E5, 42 frames", "size": "480x360",
-                                        **run(url, teacher_path, flow, args.device, method, refiner_for[method])})
+                                        **run(url, teacher_path, flow, args.device, method, refiner_for[method],
+                                              args.batch)})
         shutil.rmtree(tmp, ignore_errors=True)
+    keys = [k for k in results["runs"][0]["frames_per_s"] if k.startswith("propagate")] if results["runs"] else []
     rows = [[r["method"], r["data"], r["size"], r["frames"],
-             *(f"{r['frames_per_s'][k]:.1f}" for k in ("flow", "teacher", "propagate", "end_to_end"))]
-            for r in results["runs"]]
+             *(f"{r['frames_per_s'][k]:.1f}" if r["frames_per_s"].get(k) else "-"
+               for k in ("flow", "teacher", *keys, "end_to_end")),
+             "yes" if r["labels_identical_across_batches"] else "NO"] for r in results["runs"]]
     print_table(f"labelling throughput (frames/s), DIS-fast, {args.device}",
-                ["method", "data", "size", "frames", "flow", "teacher", "propagate", "end to end"], rows)
+                ["method", "data", "size", "frames", "flow", "teacher", *keys, "end to end", "same labels"], rows)
+    if args.fresh_frames > 0 and "warp-refine" in args.method:
+        results["fresh_drive"] = [fresh_drive(teacher_path, refiner_path, args.fresh_frames, args.sizes[0], est)
+                                  for est in (False, True)]
+        print_table("autolabel label --method warp-refine --flow dis-fast, fresh drive, process start included",
+                    ["frames", "size", "estimate", "seconds", "frames/s"],
+                    [[r["frames"], r["size"], "yes" if r["estimate"] else "no", r["seconds"], r["frames_per_s"]]
+                     for r in results["fresh_drive"]])
     if args.train_steps > 0:
         rate = refiner_training_rate(teacher, refiner, args.device, args.train_steps)
         results["refiner_training"] = rate

@@ -6,6 +6,19 @@ export AUTOLABEL_VENV="${AUTOLABEL_VENV:-$AUTOLABEL_REPO/.venv}"
 export PATH="$AUTOLABEL_VENV/bin:$PATH"
 # where the server keeps its database (SQLite by default) and the workers their cache records
 export PREFECT_HOME="${PREFECT_HOME:-$AUTOLABEL_REPO/runs/prefect-home}"
+# the server's database: SQLite under $PREFECT_HOME unless AUTOLABEL_DATABASE_URL names PostgreSQL
+# (recommended for more than one worker: SQLite locks on concurrent heartbeats), e.g.
+#   export AUTOLABEL_DATABASE_URL=postgresql://autolabel:secret@127.0.0.1:5432/prefect
+if [ -n "${AUTOLABEL_DATABASE_URL:-}" ]; then
+  case "$AUTOLABEL_DATABASE_URL" in
+    postgresql+asyncpg://*) PREFECT_API_DATABASE_CONNECTION_URL="$AUTOLABEL_DATABASE_URL" ;;
+    postgresql://*|postgres://*) PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://${AUTOLABEL_DATABASE_URL#*://}" ;;
+    sqlite*) PREFECT_API_DATABASE_CONNECTION_URL="sqlite+aiosqlite:///${AUTOLABEL_DATABASE_URL#*:///}" ;;
+    *) echo "AUTOLABEL_DATABASE_URL must be a postgresql:// or sqlite:/// URL, not $AUTOLABEL_DATABASE_URL" >&2
+       return 2 2>/dev/null || exit 2 ;;
+  esac
+  export PREFECT_API_DATABASE_CONNECTION_URL
+fi
 export PREFECT_SERVER_API_HOST="${PREFECT_SERVER_API_HOST:-127.0.0.1}"
 export PREFECT_SERVER_API_PORT="${PREFECT_SERVER_API_PORT:-4200}"
 export PREFECT_API_URL="${PREFECT_API_URL:-http://$PREFECT_SERVER_API_HOST:$PREFECT_SERVER_API_PORT/api}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start the Prefect server (SQLite under $PREFECT_HOME by default); deploy/stop.sh stops it.
-# PostgreSQL instead: export PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host:5432/prefect
+# PostgreSQL instead (several workers): export AUTOLABEL_DATABASE_URL=postgresql://user:pass@host:5432/prefect
 # Serving other machines: PREFECT_SERVER_API_HOST=0.0.0.0 and PREFECT_SERVER_API_AUTH_STRING=user:secret
 # (workers then set PREFECT_API_AUTH_STRING to the same value).
 set -euo pipefail
@@ -20,5 +20,9 @@ case "$PREFECT_SERVER_API_HOST" in
     fi ;;
 esac
 mkdir -p "$PREFECT_HOME"
+case "${PREFECT_API_DATABASE_CONNECTION_URL:-}" in
+  postgresql*) echo "database: PostgreSQL at ${PREFECT_API_DATABASE_CONNECTION_URL##*@}" ;;
+  *) echo "database: SQLite under $PREFECT_HOME (use AUTOLABEL_DATABASE_URL=postgresql://... for many workers)" ;;
+esac
 echo $$ > "$PREFECT_HOME/server.pid"   # exec keeps this pid
 exec prefect server start --host "$PREFECT_SERVER_API_HOST" --port "$PREFECT_SERVER_API_PORT" "$@"

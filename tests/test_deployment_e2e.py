@@ -4,11 +4,14 @@ Starts ``prefect server`` on 127.0.0.1 with a temporary PREFECT_HOME, runs deplo
 deploy/start-workers.sh 2, then through the API: labels a 4-drive ApolloScape inbox with
 ``autolabel/apollo``; labels it again into a second store while one worker is killed; re-runs
 the first request (nothing new runs); adds a drive and runs the nightly deployment (only that
-drive runs); adds a drive with a corrupt frame (its run fails, the summary lists it).
+drive runs); adds a drive with a corrupt frame (its run fails, the summary lists it). The server
+keeps its state in PostgreSQL where one is reachable ($AUTOLABEL_TEST_POSTGRES), else in SQLite,
+and its log must hold no database error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,6 +19,8 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,13 +177,69 @@ def _no_half_written_results(store_url: str, seq_ids: list[str]) -> None:
             assert (labels[distance > 0] != 255).any()
 
 
-def test_deployments_workers_nightly_and_failures(tmp_path: Path) -> None:
+POSTGRES = os.environ.get("AUTOLABEL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_reachable() -> str | None:
+    """None when PostgreSQL answers at $AUTOLABEL_TEST_POSTGRES, else why not."""
+    try:
+        import asyncpg  # noqa: F401 - Prefect's PostgreSQL driver
+    except ImportError:
+        return "asyncpg (Prefect's PostgreSQL driver) is not installed"
+
+    async def ping() -> None:
+        conn = await asyncpg.connect(POSTGRES, timeout=3)
+        await conn.close()
+
+    try:
+        asyncio.run(ping())
+    except Exception as exc:  # noqa: BLE001 - refused, timeout, auth: all mean 'not here'
+        return f"no PostgreSQL at {POSTGRES} ({type(exc).__name__}: {exc})"
+    return None
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def database(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The server's database URL: a fresh PostgreSQL database where one is reachable (dropped after), else
+    SQLite (the embedded default). Only one variant runs: the other is skipped, saying why."""
+    why = _postgres_reachable()
+    if request.param == "sqlite":
+        if why is None:
+            pytest.skip(f"PostgreSQL is reachable at {POSTGRES}: the PostgreSQL variant runs instead (SQLite is "
+                        "covered by the demo and the flow tests)")
+        yield None
+        return
+    if why is not None:
+        pytest.skip(f"{why}: the SQLite variant runs instead")
+    import asyncpg
+
+    name = f"autolabel_e2e_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(POSTGRES, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_deployments_workers_nightly_and_failures(tmp_path: Path, database: str | None) -> None:
     drives = drive_configs(4, DRIVE)
     write_apollo_layout(tmp_path / "inbox", drives)
     _train_checkpoints(tmp_path)
     prefect = Prefect(tmp_path)
+    if database is not None:
+        prefect.env["AUTOLABEL_DATABASE_URL"] = database
     try:
         prefect.start_server()
+        server_log = (tmp_path / "server.log").read_text()
+        assert ("PostgreSQL" if database else "SQLite") in server_log.splitlines()[0]
         prefect.sh("bash", "deploy/deploy.sh")
         deployments = {d["name"] for d in prefect.post("/deployments/filter", {})}
         assert {"apollo", "gpu", "nightly"} <= deployments
@@ -283,6 +344,9 @@ def test_deployments_workers_nightly_and_failures(tmp_path: Path) -> None:
         prefect.sh("bash", "deploy/stop.sh", timeout=120)
         alive = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         assert len(started) == 4 and not alive, alive
+        server_log = (tmp_path / "server.log").read_text()
+        for problem in ("database is locked", "OperationalError", "DBAPIError"):
+            assert problem not in server_log, f"the server logged {problem!r}:\n{server_log[-3000:]}"
     finally:
         prefect.stop()
 
