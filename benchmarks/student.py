@@ -131,15 +131,17 @@ def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_stor
             if report.failed:
                 raise SystemExit(f"{name}: {method} failed: {report.failed}")
             log(f"  {method}: labelled in {time.perf_counter() - start:.1f} s")
-            export = work / f"export-{method}"
+            tag = "".join([f"-c{args.min_confidence:g}" if args.min_confidence > 0 else "",
+                           f"-d{args.max_distance}" if args.max_distance is not None else ""])
+            export = work / f"export-{method}{tag}"
             if not (export / "manifest.json").is_file():
                 rows, failures = export_training_set(store, method, export, [s for s in store.sequence_ids()
                                                      if train_ids is None or s in train_ids], "folder",
                                                      args.min_confidence)
                 if failures:
                     raise SystemExit(f"{name}: export of {method} failed: {failures}")
-            samples = ExportedFrames(export)
-            path, info = train_student(work / f"student-{arm}.pt", samples, store.classes, args)
+            samples = ExportedFrames(export, max_distance=args.max_distance)
+            path, info = train_student(work / f"student-{arm}{tag}.pt", samples, store.classes, args)
         scored = score(path, SequenceStore.open(test_store), test_ids)
         labelled = len(samples)
         results[arm] = {"training": ARM_NAMES[arm], "method": method, "frames": labelled,
@@ -177,7 +179,10 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=192)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-confidence", type=float, default=0.0)
+    parser.add_argument("--min-confidence", type=float, default=0.0,
+                        help="export: propagated pixels below this confidence are ignored (arms b-d)")
+    parser.add_argument("--max-distance", type=int, default=None,
+                        help="train (b-d) only on frames at most this far from their keyframe")
     parser.add_argument("--flow", default="dis-medium")
     parser.add_argument("--tau", type=float, default=40.0)
     parser.add_argument("--refiner-steps", type=int, default=400)
