@@ -196,15 +196,23 @@ def synth_store(store_url: str) -> str:
     return store_url
 
 
+def train_tiny_teacher(store_url: str, path: Path, steps: int = 4) -> Teacher:
+    """A ``unet-tiny`` teacher trained a few steps on the store's annotations, saved to ``path``."""
+    import torch
+
+    store = SequenceStore.open(store_url)
+    torch.manual_seed(0)
+    teacher = Teacher.create("unet-tiny", store.classes.names, [list(c) for c in store.classes.palette])
+    train_teacher(teacher, AnnotatedFrames([store]), TeacherTrainConfig(arch="unet-tiny", max_steps=steps,
+                                                                       batch_size=2, crop=64))
+    teacher.save(path)
+    return teacher
+
+
 @pytest.fixture
 def teacher_path(synth_store: str, tmp_path: Path) -> Path:
-    store = SequenceStore.open(synth_store)
-    data = AnnotatedFrames([store])
-    teacher = Teacher.create("unet-tiny", store.classes.names, [list(c) for c in store.classes.palette])
-    train_teacher(teacher, data, TeacherTrainConfig(arch="unet-tiny", max_steps=4, batch_size=2, crop=64))
-    path = tmp_path / "teacher.pt"
-    teacher.save(path)
-    return path
+    train_tiny_teacher(synth_store, tmp_path / "teacher.pt")
+    return tmp_path / "teacher.pt"
 
 
 # the longest files first: pytest-xdist (--dist loadfile) hands out whole files in collection

@@ -7,22 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from autolabel.errors import ConfigError
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import AUTO_BATCH, Chain, PropagationConfig, gap_chains, propagate_frames
 from autolabel.models.refiner import Refiner
-from autolabel.models.teacher import Teacher
-from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
-from autolabel.storage.training_data import AnnotatedFrames
 from autolabel.tasks.checkpoints import checkpoint_sha256
 from autolabel.tasks.pipeline import LabelSettings, label_store
-from tests.conftest import DriveInputs
+from tests.conftest import DriveInputs, train_tiny_teacher
 
 METHODS = ["motion-only", "semantic-only", "warp-inpaint", "warp-refine"]
 
@@ -34,13 +30,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     store = str(root / "store.zarr")
     write_synthetic_store(store, drive_configs(2, SyntheticConfig(width=64, height=48, frames=25, seed=0)),
                           AnnotationPolicy(mode="window", n=5))
-    opened = SequenceStore.open(store)
-    torch.manual_seed(0)
-    teacher = Teacher.create("unet-tiny", opened.classes.names, [list(c) for c in opened.classes.palette])
-    train_teacher(teacher, AnnotatedFrames([opened]), TeacherTrainConfig(arch="unet-tiny", max_steps=4,
-                                                                        batch_size=2, crop=64))
-    teacher.save(root / "teacher.pt")
-    refiner = Refiner.create("refine-tiny", opened.classes.names, teacher.feature_channels,
+    teacher = train_tiny_teacher(store, root / "teacher.pt")
+    refiner = Refiner.create("refine-tiny", teacher.classes, teacher.feature_channels,
                              checkpoint_sha256(root / "teacher.pt"))
     refiner.save(root / "refiner.pt")
     return {"store": Path(store), "teacher": root / "teacher.pt", "refiner": root / "refiner.pt"}

@@ -17,7 +17,7 @@ from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig
 from autolabel.models.refiner import Refiner
 from autolabel.models.refiner_training import RefinerTrainConfig
-from autolabel.models.teacher import MEAN, STD, Teacher
+from autolabel.models.teacher import MEAN, STD
 from autolabel.models.teacher_export import export_module
 from autolabel.models.teacher_sidecar import TeacherSidecar
 from autolabel.storage.annotation import AnnotationPolicy
@@ -26,8 +26,7 @@ from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
 from autolabel.tasks.pipeline import LabelSettings, label_store
 from autolabel.tasks.refiner_training import RefinerRequest, train_refiner_from_stores
-from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
-from autolabel.storage.training_data import AnnotatedFrames
+from tests.conftest import train_tiny_teacher
 
 DRIVE = SyntheticConfig(width=64, height=48, frames=25, seed=0)
 EXACT = FlowConfig(backend="exact")
@@ -58,13 +57,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("teachers")
     store = str(root / "store.zarr")
     write_synthetic_store(store, drive_configs(2, DRIVE), AnnotationPolicy(mode="window", n=21))
-    opened = SequenceStore.open(store)
-    torch.manual_seed(0)
-    teacher = Teacher.create("unet-tiny", opened.classes.names, [list(c) for c in opened.classes.palette])
-    train_teacher(teacher, AnnotatedFrames([opened]), TeacherTrainConfig(arch="unet-tiny", max_steps=4,
-                                                                        batch_size=2, crop=64))
-    teacher.save(root / "teacher.pt")
-    other = OtherClasses(teacher.copy().net, opened.classes.names)
+    teacher = train_tiny_teacher(store, root / "teacher.pt")
+    other = OtherClasses(teacher.copy().net, SequenceStore.open(store).classes.names)
     model, _ = export_module(other, root / "other.onnx", TeacherSidecar(classes=other.classes, mean=MEAN, std=STD))
     return {"store": Path(store), "native": root / "teacher.pt", "onnx": model}
 
