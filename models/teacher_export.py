@@ -10,6 +10,7 @@ same labels.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from pathlib import Path
 
@@ -70,8 +71,15 @@ def _export(module: nn.Module, x: torch.Tensor, out: Path, has_features: bool,
         raise MissingDependencyError("exporting to ONNX needs onnx and onnxscript; install them with "
                                      "`pip install 'autolabel[onnx]'`") from None
     names = list(OUTPUT_NAMES[:2 if has_features else 1])
-    torch.onnx.export(module, (x,), str(out), input_names=["images"], output_names=names,
-                      dynamic_shapes=(dims,), dynamo=True, verbose=False, external_data=False)
+    # the exporter warns that torchvision's ops cannot be registered: autolabel uses none of them
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        torch.onnx.export(module, (x,), str(out), input_names=["images"], output_names=names,
+                          dynamic_shapes=(dims,), dynamo=True, verbose=False, external_data=False)
+    finally:
+        registration.setLevel(level)
     return "logits", ("features" if has_features else None)
 
 
