@@ -71,6 +71,25 @@ def drives(count: int, seed: int) -> list[SyntheticConfig]:
                             ego_speed=speeds[(i // 3) % 3]) for i in range(count)]
 
 
+class KeyframeOversampled:
+    """An exported set whose keyframes are repeated so they make ``share`` of what a student sees.
+
+    Indexable like :class:`ExportedFrames`; the propagated frames appear once each.
+    """
+
+    def __init__(self, frames: ExportedFrames, share: float) -> None:
+        keys = [i for i, row in enumerate(frames.rows) if row.keyframe]
+        rest = [i for i, row in enumerate(frames.rows) if not row.keyframe]
+        repeat = max(1, round(share * len(rest) / max((1 - share) * len(keys), 1e-9))) if keys else 1
+        self.frames, self.index = frames, rest + keys * repeat
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.frames[self.index[i]]
+
+
 def student_config(args: argparse.Namespace) -> TeacherTrainConfig:
     return TeacherTrainConfig(max_steps=args.steps, epochs=10_000, crop=args.crop, batch_size=args.batch,
                               seed=args.seed)
@@ -120,6 +139,8 @@ def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_stor
     refiner = ensure_refiner(work / "refiner.pt", [train_store], train_ids, student_a, args, 0)
     results: dict[str, Any] = {}
     for arm, method in ARMS.items():
+        if arm not in args.arms and arm != "a":
+            continue
         if method is None:
             path, info, samples = student_a, info_a, keyframes
         else:
@@ -131,9 +152,10 @@ def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_stor
             if report.failed:
                 raise SystemExit(f"{name}: {method} failed: {report.failed}")
             log(f"  {method}: labelled in {time.perf_counter() - start:.1f} s")
-            tag = "".join([f"-c{args.min_confidence:g}" if args.min_confidence > 0 else "",
-                           f"-d{args.max_distance}" if args.max_distance is not None else ""])
-            export = work / f"export-{method}{tag}"
+            export_tag = f"-c{args.min_confidence:g}" if args.min_confidence > 0 else ""
+            tag = "".join([export_tag, f"-d{args.max_distance}" if args.max_distance is not None else "",
+                           f"-k{args.keyframe_share:g}" if args.keyframe_share > 0 else ""])
+            export = work / f"export-{method}{export_tag}"
             if not (export / "manifest.json").is_file():
                 rows, failures = export_training_set(store, method, export, [s for s in store.sequence_ids()
                                                      if train_ids is None or s in train_ids], "folder",
@@ -141,9 +163,12 @@ def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_stor
                 if failures:
                     raise SystemExit(f"{name}: export of {method} failed: {failures}")
             samples = ExportedFrames(export, max_distance=args.max_distance)
+            labelled = len(samples)
+            if args.keyframe_share > 0:
+                samples = KeyframeOversampled(samples, args.keyframe_share)
             path, info = train_student(work / f"student-{arm}{tag}.pt", samples, store.classes, args)
         scored = score(path, SequenceStore.open(test_store), test_ids)
-        labelled = len(samples)
+        labelled = len(samples) if method is None else labelled
         results[arm] = {"training": ARM_NAMES[arm], "method": method, "frames": labelled,
                         "train_seconds": info.get("seconds"), **scored}
         log(f"  ({arm}) {ARM_NAMES[arm]}: {labelled} frames -> held-out mIoU {scored['miou']}")
@@ -183,6 +208,9 @@ def main() -> None:
                         help="export: propagated pixels below this confidence are ignored (arms b-d)")
     parser.add_argument("--max-distance", type=int, default=None,
                         help="train (b-d) only on frames at most this far from their keyframe")
+    parser.add_argument("--arms", default="abcd", help="which students to train (letters of a-d)")
+    parser.add_argument("--keyframe-share", type=float, default=0.0,
+                        help="repeat keyframes so they make this share of the frames a student (b-d) sees")
     parser.add_argument("--flow", default="dis-medium")
     parser.add_argument("--tau", type=float, default=40.0)
     parser.add_argument("--refiner-steps", type=int, default=400)
