@@ -70,6 +70,7 @@ from autolabel.errors import (
 )
 
 META = "_meta"  # lease held while a sequence's zarr.json is read, changed and written
+SEGMENTED = "segmented"  # sequence attribute: stage -> shared version segment jobs write (storage.segmented)
 
 SCHEMA_VERSION = 1
 
@@ -433,6 +434,7 @@ class SequenceStore:
             return []
         now = time.time() if now is None else now
         used = {r.get("at") for r in group.attrs.get("stages", {}).values()}
+        used |= {r.get("at") for r in group.attrs.get(SEGMENTED, {}).values()}  # being written by segments
         deleted = []
         for path, node in _version_groups(group):
             if path in used:
@@ -834,6 +836,40 @@ class FrameArrayWriter:
 
     def discard(self) -> None:
         self._buf.clear()
+
+
+class RangeWriter:
+    """Writes per-frame items ``start, start + 1, ...`` into an existing array, a whole shard at a time.
+
+    ``start`` must be a shard boundary, so a writer of one frame range never touches a shard of
+    another range (segment jobs, ``storage.segmented``). Items are ``(1, *item_shape)`` chunks.
+    """
+
+    def __init__(self, array: zarr.Array, start: int) -> None:
+        self.step = array.shards[0] if array.shards else 1
+        if start % self.step:
+            raise StoreError(f"{array.path}: a range writer must start on a shard boundary (multiple of "
+                             f"{self.step}), not at {start}")
+        # a reopened array forgets the writer's config: every chunk is stored, fill-valued ones too
+        self.array, self.start, self.count = array.with_config(WRITE_EVERY_CHUNK), start, 0
+        self._buf: list[np.ndarray] = []
+
+    def append(self, item: np.ndarray) -> None:
+        self._buf.append(np.ascontiguousarray(item))
+        self.count += 1
+        if len(self._buf) == self.step:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            end = self.start + self.count
+            self.array[end - len(self._buf):end] = np.stack(self._buf)
+            self._buf.clear()
+
+    def close(self) -> int:
+        """Write what is buffered; returns the items written."""
+        self._flush()
+        return self.count
 
 
 class SequenceWriter:

@@ -7,9 +7,13 @@ from collections.abc import Callable
 import numpy as np
 import zarr
 from autolabel.models.optical_flow import EXACT, FlowConfig, FlowEstimator
+from autolabel.models.segments import Segment, stage_key
+from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.stages import flow_array_names, flow_stage
 from autolabel.storage.store import (
     FrameArrayWriter,
+    WRITE_EVERY_CHUNK,
+    RangeWriter,
     Sequence,
     SequenceStore,
     StageOutput,
@@ -116,7 +120,8 @@ def estimate_flow_piece(store: SequenceStore, seq_id: str, config: FlowConfig, v
     """Compute the flow of pairs ``start..stop-1`` into the arrays of :func:`flow_pieces` at ``version``."""
     seq = store.sequence(seq_id)
     group = seq.group[version]
-    fw, bw = group["fw"], group["bw"]
+    # reopened arrays forget the writer's config: store every chunk, all-zero flow (a still camera) too
+    fw, bw = group["fw"].with_config(WRITE_EVERY_CHUNK), group["bw"].with_config(WRITE_EVERY_CHUNK)
     forward, backward = [], []
     with FlowEstimator(config.model_copy(update={"workers": 1})) as estimator:
         for f, b in estimator.pairs(seq.iter_frames(start, stop + 1)):
@@ -131,3 +136,37 @@ def finish_flow(out: StageOutput, config: FlowConfig) -> None:
     """Publish the flow of a parallel computation (after every piece is written)."""
     seq = out.store.sequence(out.seq_id)
     out.publish({"pairs": max(seq.num_frames - 1, 0), "settings": config.settings_key()})
+
+
+def estimate_flow_segment(store: SequenceStore, seq_id: str, config: FlowConfig, segment: Segment, plan_key: str,
+                          segments: int, on_pair: Callable[[], None] | None = None) -> bool:
+    """The flow pairs ``segment`` owns, written into the drive's shared new version (``storage.segmented``).
+
+    Returns False when the stage is current or this segment is already written; the job that
+    writes the last segment publishes the stage.
+    """
+    seq = store.sequence(seq_id)
+    if flow_is_current(seq, config):
+        return False
+    _refuse_exact(seq_id, config)
+    pairs = max(seq.num_frames - 1, 0)
+    key = stage_key(plan_key, config.settings_key())
+    shared = SegmentedStage.open(store, seq_id, flow_stage(config.stored_name), key, segments,
+                                 lambda group: _flow_writers(group, seq, pairs))
+    if shared.is_done(segment.index):
+        return False
+    start, stop = segment.pairs(seq.num_frames)
+    if stop > start:
+        group = shared.group
+        fw, bw = RangeWriter(group["fw"], start), RangeWriter(group["bw"], start)  # type: ignore[arg-type]
+        with FlowEstimator(config) as estimator:
+            for f, b in estimator.pairs(seq.iter_frames(start, stop + 1)):
+                fw.append(f.astype(np.float16))
+                bw.append(b.astype(np.float16))
+                if on_pair is not None:
+                    on_pair()
+        fw.close()
+        bw.close()
+    shared.finish(segment.index, {"pairs": stop - start},
+                  lambda infos: {"pairs": pairs, "settings": config.settings_key()})
+    return True

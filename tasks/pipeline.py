@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal, Protocol, Self
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig, count_steps, method_class
 from autolabel.models.quality import EstimateConfig, estimate_plan, probe_steps
+from autolabel.models.segments import Segment
 from autolabel.models.teacher import Teacher
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.export import export_is_current, export_sequence
@@ -51,10 +52,10 @@ from autolabel.tasks.evaluate import (
     evaluate_sequence,
     evaluation_is_current,
 )
-from autolabel.tasks.flow_estimation import estimate_flow, flow_is_current
+from autolabel.tasks.flow_estimation import estimate_flow, estimate_flow_segment, flow_is_current
 from autolabel.tasks.estimate import estimate_is_current, estimate_sequence
-from autolabel.tasks.propagate import propagate_sequence, results_are_current
-from autolabel.tasks.teacher_inference import infer_teacher, teacher_is_current
+from autolabel.tasks.propagate import propagate_segment, propagate_sequence, results_are_current
+from autolabel.tasks.teacher_inference import infer_teacher, infer_teacher_segment, teacher_is_current
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from autolabel.errors import (
@@ -129,6 +130,9 @@ class LabelSettings(BaseModel):
     compare_with_warp_inpaint: bool = Field(
         True, description="warp-refine: also store warp-inpaint, so its gain can be shown")
     export_dir: str | None = Field(None, description="write index / colour / overlay PNGs of the method here")
+    segment_frames: int = Field(
+        0, ge=0, description="split drives longer than this many frames into segments labelled as separate jobs "
+                             "(whole shards; 0: one job per drive)")
     parallel_flow_pairs: int = Field(
         64, ge=2, description="flows: sequences with at least this many frame pairs compute their flow in pieces "
                               "on dask")
@@ -154,6 +158,9 @@ class LabelSettings(BaseModel):
                               "(train one with `autolabel train-teacher --store ... --out teacher.pt`)")
         if self.teacher_map and not self.teacher:
             raise ConfigError("a class mapping (--teacher-map) needs a teacher (--teacher)")
+        if self.segment_frames and self.adapt_steps:
+            raise ConfigError("--segment-frames needs --adapt-steps 0: each segment job would adapt its own copy of "
+                              "the teacher")
         if cls.needs_refiner and not self.refiner:
             raise ConfigError(f"method {self.method!r} needs a refiner checkpoint: pass --refiner CHECKPOINT "
                               "(train one with `autolabel train-refiner --store ... --teacher ... --out refiner.pt`)")
@@ -244,6 +251,13 @@ class Stage(BaseModel, ABC):
     def device(self) -> str:
         return "cpu"
 
+    segmentable: ClassVar[bool] = False
+
+    def run_segment(self, store: SequenceStore, seq_id: str, segment: Segment, plan_key: str, segments: int,
+                    progress: Progress) -> dict[str, Any]:
+        """Do this stage's work for the frames ``segment`` owns (``models.segments``); per-drive stages cannot."""
+        raise ConfigError(f"stage {self.title!r} runs on a whole drive, not per segment")
+
     def checkpoints(self) -> list[str]:
         """Checkpoint files whose content the output depends on (hashed into cache keys)."""
         return []
@@ -305,6 +319,15 @@ class FlowStage(Stage):
         progress.start(seq_id, self.title, store.sequence(seq_id).num_frames - 1)
         return {"computed": estimate_flow(store, seq_id, self.flow, None, progress.advance)}
 
+    segmentable: ClassVar[bool] = True
+
+    def run_segment(self, store: SequenceStore, seq_id: str, segment: Segment, plan_key: str, segments: int,
+                    progress: Progress) -> dict[str, Any]:
+        a, b = segment.pairs(store.sequence(seq_id).num_frames)
+        progress.start(seq_id, f"{self.title} [{segment.start}:{segment.stop}]", max(b - a, 0))
+        return {"computed": estimate_flow_segment(store, seq_id, self.flow, segment, plan_key, segments,
+                                                  progress.advance)}
+
 
 class TeacherStage(Stage):
     kind: Literal["teacher"] = "teacher"
@@ -340,6 +363,20 @@ class TeacherStage(Stage):
                                  load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names),
                                  teacher_sha256(self.teacher, self.teacher_map), adapt_steps=self.adapt_steps,
                                  on_frame=progress.advance)
+        return {"computed": computed}
+
+    segmentable: ClassVar[bool] = True
+
+    def run_segment(self, store: SequenceStore, seq_id: str, segment: Segment, plan_key: str, segments: int,
+                    progress: Progress) -> dict[str, Any]:
+        if self.adapt_steps > 0:
+            raise ConfigError("a drive labelled in segments cannot adapt the teacher per sequence (--adapt-steps); "
+                              "use --adapt-steps 0 or --segment-frames 0")
+        progress.start(seq_id, f"{self.title} [{segment.start}:{segment.stop}]", segment.frames)
+        computed = infer_teacher_segment(store, seq_id,
+                                         load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names),
+                                         teacher_sha256(self.teacher, self.teacher_map), segment, plan_key, segments,
+                                         on_frame=progress.advance)
         return {"computed": computed}
 
 
@@ -389,6 +426,24 @@ class PropagateStage(Stage):
         computed = propagate_sequence(store, seq_id, self.propagation, self.flow_name, on_step=progress.advance,
                                       refiner=refiner, refiner_sha256=self._refiner_hash(),
                                       feature_teacher=feature_teacher)
+        return {"computed": computed}
+
+    segmentable: ClassVar[bool] = True
+
+    def run_segment(self, store: SequenceStore, seq_id: str, segment: Segment, plan_key: str, segments: int,
+                    progress: Progress) -> dict[str, Any]:
+        seq = store.sequence(seq_id)
+        window = seq.annotated[segment.span_start:segment.span_stop]
+        progress.start(seq_id, f"{self.title} [{segment.start}:{segment.stop}]",
+                       count_steps(window, self.propagation.max_distance))
+        refiner = feature_teacher = None
+        if self.refiner is not None and self.teacher is not None:
+            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
+                                   self.teacher_map)
+            feature_teacher = load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names)
+        computed = propagate_segment(store, seq_id, self.propagation, self.flow_name, segment, plan_key, segments,
+                                     on_step=progress.advance, refiner=refiner, refiner_sha256=self._refiner_hash(),
+                                     feature_teacher=feature_teacher)
         return {"computed": computed}
 
 
@@ -639,12 +694,20 @@ def check_checkpoints(store: SequenceStore, settings: LabelSettings) -> None:
 
 
 def label_store(store_url: str, settings: LabelSettings, sequences: list[str] | None = None,
-                progress: Progress | None = None) -> LabelReport:
-    """Label the (selected) sequences of a store one after the other, in this process.
+                progress: Progress | None = None, jobs: int = 1) -> LabelReport:
+    """Label the (selected) sequences of a store one after the other, here.
 
     One failing sequence never stops the others; a sequence whose stages were all current
-    already is ``skipped``.
+    already is ``skipped``. A drive longer than ``settings.segment_frames`` (when set) is labelled
+    as segment jobs (``tasks.segments``) on ``jobs`` local worker processes (1: in this process).
     """
+    from autolabel.tasks.segments import (  # segments build on this module
+        is_segmented,
+        label_drive_in_segments,
+        process_pool_jobs,
+        run_jobs_here,
+    )
+
     check_device_available(settings.device)
     store = SequenceStore.open(store_url, mode="r+")
     ids = select_ids(store.sequence_ids(), sequences, f"store {store_url!r}")
@@ -654,7 +717,11 @@ def label_store(store_url: str, settings: LabelSettings, sequences: list[str] | 
     for seq_id in ids:
         start = time.perf_counter()
         try:
-            result = label_sequence(store_url, seq_id, settings, runner=runner)
+            if seq_id in store and is_segmented(store.sequence(seq_id).num_frames, settings):
+                result = label_drive_in_segments(store_url, seq_id, settings, process_pool_jobs(jobs) if jobs > 1
+                                                 else run_jobs_here(progress), runner)
+            else:
+                result = label_sequence(store_url, seq_id, settings, runner=runner)
         except AutolabelError as exc:
             report.outcomes.append(SequenceOutcome(seq_id, "failed", time.perf_counter() - start, str(exc)))
             continue

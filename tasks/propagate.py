@@ -16,8 +16,10 @@ from autolabel.models.propagation import (
     propagate_frames,
 )
 from autolabel.models.quality import annotation_fingerprint
+from autolabel.models.segments import Segment, stage_key
 from autolabel.models.refiner import Refiner
 from autolabel.models.teacher_runtime import SemanticTeacher
+from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.stages import (
     DISTANCE_DTYPE,
     TEACHER,
@@ -30,13 +32,14 @@ from autolabel.storage.stages import (
 from autolabel.storage.store import (
     WRITE_EVERY_CHUNK,
     FrameArrayWriter,
+    RangeWriter,
     Sequence,
     SequenceStore,
     StoreLayout,
 )
 from autolabel.tasks.flow_estimation import flow_arrays
 
-from autolabel.errors import StageNotDoneError
+from autolabel.errors import StageNotDoneError, StoreError
 
 
 FRAME_CACHE = 48  # decoded frames kept (two per chain of a batch of 16, with room)
@@ -220,3 +223,71 @@ def _partial_frames(seq: Sequence, config: PropagationConfig, inputs: StoreSeque
     while t < seq.num_frames:
         yield OutputFrame(t, np.asarray(old_labels[t]), np.asarray(old_conf[t]), int(old_distance[t]))
         t += 1
+
+
+def _result_arrays(group: Any, seq: Sequence) -> None:
+    """Full-length, empty result arrays of a segmented drive (distance chunked by shard: one writer each)."""
+    shape, dims, ignore = (seq.height, seq.width), ("T", "H", "W"), seq.store.classes.ignore_index
+    FrameArrayWriter(group, "labels", shape, "uint8", seq.num_frames, StoreLayout(), ignore, dims)
+    FrameArrayWriter(group, "confidence", shape, "uint8", seq.num_frames, StoreLayout(), 0, dims)
+    chunk = StoreLayout().shard_length(seq.num_frames) or seq.num_frames
+    group.create_array("distance", shape=(seq.num_frames,), chunks=(chunk,), dtype=DISTANCE_DTYPE, fill_value=-1,
+                       overwrite=True, dimension_names=("T",), config=WRITE_EVERY_CHUNK)
+
+
+def propagate_segment(
+    store: SequenceStore,
+    seq_id: str,
+    config: PropagationConfig,
+    flow_name: str | None,
+    segment: Segment,
+    plan_key: str,
+    segments: int,
+    *,
+    on_step: Callable[[], None] | None = None,
+    refiner: Refiner | None = None,
+    refiner_sha256: str | None = None,
+    feature_teacher: SemanticTeacher | None = None,
+) -> bool:
+    """Labels of the frames ``segment`` owns, propagated over its span, into the drive's shared new version.
+
+    Gives exactly the labels :func:`propagate_sequence` gives those frames (a frame depends only on
+    the keyframes around it; ``models.segments``). Needs the drive's flow and teacher stages
+    published. The job that writes the last segment publishes the stage.
+    """
+    seq = store.sequence(seq_id)
+    method = create_method(config, refiner)
+    inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher,
+                                 feature_teacher if method.needs_refiner else None)
+    settings = expected_settings(seq, config, flow_name, refiner_sha256)
+    if seq.stages.get(results_stage(config.method), {}).get("settings") == settings:
+        return False
+    shared = SegmentedStage.open(store, seq_id, results_stage(config.method), stage_key(plan_key, settings),
+                                 segments, lambda group: _result_arrays(group, seq))
+    if shared.is_done(segment.index):
+        return False
+    group = shared.group
+    labels_w = RangeWriter(group["labels"], segment.start)  # type: ignore[arg-type]
+    conf_w = RangeWriter(group["confidence"], segment.start)  # type: ignore[arg-type]
+    distance = np.full(segment.frames, -1, dtype=DISTANCE_DTYPE)
+    window = WindowInputs(inputs, segment.span_start, segment.span_stop)
+    for frame in propagate_frames(window, config, on_step, refiner, config.chains_per_batch()):
+        t = frame.t + segment.span_start
+        if segment.start <= t < segment.stop:
+            labels_w.append(frame.labels)
+            conf_w.append(frame.confidence)
+            distance[t - segment.start] = frame.distance
+    if labels_w.close() != segment.frames or conf_w.close() != segment.frames:
+        raise StoreError(f"sequence {seq_id!r}: segment {segment.index} produced {labels_w.count} of its "
+                         f"{segment.frames} frames")
+    group["distance"].with_config(WRITE_EVERY_CHUNK)[segment.start:segment.stop] = distance  # type: ignore[union-attr]
+    owned = {str(t): annotation_fingerprint(inputs.annotation(int(t)))
+             for t in np.flatnonzero(inputs.annotated[segment.start:segment.stop]) + segment.start}
+
+    def combine(infos: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"settings": settings, "reached": sum(i["reached"] for i in infos),
+                "annotations": {t: fp for i in infos for t, fp in i["annotations"].items()},
+                "relabelled_frames": seq.num_frames, "partial": False}
+
+    shared.finish(segment.index, {"reached": int((distance > 0).sum()), "annotations": owned}, combine)
+    return True

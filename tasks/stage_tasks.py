@@ -9,7 +9,7 @@ hashes, code version). The runner asks the stage whether the store already holds
 (:meth:`Stage.is_current`) and passes ``refresh_cache`` when it does not, so a cached record can
 never stand in for missing output and a killed run resumes from the store. GPU stages hold a slot
 of their worker's GPU concurrency limit (:func:`gpu_limit_name`); long stages move a progress
-artifact.
+artifact. :func:`segment_task` runs one segment job of a long drive the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from autolabel.errors import AutolabelError
 from autolabel.storage.store import SequenceStore
 from autolabel.tasks.checkpoints import checkpoint_sha256
 from autolabel.tasks.pipeline import AnyStage, Stage, run_stage
+from autolabel.tasks.segments import SegmentJob, run_segment_job
 
 CODE_VERSION = autolabel.__version__
 
@@ -116,3 +117,12 @@ def prefect_runner(store: str, seq_id: str, stage: Stage) -> dict[str, Any]:
     result = dict(state.result())
     result["cached"] = state.name == "Cached"
     return result
+
+
+@task(name="segment", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
+def segment_task(job: SegmentJob) -> dict[str, Any]:
+    """Run one segment job (``tasks.segments``); a job already written does nothing (no task cache needed)."""
+    if any(stage.uses_gpu for stage in job.stages):
+        with gpu_slot(job.stages[0].device):
+            return run_segment_job(job, ArtifactProgress())
+    return run_segment_job(job, ArtifactProgress())

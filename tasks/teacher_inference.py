@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from autolabel.errors import ConfigError
 from autolabel.models.teacher import Teacher
 from autolabel.models.teacher_runtime import SemanticTeacher
 from autolabel.models.teacher_training import adapt_teacher
+from autolabel.models.segments import Segment, stage_key
+from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.stages import TEACHER
 from autolabel.storage.store import (
     FrameArrayWriter,
+    RangeWriter,
     Sequence,
     SequenceStore,
     StoreLayout,
@@ -63,21 +67,64 @@ def infer_teacher(
             samples = AnnotatedFrames.from_sequence(seq)
             if len(samples):
                 model = adapt_teacher(teacher, samples, adapt_steps)  # type: ignore[arg-type]
-        shape = (seq.height, seq.width)
-        labels_w = FrameArrayWriter(out.group, "labels", shape, "uint8", seq.num_frames, StoreLayout(),
-                                    store.classes.ignore_index, ("T", "H", "W"))
-        conf_w = FrameArrayWriter(out.group, "confidence", shape, "uint8", seq.num_frames, StoreLayout(), 0,
-                                  ("T", "H", "W"))
-        for start in range(0, seq.num_frames, batch_size):
-            frames = np.stack(list(seq.iter_frames(start, min(start + batch_size, seq.num_frames))))
-            labels, conf = model.predict_labels(frames)
-            for lab, c in zip(labels, conf):
-                labels_w.append(lab)
-                conf_w.append(np.clip(np.round(c * 255), 0, 255).astype(np.uint8))
-                if on_frame is not None:
-                    on_frame()
+        labels_w, conf_w = _teacher_writers(out.group, seq)
+        _predict_into(model, seq, 0, seq.num_frames, batch_size, labels_w, conf_w, on_frame)
         labels_w.close()
         conf_w.close()
         out.publish({"settings": teacher_settings(teacher_hash, adapt_steps, seq.keyframes_fingerprint),
                      "classes": teacher.classes})
+    return True
+
+
+def _teacher_writers(group: Any, seq: Sequence) -> tuple[FrameArrayWriter, FrameArrayWriter]:
+    shape = (seq.height, seq.width)
+    return (FrameArrayWriter(group, "labels", shape, "uint8", seq.num_frames, StoreLayout(),
+                             seq.store.classes.ignore_index, ("T", "H", "W")),
+            FrameArrayWriter(group, "confidence", shape, "uint8", seq.num_frames, StoreLayout(), 0, ("T", "H", "W")))
+
+
+def _predict_into(model: SemanticTeacher, seq: Sequence, start: int, stop: int, batch_size: int,
+                  labels_w: FrameArrayWriter | RangeWriter, conf_w: FrameArrayWriter | RangeWriter,
+                  on_frame: Callable[[], None] | None) -> None:
+    """The teacher on frames ``start..stop-1`` in batches on the drive's grid (multiples of ``batch_size``).
+
+    Batches start at multiples of ``batch_size`` whatever ``start`` is, so a segment's frames see
+    exactly the batches a whole-drive run gives them.
+    """
+    for first in range(start - start % batch_size, stop, batch_size):
+        a, b = max(first, start), min(first + batch_size, stop)
+        frames = np.stack(list(seq.iter_frames(first, min(first + batch_size, seq.num_frames))))
+        labels, conf = model.predict_labels(frames)
+        for lab, c in list(zip(labels, conf))[a - first:b - first]:
+            labels_w.append(lab)
+            conf_w.append(np.clip(np.round(c * 255), 0, 255).astype(np.uint8))
+            if on_frame is not None:
+                on_frame()
+
+
+def infer_teacher_segment(store: SequenceStore, seq_id: str, teacher: SemanticTeacher, teacher_hash: str,
+                          segment: Segment, plan_key: str, segments: int, *, batch_size: int = 4,
+                          on_frame: Callable[[], None] | None = None) -> bool:
+    """The teacher's output for the frames ``segment`` owns, into the drive's shared new version.
+
+    Like :func:`infer_teacher` without adaptation (a segmented drive is refused with
+    ``adapt_steps``); the job that writes the last segment publishes the stage.
+    """
+    teacher.check_classes(store.classes.names, store.classes.ignore_index, f"store {store.url!r}")
+    seq = store.sequence(seq_id)
+    if teacher_is_current(seq, teacher_hash, 0):
+        return False
+    settings = teacher_settings(teacher_hash, 0, seq.keyframes_fingerprint)
+    shared = SegmentedStage.open(store, seq_id, TEACHER, stage_key(plan_key, settings), segments,
+                                 lambda group: _teacher_writers(group, seq))
+    if shared.is_done(segment.index):
+        return False
+    group = shared.group
+    labels_w = RangeWriter(group["labels"], segment.start)  # type: ignore[arg-type]
+    conf_w = RangeWriter(group["confidence"], segment.start)  # type: ignore[arg-type]
+    _predict_into(teacher, seq, segment.start, segment.stop, batch_size, labels_w, conf_w, on_frame)
+    labels_w.close()
+    conf_w.close()
+    shared.finish(segment.index, {"frames": segment.frames},
+                  lambda infos: {"settings": settings, "classes": teacher.classes})
     return True

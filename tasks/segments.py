@@ -1,0 +1,152 @@
+"""A long drive labelled as segment jobs on many workers, with the labels one job would give.
+
+:func:`segment_phases` turns a drive and :class:`~autolabel.tasks.pipeline.LabelSettings` into
+jobs (:class:`SegmentJob`): first every segment's flow and teacher output (the *prepare* phase),
+then every segment's propagation for each method (the *propagate* phase, which reads the flow and
+teacher output around its frames, some of them its neighbours'). Jobs of one phase are independent
+and may run anywhere at once (:func:`run_segment_job`); each writes only the frames its segment
+owns, and the last to finish a stage publishes it (``storage.segmented``). Then the drive's own
+pipeline runs (:func:`~autolabel.tasks.pipeline.label_sequence`): its flow, teacher and
+propagation stages are current and skipped, the estimate, evaluation and export run, and the drive
+is marked labelled - only once every segment is.
+
+A job runner takes a phase's jobs and returns when all are done (raising when one failed): here
+(:func:`run_jobs_here`), in local worker processes (:func:`process_pool_jobs`), or as runs of the
+``label-segment`` deployment on the work pool (``flows``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any
+
+from autolabel.models.segments import Segment, plan_key, plan_segments
+from autolabel.storage.store import SequenceStore, StoreLayout
+from autolabel.tasks.pipeline import (
+    AnyStage,
+    LabelSettings,
+    Progress,
+    QuietProgress,
+    StageRunner,
+    label_sequence,
+    sequence_stages,
+    worker_name,
+)
+from pydantic import BaseModel, ConfigDict
+
+log = logging.getLogger("autolabel.segments")
+
+PHASES = {"prepare": ("flow", "teacher"), "propagate": ("propagate",)}
+
+
+class SegmentJob(BaseModel):
+    """One segment's stages of one phase (a pool job: everything in it is plain data)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    store: str
+    seq_id: str
+    phase: str
+    segment: tuple[int, int, int, int, int]  # index, start, stop, span_start, span_stop
+    segments: int
+    plan_key: str
+    stages: list[AnyStage]
+
+    @property
+    def name(self) -> str:
+        index, start, stop = self.segment[:3]
+        return f"{self.seq_id}-{self.phase}-{index:03d}-{start}-{stop}"
+
+
+def drive_segments(seq_frames: int, annotated: Any, frames_per_segment: int) -> list[Segment]:
+    """The segments of a drive of ``seq_frames`` frames on the store's shard grid."""
+    return plan_segments(annotated, StoreLayout().shard_length(seq_frames) or 1, frames_per_segment)
+
+
+def segment_phases(store_url: str, seq_id: str, settings: LabelSettings) -> list[list[SegmentJob]]:
+    """The jobs of each phase, in phase order (one list per phase; empty when nothing is segmented)."""
+    seq = SequenceStore.open(store_url).sequence(seq_id)
+    segments = drive_segments(seq.num_frames, seq.annotated, settings.segment_frames)
+    key = plan_key(seq.content_hash, segments)
+    stages = [s for s in sequence_stages(settings) if s.segmentable]
+    phases = []
+    for phase, kinds in PHASES.items():
+        chosen = [s for s in stages if s.kind in kinds]
+        if chosen:
+            phases.append([SegmentJob(store=store_url, seq_id=seq_id, phase=phase, segments=len(segments),
+                                      plan_key=key, stages=chosen,
+                                      segment=(s.index, s.start, s.stop, s.span_start, s.span_stop))
+                           for s in segments])
+    return phases
+
+
+def run_segment_job(job: SegmentJob, progress: Progress | None = None) -> dict[str, Any]:
+    """Run one job's stages for its segment, here; returns what each stage did."""
+    store = SequenceStore.open(job.store, mode="r+")
+    segment = Segment(*job.segment)
+    done = []
+    for stage in job.stages:
+        result = stage.run_segment(store, job.seq_id, segment, job.plan_key, job.segments,
+                                   progress or QuietProgress())
+        done.append({"stage": stage.output, **result})
+    return {"job": job.name, "worker": worker_name(), "stages": done}
+
+
+JobRunner = Callable[[list[SegmentJob]], list[dict[str, Any]]]
+
+
+def run_jobs_here(progress: Progress | None = None) -> JobRunner:
+    """Jobs one after the other in this process."""
+    return lambda jobs: [run_segment_job(job, progress) for job in jobs]
+
+
+def _threads_then_run(job: SegmentJob, threads: int) -> dict[str, Any]:
+    import cv2
+    import torch
+
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    return run_segment_job(job)
+
+
+def process_pool_jobs(workers: int) -> JobRunner:
+    """Jobs spread over ``workers`` local processes, the machine's cores shared among them."""
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+
+    def run(jobs: list[SegmentJob]) -> list[dict[str, Any]]:
+        if workers <= 1 or len(jobs) <= 1:
+            return [_threads_then_run(job, os.cpu_count() or 1) for job in jobs]
+        # spawn, not fork: a forked child inherits zarr's event-loop thread's locks and hangs on them
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+            return list(pool.map(_threads_then_run, jobs, [threads] * len(jobs)))
+
+    return run
+
+
+def is_segmented(num_frames: int, settings: LabelSettings) -> bool:
+    """Whether a drive of ``num_frames`` is labelled in segments with ``settings``."""
+    return 0 < settings.segment_frames < num_frames
+
+
+def label_drive_in_segments(store_url: str, seq_id: str, settings: LabelSettings, run_jobs: JobRunner,
+                            runner: StageRunner | None = None, marker: dict[str, Any] | None = None) \
+        -> dict[str, Any]:
+    """Label ``seq_id`` through segment jobs (``run_jobs``), then finish it as one drive (module docstring).
+
+    Returns :func:`~autolabel.tasks.pipeline.label_sequence`'s result with the jobs' results under
+    ``segments``.
+    """
+    jobs_done: list[dict[str, Any]] = []
+    for jobs in segment_phases(store_url, seq_id, settings):
+        log.info("%s: %s phase, %d segment jobs", seq_id, jobs[0].phase, len(jobs))
+        jobs_done.extend(run_jobs(jobs))
+    result = label_sequence(store_url, seq_id, settings, runner=runner, marker=marker)
+    return {**result, "segments": jobs_done}
+
+
+__all__ = ["JobRunner", "SegmentJob", "drive_segments", "is_segmented", "label_drive_in_segments",
+           "process_pool_jobs", "run_jobs_here", "run_segment_job", "segment_phases"]

@@ -1,0 +1,168 @@
+"""A long drive labelled as segment jobs (in worker processes) stores exactly what one job stores."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autolabel.errors import ConfigError, StoreError
+from autolabel.models.optical_flow import FlowConfig
+from autolabel.models.propagation import PropagationConfig
+from autolabel.models.refiner import Refiner
+from autolabel.models.segments import Segment, plan_segments
+from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.segmented import SegmentedStage
+from autolabel.storage.store import SequenceStore
+from autolabel.storage.synthetic import SyntheticConfig
+from autolabel.storage.synthetic_io import write_synthetic_store
+from autolabel.tasks.checkpoints import checkpoint_sha256
+from autolabel.tasks.pipeline import LabelSettings, label_store
+from autolabel.tasks.segments import (
+    label_drive_in_segments,
+    process_pool_jobs,
+    run_jobs_here,
+    run_segment_job,
+    segment_phases,
+)
+from tests.conftest import train_tiny_teacher
+
+
+class TestPlanSegments:
+    def test_covers_every_frame_once_on_shard_boundaries(self) -> None:
+        annotated = np.zeros(200, bool)
+        annotated[[10, 31, 52, 73, 94, 115, 136, 157, 178, 199]] = True
+        segments = plan_segments(annotated, 16, 64)
+        assert segments[0].start == 0 and segments[-1].stop == 200
+        assert all(a.stop == b.start for a, b in zip(segments, segments[1:]))
+        assert all(s.start % 16 == 0 for s in segments)
+        assert [s.index for s in segments] == list(range(len(segments)))
+        for s in segments:  # the span reaches the keyframes around the owned frames
+            assert s.span_start <= s.start and s.span_stop >= s.stop
+            assert s.span_start == 0 or annotated[s.span_start]
+            assert s.span_stop == 200 or annotated[s.span_stop - 1]
+
+    def test_prefers_a_boundary_on_a_keyframe(self) -> None:
+        annotated = np.zeros(128, bool)
+        annotated[[0, 48, 127]] = True
+        first = plan_segments(annotated, 16, 64)[0]
+        assert first.stop == 48  # 48 is a keyframe and a shard boundary near 64: no span overlap
+        assert plan_segments(annotated, 16, 64)[1].span_start == 48
+
+    def test_short_drive_is_one_segment(self) -> None:
+        assert plan_segments(np.ones(40, bool), 16, 64) == [Segment(0, 0, 40, 0, 40)]
+
+    def test_drive_without_keyframes_spans_everything(self) -> None:
+        segments = plan_segments(np.zeros(100, bool), 16, 32)
+        assert all((s.span_start, s.span_stop) == (0, 100) for s in segments)
+
+    def test_bad_arguments(self) -> None:
+        with pytest.raises(ConfigError, match="must be >= 1"):
+            plan_segments(np.ones(10, bool), 0, 8)
+        with pytest.raises(ConfigError, match=r"\(T,\)"):
+            plan_segments(np.ones((2, 5), bool), 4, 8)
+
+
+@pytest.fixture(scope="module")
+def drive(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One 100-frame drive (sharded: 16 frames per shard), keyframes every 21 frames, teacher, refiner."""
+    root = tmp_path_factory.mktemp("segments")
+    store = str(root / "store.zarr")
+    write_synthetic_store(store, [SyntheticConfig(width=64, height=48, frames=100, seed=5)],
+                          AnnotationPolicy(mode="window", n=21))
+    teacher = train_tiny_teacher(store, root / "teacher.pt")
+    refiner = Refiner.create("refine-tiny", teacher.classes, teacher.feature_channels,
+                             checkpoint_sha256(root / "teacher.pt"))
+    refiner.save(root / "refiner.pt")
+    return {"store": Path(store), "teacher": root / "teacher.pt", "refiner": root / "refiner.pt"}
+
+
+def settings_for(drive: dict[str, Path], segment_frames: int) -> LabelSettings:
+    return LabelSettings(propagation=PropagationConfig(method="warp-refine", max_distance=10),
+                         flow=FlowConfig(backend="dis-fast"), teacher=str(drive["teacher"]),
+                         refiner=str(drive["refiner"]), segment_frames=segment_frames)
+
+
+ARRAYS = ["flow/dis-fast/fw", "flow/dis-fast/bw", "teacher/labels", "teacher/confidence",
+          *[f"results/{m}/{a}" for m in ("warp-inpaint", "warp-refine") for a in ("labels", "confidence", "distance")]]
+
+
+def stored(store: str, seq_id: str) -> dict[str, np.ndarray]:
+    seq = SequenceStore.open(store).sequence(seq_id)
+    return {name: np.asarray(seq.array(name)[:]) for name in ARRAYS}
+
+
+class TestSegmentedDrive:
+    def test_segments_in_worker_processes_store_what_one_job_stores(self, drive: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+        one, split = str(tmp_path / "one.zarr"), str(tmp_path / "split.zarr")
+        shutil.copytree(drive["store"], one)
+        shutil.copytree(drive["store"], split)
+        seq_id = SequenceStore.open(one).sequence_ids()[0]
+        report = label_store(one, settings_for(drive, 0))
+        assert not report.failed
+        settings = settings_for(drive, 32)
+        phases = segment_phases(split, seq_id, settings)
+        assert [p[0].phase for p in phases] == ["prepare", "propagate"]
+        assert len(phases[0]) >= 3  # 100 frames in segments of about 32
+        result = label_drive_in_segments(split, seq_id, settings, process_pool_jobs(2))
+        assert len(result["segments"]) == 2 * len(phases[0]) and all(r["worker"] for r in result["segments"])
+        # the drive's own pipeline afterwards finds flow, teacher and labels current: nothing recomputed
+        redone = [s["stage"] for s in result["stages"] if s["computed"] and s["stage"].split("/")[0]
+                  in ("flow", "teacher", "results")]
+        assert redone == []
+        expected, got = stored(one, seq_id), stored(split, seq_id)
+        for name in ARRAYS:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+        seq = SequenceStore.open(split).sequence(seq_id)
+        assert seq.stage_done("labelled") and "segmented" not in seq.attrs
+        whole = SequenceStore.open(one).sequence(seq_id).stages
+        for stage in ("flow/dis-fast", "teacher", "results/warp-refine"):
+            assert seq.stages[stage]["settings"] == whole[stage]["settings"]
+        assert seq.stages["results/warp-refine"]["reached"] == whole["results/warp-refine"]["reached"]
+        # the drive's evaluation is the one-job evaluation
+        assert result["evaluation"] == label_store(one, settings_for(drive, 0)).outcomes[0].result["evaluation"]
+
+    def test_stage_is_published_only_when_every_segment_is_written(self, drive: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+        split = str(tmp_path / "split.zarr")
+        shutil.copytree(drive["store"], split)
+        seq_id = SequenceStore.open(split).sequence_ids()[0]
+        prepare = segment_phases(split, seq_id, settings_for(drive, 32))[0]
+        for job in prepare[:-1]:
+            run_segment_job(job)
+        seq = SequenceStore.open(split).sequence(seq_id)
+        assert not seq.stage_done("flow/dis-fast") and not seq.stage_done("teacher")
+        assert set(seq.attrs["segmented"]) == {"flow/dis-fast", "teacher"}
+        again = run_segment_job(prepare[0])  # a job run twice (a retry) does nothing the second time
+        assert not any(s["computed"] for s in again["stages"])
+        run_segment_job(prepare[-1])
+        seq = SequenceStore.open(split).sequence(seq_id)
+        assert seq.stage_done("flow/dis-fast") and seq.stage_done("teacher") and not seq.attrs.get("segmented")
+
+    def test_late_writer_of_a_replaced_version_fails(self, drive: dict[str, Path], tmp_path: Path) -> None:
+        split = str(tmp_path / "split.zarr")
+        shutil.copytree(drive["store"], split)
+        store = SequenceStore.open(split, mode="r+")
+        seq_id = store.sequence_ids()[0]
+        old = SegmentedStage.open(store, seq_id, "teacher", "key-a", 2, lambda group: None)
+        SegmentedStage.open(store, seq_id, "teacher", "key-b", 2, lambda group: None)  # other settings
+        with pytest.raises(StoreError, match="replaced or published by another run"):
+            old.finish(0, {}, lambda infos: {})
+
+    def test_per_sequence_adaptation_is_refused(self, drive: dict[str, Path]) -> None:
+        with pytest.raises(ConfigError, match="--adapt-steps 0"):
+            LabelSettings(propagation=PropagationConfig(method="warp-inpaint"), teacher=str(drive["teacher"]),
+                          adapt_steps=5, segment_frames=32)
+
+    def test_short_drive_in_one_segment_matches_too(self, drive: dict[str, Path], tmp_path: Path) -> None:
+        split = str(tmp_path / "split.zarr")
+        shutil.copytree(drive["store"], split)
+        seq_id = SequenceStore.open(split).sequence_ids()[0]
+        settings = settings_for(drive, 500).model_copy(update={"compare_with_warp_inpaint": False})
+        phases = segment_phases(split, seq_id, settings)
+        assert all(len(jobs) == 1 for jobs in phases)
+        label_drive_in_segments(split, seq_id, settings, run_jobs_here())
+        assert SequenceStore.open(split).sequence(seq_id).stage_done("results/warp-refine")
