@@ -1,6 +1,7 @@
-"""Peak memory of labelling against drive length.
+"""Peak memory of labelling against drive length, and wall time against the number of workers.
 
-    python benchmarks/scaling.py [--frames 100 2000] [--size 320x240] [--method warp-refine] [--out ...]
+    python benchmarks/scaling.py [--frames 100 2000] [--workers 1 2 4] [--size 320x240]
+                                 [--method warp-refine] [--parts memory workers] [--out ...]
 
 For each length, one synthetic drive (21-frame windows) is written to a fresh store, then
 ``autolabel label STORE --method M --flow dis-fast --no-estimate`` runs as a user runs it, in a
@@ -9,6 +10,14 @@ new process; its peak resident memory (the process and its flow workers together
 ``unet-lite`` / ``refine-unet`` nets (their cost does not depend on the weights). Labelling reads
 and writes frame by frame and propagates one group of keyframe gaps at a time, so the peak should
 not grow with the drive's length.
+
+Workers (CPU process workers on this machine; the cores are shared among them through
+``$AUTOLABEL_THREADS``): *one long drive* (``--long-frames``) labelled with ``--segment-frames
+--jobs N``, i.e. N worker processes taking its segment jobs; and *an inbox* of ``--inbox-drives``
+drives, N ``autolabel label --sequence`` processes at a time, each taking the next drive (what N
+pool workers do with one run per drive). Every run starts from the same freshly written store;
+the long drive's labels are checked to be identical for every N. Wall time and speed-up over one
+worker are reported.
 """
 
 from __future__ import annotations
@@ -55,11 +64,88 @@ def peak_rss(cmd: list[str]) -> tuple[float, float, int]:
     return peak / 2**20, time.perf_counter() - start, proc.returncode
 
 
+def label_cmd(store: str, tmp: str, method: str, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "autolabel.cli", "label", store, "--method", method, "--flow", "dis-fast",
+           "--teacher", f"{tmp}/teacher.pt", "--no-estimate", *extra]
+    if method == "warp-refine":
+        cmd += ["--refiner", f"{tmp}/refiner.pt"]
+    return cmd
+
+
+def run_all(cmds: list[list[str]], at_once: int, threads: int) -> float:
+    """Wall seconds to run ``cmds``, ``at_once`` processes at a time, each with ``threads`` threads."""
+    env = {**os.environ, "AUTOLABEL_THREADS": str(threads), "COLUMNS": "100"}
+    start = time.perf_counter()
+    pending, running = list(cmds), []
+    while pending or running:
+        while pending and len(running) < at_once:
+            running.append(subprocess.Popen(pending.pop(0), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                            env=env))
+        for proc in list(running):
+            if proc.poll() is not None:
+                running.remove(proc)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{' '.join(proc.args)} failed:\n{proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.1)
+    return time.perf_counter() - start
+
+
+def workers_part(args: argparse.Namespace, tmp: str, w: int, h: int) -> list[dict]:
+    """Wall time of the long drive and of the inbox for each number of workers."""
+    import shutil
+
+    import numpy as np
+
+    from autolabel.storage.store import SequenceStore
+
+    cores = os.cpu_count() or 1
+    long_src, inbox_src = f"{tmp}/long.zarr", f"{tmp}/inbox.zarr"
+    write_synthetic_store(long_src, drive_configs(1, SyntheticConfig(width=w, height=h, frames=args.long_frames,
+                                                                     seed=7)), AnnotationPolicy(mode="window", n=21))
+    write_synthetic_store(inbox_src, drive_configs(args.inbox_drives, SyntheticConfig(
+        width=w, height=h, frames=args.inbox_frames, seed=11)), AnnotationPolicy(mode="window", n=21))
+    drives = SequenceStore.open(inbox_src).sequence_ids()
+    results, reference = [], None
+    for n in args.workers:
+        threads = max(1, cores // n)
+        store = f"{tmp}/long-{n}.zarr"
+        shutil.copytree(long_src, store)
+        seconds = run_all([label_cmd(store, tmp, args.method, "--segment-frames", str(args.segment_frames),
+                                     "--jobs", str(n))], 1, cores if n == 1 else threads)
+        seq = SequenceStore.open(store).sequence(SequenceStore.open(store).sequence_ids()[0])
+        labels = np.asarray(seq.array(f"results/{args.method}/labels")[:])
+        same = reference is None or bool(np.array_equal(labels, reference))
+        reference = labels if reference is None else reference
+        results.append({"case": f"one drive of {args.long_frames} frames", "workers": n, "threads_each": threads,
+                        "seconds": round(seconds, 1), "same_labels": same})
+        log(f"long drive, {n} workers: {seconds:.1f} s")
+        store = f"{tmp}/inbox-{n}.zarr"
+        shutil.copytree(inbox_src, store)
+        seconds = run_all([label_cmd(store, tmp, args.method, "--sequence", d) for d in drives], n, threads)
+        results.append({"case": f"{len(drives)} drives of {args.inbox_frames} frames", "workers": n,
+                        "threads_each": threads, "seconds": round(seconds, 1), "same_labels": None})
+        log(f"inbox, {n} workers: {seconds:.1f} s")
+    for r in results:
+        base = next(b["seconds"] for b in results if b["case"] == r["case"] and b["workers"] == args.workers[0])
+        r["speedup"] = round(base / r["seconds"], 2)
+    return results
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs="+", default=[100, 2000])
     parser.add_argument("--size", default="320x240")
     parser.add_argument("--method", default="warp-refine")
+    parser.add_argument("--parts", nargs="+", default=["memory", "workers"], choices=["memory", "workers"])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--long-frames", type=int, default=400)
+    parser.add_argument("--segment-frames", type=int, default=64)
+    parser.add_argument("--inbox-drives", type=int, default=4)
+    parser.add_argument("--inbox-frames", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
@@ -69,28 +155,31 @@ def main() -> None:
         teacher = Teacher.create("unet-lite", CAMVID11.names, [list(c) for c in CAMVID11.palette])
         digest = teacher.save(Path(tmp) / "teacher.pt")
         Refiner.create("refine-unet", CAMVID11.names, teacher.feature_channels, digest).save(Path(tmp) / "refiner.pt")
-        for frames in args.frames:
+        for frames in args.frames if "memory" in args.parts else []:
             store = f"{tmp}/drive-{frames}.zarr"
             write_synthetic_store(store, drive_configs(1, SyntheticConfig(width=w, height=h, frames=frames, seed=3)),
                                   AnnotationPolicy(mode="window", n=21))
-            cmd = [sys.executable, "-m", "autolabel.cli", "label", store, "--method", args.method, "--flow", "dis-fast",
-                   "--teacher", f"{tmp}/teacher.pt", "--no-estimate"]
-            if args.method == "warp-refine":
-                cmd += ["--refiner", f"{tmp}/refiner.pt"]
-            peak, seconds, rc = peak_rss(cmd)
+            peak, seconds, rc = peak_rss(label_cmd(store, tmp, args.method))
             if rc != 0:
                 raise SystemExit(f"autolabel label failed on {frames} frames")
             runs.append({"frames": frames, "peak_rss_mb": round(peak, 1), "seconds": round(seconds, 1),
                          "frames_per_s": round(frames / seconds, 2)})
             rows.append([frames, args.size, args.method, f"{peak:.0f}", f"{seconds:.0f}", f"{frames / seconds:.2f}"])
-    print_table("peak RSS of `autolabel label` (process + flow workers)",
-                ["frames", "size", "method", "peak MB", "seconds", "frames/s"], rows)
+        scaling = workers_part(args, tmp, w, h) if "workers" in args.parts else []
+    if runs:
+        print_table("peak RSS of `autolabel label` (process + flow workers)",
+                    ["frames", "size", "method", "peak MB", "seconds", "frames/s"], rows)
     if len(runs) > 1:
         growth = runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"] - 1
         print(f"peak RSS at {runs[-1]['frames']} frames is {growth * 100:+.1f} % of {runs[0]['frames']} frames")
-    write_json("scaling", {"machine": machine(), "settings": {"size": args.size, "method": args.method,
-                                                               "flow": "dis-fast", "estimate": False},
-                           "runs": runs}, args.out)
+    if scaling:
+        print_table(f"workers: wall time ({args.size}, {args.method}, dis-fast, {os.cpu_count()} cores shared)",
+                    ["case", "workers", "threads", "seconds", "speed-up", "same labels"],
+                    [[r["case"], r["workers"], r["threads_each"], r["seconds"], r["speedup"],
+                      "" if r["same_labels"] is None else "yes" if r["same_labels"] else "NO"] for r in scaling])
+    write_json("scaling", {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()} | {
+                               "flow": "dis-fast", "estimate": False},
+                           "runs": runs, "workers": scaling}, args.out)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,19 @@
 
 Fan-out: with ``label_deployment`` set (``label-sequence/gpu``) each sequence becomes a run of that
 deployment (``run_deployment``, idempotency key = content hash + settings digest), so any free
-worker of the pool takes it; the parent waits, re-submits a run that crashed (a lost worker,
-marked Crashed by the zombie automation of ``deploy/``), and reports runs that failed. Without it
-(``autolabel run``, the demo) the same ``label-sequence`` flow runs in this process, sequence by
-sequence. Either way one failing sequence never stops the others.
+worker of the pool takes it. A drive longer than ``label.segment_frames`` is first ingested here
+and split into segment jobs, runs of ``segment_deployment`` phase by phase, so that all free
+workers share it; its own run then only finishes it (estimate, evaluation, export). The parent
+waits, re-submits a run that crashed (a lost worker, marked Crashed by the zombie automation of
+``deploy/``), and reports runs that failed. Without it (``autolabel run``, the demo) the same
+``label-sequence`` flow runs in this process, sequence by sequence, each drive as one job. Either way one failing sequence never stops the others.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,9 @@ from autolabel.storage.readers import read_dataset
 from autolabel.storage.store import SequenceStore
 from autolabel.tasks.evaluate import evaluate_store
 from autolabel.tasks.checkpoints import checkpoint_sha256, teacher_sha256
-from autolabel.tasks.pipeline import check_checkpoints, stale_reason
+from autolabel.errors import AutolabelError
+from autolabel.tasks.pipeline import IngestStage, check_checkpoints, run_stage, stale_reason
+from autolabel.tasks.segments import is_segmented, segment_phases
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
@@ -90,15 +95,109 @@ def _silent_for(client: Any, fr: Any) -> float:
     return (datetime.now(timezone.utc) - last).total_seconds()
 
 
-def _fan_out(request: AutolabelRequest, ids: list[str], drives: set[str], fingerprints: dict[str, str | None],
-             progress_id: Any) -> tuple[dict[str, str], dict[str, str]]:
-    """One deployment run per sequence; wait for all, re-submitting crashed ones."""
+def _await_runs(request: AutolabelRequest, submit: Callable[[str, str], Any], keys: list[str],
+                progress: Callable[[int, int], None], what: str) -> dict[str, Any]:
+    """One deployment run per key (``submit(key, attempt)``); wait until all are final, re-submitting crashed ones.
+
+    A run an earlier parent made with the same idempotency key that did not complete is tried again
+    once. A running run silent for longer than the watchdog allows (its worker died) is marked
+    Crashed; a crashed or cancelled run is re-submitted up to ``request.resubmit_crashed`` times.
+    Returns the final flow run of every key.
+    """
     logger = get_run_logger()
-    assert request.label_deployment is not None
-    digest = request.label.digest()
     started = time.time()
     parent = str(current_run.id or "local")[:8]
+    runs: dict[str, Any] = {key: submit(key, "") for key in keys}
+    resubmitted: dict[str, int] = {}
+    for key, run in list(runs.items()):
+        if run.created and run.created.timestamp() < started - 1 and run.state and run.state.type in TERMINAL \
+                and run.state.type != StateType.COMPLETED:
+            runs[key] = submit(key, f"-rerun-{parent}")
+    logger.info("submitted %d %s", len(runs), what)
+    done: dict[str, Any] = {}
+    silence = request.watchdog_seconds or 2.5 * heartbeat_seconds()
+    with get_client(sync_client=True) as client:
+        while len(done) < len(runs):
+            pending = {r.id: k for k, r in runs.items() if k not in done}
+            for fr in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending)))):
+                key = pending[fr.id]
+                kind = fr.state.type if fr.state else None
+                if kind == StateType.RUNNING and _silent_for(client, fr) > silence:
+                    # its worker died (before its first heartbeat, or the zombie automation is missing)
+                    message = f"no heartbeat for more than {silence:.0f} s: worker lost (autolabel watchdog)"
+                    client.set_flow_run_state(fr.id, Crashed(message=message), force=True)
+                    logger.warning("%s: run %s %s", key, fr.name, message)
+                    continue
+                if kind in (StateType.CRASHED, StateType.CANCELLED) and resubmitted.get(key, 0) < request.resubmit_crashed:
+                    resubmitted[key] = resubmitted.get(key, 0) + 1
+                    logger.warning("%s: run %s %s (%s); re-submitting (attempt %d)", key, fr.name, kind.value,
+                                   fr.state.message, resubmitted[key] + 1)
+                    runs[key] = submit(key, f"-{parent}-retry{resubmitted[key]}")
+                elif kind in TERMINAL:
+                    done[key] = fr
+            progress(len(done), len(runs))
+            if len(done) < len(runs):
+                time.sleep(request.poll_seconds)
+    return done
 
+
+def _run_failure(fr: Any) -> str | None:
+    """None for a completed run, else what happened to it."""
+    if fr.state.type == StateType.COMPLETED:
+        return None
+    return f"{fr.state.type.value} ({fr.name}): {fr.state.message or ''}".strip()
+
+
+def _label_segments(request: AutolabelRequest, ids: list[str], drives: set[str],
+                    lengths: dict[str, int]) -> tuple[list[str], dict[str, str]]:
+    """Long drives (``label.segment_frames``): ingest here, then each phase's segment jobs on the pool.
+
+    Returns the drives whose segments are all written (their ``label-sequence`` run finishes them)
+    and the failures of the others.
+    """
+    settings = request.label
+    store = SequenceStore.open(request.store, mode="r+")
+    long: list[str] = []
+    failures: dict[str, str] = {}
+    for seq_id in ids:
+        source = request.source(seq_id, drives)
+        frames = lengths.get(seq_id) if source is not None else store.sequence(seq_id).num_frames
+        if frames is None or not is_segmented(frames, settings):
+            continue
+        try:
+            if source is not None:
+                run_stage(request.store, seq_id, IngestStage(source=source))
+            long.append(seq_id)
+        except AutolabelError as exc:
+            failures[seq_id] = str(exc)
+    if not long:
+        return [], failures
+    assert request.segment_deployment is not None
+    digest = settings.digest()
+    phases = {seq_id: segment_phases(request.store, seq_id, settings) for seq_id in long}
+    for phase in range(max(len(p) for p in phases.values())):
+        jobs = {job.name: job for seq_id, p in phases.items() if seq_id not in failures and phase < len(p)
+                for job in p[phase]}
+
+        def submit(key: str, attempt: str) -> Any:
+            job = jobs[key]
+            return run_deployment(request.segment_deployment, timeout=0, as_subflow=True,
+                                  idempotency_key=f"{request.store}:{key}:{job.plan_key}:{digest}{attempt}",
+                                  parameters={"job": job.model_dump(mode="json")})
+
+        what = f"segment jobs ({next(iter(jobs.values())).phase}) of {len(long)} long drives"
+        for key, fr in _await_runs(request, submit, list(jobs), lambda done, total: None, what).items():
+            if (why := _run_failure(fr)) is not None:
+                failures.setdefault(jobs[key].seq_id, f"segment {key}: {why}")
+    return [s for s in long if s not in failures], failures
+
+
+def _fan_out(request: AutolabelRequest, ids: list[str], drives: set[str], fingerprints: dict[str, str | None],
+             lengths: dict[str, int], progress_id: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """One deployment run per sequence (long drives: their segment jobs first); wait for all."""
+    assert request.label_deployment is not None
+    digest = request.label.digest()
+    _, failures = _label_segments(request, ids, drives, lengths)
     store = SequenceStore.open(request.store)
     known = set(store.sequence_ids())
 
@@ -109,46 +208,18 @@ def _fan_out(request: AutolabelRequest, ids: list[str], drives: set[str], finger
         return run_deployment(request.label_deployment, timeout=0, idempotency_key=key, as_subflow=True,
                               parameters=_child_parameters(request, seq_id, drives))
 
-    runs: dict[str, Any] = {seq_id: submit(seq_id, "") for seq_id in ids}
-    resubmitted: dict[str, int] = {}
-    # a run made by an earlier parent (same key) that did not complete is tried again, once
-    for seq_id, run in list(runs.items()):
-        if run.created and run.created.timestamp() < started - 1 and run.state and run.state.type in TERMINAL \
-                and run.state.type != StateType.COMPLETED:
-            runs[seq_id] = submit(seq_id, f"-rerun-{parent}")
-    logger.info("submitted %d sequences to %s", len(runs), request.label_deployment)
-    done: dict[str, Any] = {}
-    silence = request.watchdog_seconds or 2.5 * heartbeat_seconds()
-    with get_client(sync_client=True) as client:
-        while len(done) < len(runs):
-            pending = {r.id: s for s, r in runs.items() if s not in done}
-            for fr in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending)))):
-                seq_id = pending[fr.id]
-                kind = fr.state.type if fr.state else None
-                if kind == StateType.RUNNING and _silent_for(client, fr) > silence:
-                    # its worker died (before its first heartbeat, or the zombie automation is missing)
-                    message = f"no heartbeat for more than {silence:.0f} s: worker lost (autolabel watchdog)"
-                    client.set_flow_run_state(fr.id, Crashed(message=message), force=True)
-                    logger.warning("%s: run %s %s", seq_id, fr.name, message)
-                    continue
-                if kind in (StateType.CRASHED, StateType.CANCELLED) and resubmitted.get(seq_id, 0) < request.resubmit_crashed:
-                    resubmitted[seq_id] = resubmitted.get(seq_id, 0) + 1
-                    logger.warning("%s: run %s %s (%s); re-submitting (attempt %d)", seq_id, fr.name, kind.value,
-                                   fr.state.message, resubmitted[seq_id] + 1)
-                    runs[seq_id] = submit(seq_id, f"-{parent}-retry{resubmitted[seq_id]}")
-                elif kind in TERMINAL:
-                    done[seq_id] = fr
-            update_progress_artifact(progress_id, progress=100.0 * len(done) / max(len(runs), 1))
-            if len(done) < len(runs):
-                time.sleep(request.poll_seconds)
+    def progress(done: int, total: int) -> None:
+        update_progress_artifact(progress_id, progress=100.0 * done / max(total, 1))
+
+    todo = [s for s in ids if s not in failures]
+    done = _await_runs(request, submit, todo, progress, f"sequences to {request.label_deployment}")
     workers: dict[str, str] = {}
-    failures: dict[str, str] = {}
     for seq_id, fr in done.items():
-        if fr.state.type == StateType.COMPLETED:
+        if (why := _run_failure(fr)) is None:
             labelled = SequenceStore.open(request.store).sequence(seq_id).stages.get("labelled", {})
             workers[seq_id] = labelled.get("worker", "?")
         else:
-            failures[seq_id] = f"{fr.state.type.value} ({fr.name}): {fr.state.message or ''}".strip()
+            failures[seq_id] = why
     return workers, failures
 
 
@@ -159,11 +230,13 @@ def run_autolabel(request: AutolabelRequest) -> dict[str, Any]:
     failures: dict[str, str] = {}
     drives: set[str] = set()
     fingerprints: dict[str, str | None] = {}
+    lengths: dict[str, int] = {}
     if request.inbox:
         dataset = read_dataset(request.layout, Path(request.inbox))
         SequenceStore.create(request.store, dataset.classes)  # before the runs write into it
         drives = {s.id for s in dataset.sequences}
         fingerprints = {s.id: s.fingerprint() for s in dataset.sequences}
+        lengths = {s.id: len(s) for s in dataset.sequences}
     store = SequenceStore.open(request.store, mode="r+")
     check_checkpoints(store, request.label)  # a wrong checkpoint fails here, not on every worker
     known = set(store.sequence_ids())
@@ -178,7 +251,7 @@ def run_autolabel(request: AutolabelRequest) -> dict[str, Any]:
     logger.info("labelling %d sequences (%d up to date)", len(ids), len(skipped))
     progress_id = create_progress_artifact(progress=0.0, description=f"sequences labelled, {request.store}")
     if request.label_deployment and ids:
-        workers, label_failures = _fan_out(request, ids, drives, fingerprints, progress_id)
+        workers, label_failures = _fan_out(request, ids, drives, fingerprints, lengths, progress_id)
     else:
         workers, label_failures = _run_in_process(request, ids, drives, progress_id)
     update_progress_artifact(progress_id, progress=100.0)

@@ -30,6 +30,9 @@ class AutolabelRequest(BaseModel):
     label_deployment: str | None = Field(
         None, description="fan out through this deployment (e.g. 'label-sequence/gpu') so workers of its pool "
                           "take the sequences; None runs them in this process")
+    segment_deployment: str | None = Field(
+        "label-segment/gpu", description="with label_deployment: the deployment that runs the segment jobs of drives "
+                                         "longer than label.segment_frames")
     resubmit_crashed: int = Field(2, ge=0, description="re-submit a sequence whose run crashed (lost worker) this often")
     poll_seconds: float = Field(5.0, gt=0, description="how often the parent checks its sequence runs")
     dashboard: DashboardSettings = Field(DashboardSettings(), description="what the dashboard flags and keeps")

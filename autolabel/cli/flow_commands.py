@@ -37,6 +37,7 @@ def run(
     compare: opt.Compare = default(LabelSettings, "compare_with_warp_inpaint"),
     export: opt.Export = None,
     estimate: opt.Estimate = True,
+    segment_frames: opt.SegmentFrames = default(LabelSettings, "segment_frames"),
     inbox: Annotated[Path | None, typer.Option(help="ingest new or changed drives from this folder first")] = None,
     layout: Annotated[str, typer.Option(help="the inbox's layout: apollo, camvid, davis, cityscapes, folder")]
     = "apollo",
@@ -55,7 +56,7 @@ def run(
 
     settings = opt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
                                   override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
-                                  estimate, teacher_map)
+                                  estimate, teacher_map, segment_frames)
     request = AutolabelRequest(
         store=store, inbox=str(inbox) if inbox else None, layout=layout,
         annotation=AnnotationPolicy.from_options(window=window, keyframe_every=keyframe_every),

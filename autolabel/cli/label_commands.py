@@ -12,6 +12,7 @@ from autolabel.cli import options as opt
 from autolabel.cli.console import StageBar, console, err_console, progress_display
 from autolabel.cli.options import default, describe
 from autolabel.cli.reports import print_evaluation
+from autolabel.errors import ConfigError
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig
 from autolabel.tasks.pipeline import LabelSettings
@@ -57,21 +58,28 @@ def label(
     compare: opt.Compare = default(LabelSettings, "compare_with_warp_inpaint"),
     export: opt.Export = None,
     estimate: opt.Estimate = True,
+    segment_frames: opt.SegmentFrames = default(LabelSettings, "segment_frames"),
+    jobs: Annotated[int, typer.Option(help="local worker processes for the segments of long drives "
+                                           "(with --segment-frames)")] = 1,
     sequence: opt.Sequences = None,
 ) -> None:
-    """Label sequences with a method: flow -> teacher -> propagate -> evaluate (-> export), in this process.
+    """Label sequences with a method: flow -> teacher -> propagate -> evaluate (-> export), on this machine.
 
     Each stage is skipped where the store already holds its output made with the same settings.
+    --segment-frames N: drives longer than N frames are labelled as segment jobs, --jobs at once.
+    The labels are the ones a single job gives.
     """
     opt.set_threads()
     from autolabel.tasks.pipeline import label_store
 
     settings = opt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
                                   override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
-                                  estimate, teacher_map)
+                                  estimate, teacher_map, segment_frames)
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     start = time.perf_counter()
     with progress_display() as progress:
-        report = label_store(store, settings, sequence or None, StageBar(progress))
+        report = label_store(store, settings, sequence or None, StageBar(progress), jobs)
     console.print(f"{method}: labelled {report.count('labelled')}, skipped {report.count('skipped')} "
                   f"(already done), failed {report.count('failed')} in {time.perf_counter() - start:.1f} s",
                   highlight=False)

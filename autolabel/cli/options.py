@@ -33,9 +33,16 @@ def describe(model: type[BaseModel], name: str, extra: str = "") -> str:
 
 
 def set_threads() -> None:
+    """torch and OpenCV threads: ``$AUTOLABEL_THREADS`` (several processes sharing a machine), else every core."""
+    import cv2
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    value = os.environ.get("AUTOLABEL_THREADS", "")
+    if value and not value.isdigit():
+        raise ConfigError(f"AUTOLABEL_THREADS must be a number of threads, not {value!r}")
+    threads = int(value) if value and int(value) > 0 else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -68,6 +75,7 @@ def device_here(device: str) -> str:
 
 
 Device = Annotated[str, typer.Option(help=describe(LabelSettings, "device"), callback=device_here)]
+SegmentFrames = Annotated[int, typer.Option(help=describe(LabelSettings, "segment_frames"))]
 Compare = Annotated[bool, typer.Option(help=describe(LabelSettings, "compare_with_warp_inpaint"))]
 Export = Annotated[Path | None, typer.Option(help=describe(LabelSettings, "export_dir"))]
 Estimate = Annotated[bool, typer.Option(help="estimate the labels' mIoU without ground truth (the estimate stage: "
@@ -80,7 +88,8 @@ KeyframeEvery = Annotated[int | None, typer.Option(help="annotate frames 0, N, 2
 def label_settings(method: str, teacher: Path | None, refiner: Path | None, max_distance: int, tau: float,
                    inpaint_confidence: float, override_confidence: float, flow_backend: str, workers: int,
                    adapt_steps: int, device: str, compare: bool, export: Path | None,
-                   estimate: bool = True, teacher_map: Path | None = None) -> LabelSettings:
+                   estimate: bool = True, teacher_map: Path | None = None,
+                   segment_frames: int = 0) -> LabelSettings:
     """The LabelSettings of ``label`` and ``run`` from their (shared) options."""
     return LabelSettings(
         propagation=PropagationConfig(method=method, max_distance=max_distance, tau=tau,
@@ -89,4 +98,4 @@ def label_settings(method: str, teacher: Path | None, refiner: Path | None, max_
         teacher_map=str(teacher_map) if teacher_map else None,
         refiner=str(refiner) if refiner else None, adapt_steps=adapt_steps, device=device,
         compare_with_warp_inpaint=compare, export_dir=str(export) if export else None,
-        estimate=EstimateConfig(enabled=estimate))
+        estimate=EstimateConfig(enabled=estimate), segment_frames=segment_frames)
