@@ -51,6 +51,7 @@ from autolabel.models.warping import (
     backward_warp,
     fb_consistency,
     photometric_error,
+    sampling,
     warp_labels,
 )
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -245,9 +246,10 @@ class MotionOnly(PropagationMethod):
         to_src, to_dst = self._flows(src, dst, inputs)
         # like Zhu et al., keep a label everywhere: content entering from outside the frame takes
         # the nearest border label, at half confidence
-        labels = warp_labels(state.labels[None], to_src, inputs.ignore_index, outside="border")[0]
-        conf = warp_labels(state.confidence[None], to_src, outside="border")[0]
-        consistent = fb_consistency(to_src, to_dst)[0]  # also False where the source is outside
+        grid = sampling(to_src)
+        labels = warp_labels(state.labels[None], to_src, inputs.ignore_index, outside="border", grid=grid)[0]
+        conf = warp_labels(state.confidence[None], to_src, outside="border", grid=grid)[0]
+        consistent = fb_consistency(to_src, to_dst, grid=grid)[0]  # also False where the source is outside
         return LabelState(labels, torch.where(consistent, conf, conf * 0.5))
 
 
@@ -287,30 +289,32 @@ class WarpInpaint(PropagationMethod):
         """float (B, 3, H, W), 0-255."""
         return torch.stack([self._tensor(inputs.frame(t)).permute(2, 0, 1) for t in ts]).float()
 
-    def _trust(self, srcs: list[int], dsts: list[int],
-               inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(M (B, H, W), dst -> src flows (B, 2, H, W), warped sources (B, 3, H, W), targets (B, 3, H, W))."""
+    def _trust(self, srcs: list[int], dsts: list[int], inputs: SequenceInputs) \
+            -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(M (B, H, W), dst -> src flows (B, 2, H, W), warped sources (B, 3, H, W), targets (B, 3, H, W),
+        the flows' :func:`~models.warping.sampling`)."""
         to_src, to_dst = self._pair_flows(srcs, dsts, inputs)
         source, target = self._frames(srcs, inputs), self._frames(dsts, inputs)
-        warped, inside = backward_warp(source, to_src)
+        grid = sampling(to_src)  # one sampling grid for every warp of this step
+        warped, inside = backward_warp(source, to_src, grid=grid)
         trusted = (photometric_error(target, warped) < self.config.tau) & inside
         if self.config.fb_check:
-            trusted &= fb_consistency(to_src, to_dst)
-        return trusted, to_src, warped, target
+            trusted &= fb_consistency(to_src, to_dst, grid=grid)
+        return trusted, to_src, warped, target, grid
 
     def trust_mask(self, src: int, dst: int, inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, dst -> src flow): M (H, W) bool = photometric error < tau & inside (& fb-consistent)."""
-        trusted, to_src, _, _ = self._trust([src], [dst], inputs)
+        trusted, to_src, _, _, _ = self._trust([src], [dst], inputs)
         return trusted[0], to_src
 
     def step_details(self, states: list[LabelState], srcs: list[int], dsts: list[int],
                      inputs: SequenceInputs) -> WarpInpaintStep:
         """Psi_W for B chains at once: a :class:`WarpInpaintStep` whose tensors have a batch dimension."""
-        trusted, to_src, warped, target = self._trust(srcs, dsts, inputs)
+        trusted, to_src, warped, target, grid = self._trust(srcs, dsts, inputs)
         labels_in = torch.stack([s.labels for s in states])
         conf_in = torch.stack([s.confidence for s in states])
-        warped_labels = warp_labels(labels_in, to_src, inputs.ignore_index, outside="border")
-        warped_conf = warp_labels(conf_in, to_src, outside="border")
+        warped_labels = warp_labels(labels_in, to_src, inputs.ignore_index, outside="border", grid=grid)
+        warped_conf = warp_labels(conf_in, to_src, outside="border", grid=grid)
         teacher = [self._teacher(t, inputs) for t in dsts]
         teacher_labels = torch.stack([t[0] for t in teacher])
         teacher_conf = torch.stack([t[1] for t in teacher])

@@ -48,13 +48,25 @@ def inside_mask(flow: torch.Tensor) -> torch.Tensor:
     return (x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)
 
 
-def backward_warp(source: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
+def sampling(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grid (B, H, W, 2), inside (B, H, W))`` of a float32 flow: computed once, given to several warps.
+
+    :func:`backward_warp`, :func:`warp_labels` and :func:`fb_consistency` take them as ``grid`` and
+    ``inside``; the results are those the functions compute from ``flow`` themselves.
+    """
+    flow = flow.float()
+    return flow_to_grid(flow), inside_mask(flow)
+
+
+def backward_warp(source: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear",
+                  grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``source`` at ``p + flow(p)`` for every target pixel ``p``.
 
     Args:
         source: (B, C, H, W) image, one-hot or probability map.
         flow: (B, 2, H, W) target -> source flow.
         mode: ``bilinear`` (images, probabilities) or ``nearest``.
+        grid: :func:`sampling` of ``flow`` when already computed (float32 sources).
 
     Returns:
         warped (B, C, H, W), zero where the source location is outside the frame, and
@@ -62,15 +74,18 @@ def backward_warp(source: torch.Tensor, flow: torch.Tensor, mode: str = "bilinea
     """
     check_shape(source, ["B", "C", "H", "W"], "source")
     check_same_hw(source, flow, ("source", "flow"))
-    grid = flow_to_grid(flow.to(source.dtype) if source.is_floating_point() else flow)
+    if grid is not None and source.dtype == torch.float32 and flow.dtype == torch.float32:
+        coords, inside = grid
+    else:
+        coords = flow_to_grid(flow.to(source.dtype) if source.is_floating_point() else flow)
+        inside = inside_mask(flow)
     # border padding: samples within half a pixel outside the frame take the edge value
-    warped = F.grid_sample(source, grid, mode=mode, padding_mode="border", align_corners=True)
-    inside = inside_mask(flow)
+    warped = F.grid_sample(source, coords, mode=mode, padding_mode="border", align_corners=True)
     return warped * inside.unsqueeze(1).to(warped.dtype), inside
 
 
 def warp_labels(labels: torch.Tensor, flow: torch.Tensor, ignore_index: int = 255,
-                outside: str = "ignore") -> torch.Tensor:
+                outside: str = "ignore", grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Nearest-neighbour warp of index labels (or of any per-pixel map, e.g. confidence).
 
     Args:
@@ -78,14 +93,15 @@ def warp_labels(labels: torch.Tensor, flow: torch.Tensor, ignore_index: int = 25
         flow: (B, 2, H, W) target -> source flow.
         outside: what pixels whose source lies outside the frame get: ``ignore`` (the
             ``ignore_index``) or ``border`` (the label of the nearest border pixel).
+        grid: :func:`sampling` of ``flow`` when already computed.
 
     Returns:
         (B, H, W) labels of the same dtype.
     """
     check_shape(labels, ["B", "H", "W"], "labels")
     check_same_hw(labels, flow, ("labels", "flow"))
-    grid = flow_to_grid(flow.float())
-    warped = F.grid_sample(labels.unsqueeze(1).float(), grid, mode="nearest", padding_mode="border",
+    coords, inside = grid if grid is not None else (flow_to_grid(flow.float()), None)
+    warped = F.grid_sample(labels.unsqueeze(1).float(), coords, mode="nearest", padding_mode="border",
                            align_corners=True)
     out = warped.squeeze(1)
     if not labels.is_floating_point():
@@ -94,11 +110,12 @@ def warp_labels(labels: torch.Tensor, flow: torch.Tensor, ignore_index: int = 25
         return out
     if outside != "ignore":
         raise ValueError(f"outside must be 'ignore' or 'border', got {outside!r}")
-    return torch.where(inside_mask(flow), out, torch.full_like(out, ignore_index))
+    return torch.where(inside_mask(flow) if inside is None else inside, out, torch.full_like(out, ignore_index))
 
 
 def fb_consistency(flow_to_source: torch.Tensor, flow_from_source: torch.Tensor,
-                   alpha1: float = 0.01, alpha2: float = 0.5) -> torch.Tensor:
+                   alpha1: float = 0.01, alpha2: float = 0.5,
+                   grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Forward-backward consistency: target pixels whose round trip returns to themselves.
 
     A target pixel ``p`` maps to ``q = p + w(p)`` in the source with ``w = flow_to_source``; the
@@ -109,13 +126,14 @@ def fb_consistency(flow_to_source: torch.Tensor, flow_from_source: torch.Tensor,
     Args:
         flow_to_source: (B, 2, H, W) target -> source flow, on the target's pixels.
         flow_from_source: (B, 2, H, W) source -> target flow, on the source's pixels.
+        grid: :func:`sampling` of ``flow_to_source`` when already computed.
 
     Returns:
         (B, H, W) bool, False also where ``q`` is outside the frame.
     """
     check_shape(flow_to_source, ["B", "2", "H", "W"], "flow_to_source")
     check_same_hw(flow_to_source, flow_from_source, ("flow_to_source", "flow_from_source"))
-    back, inside = backward_warp(flow_from_source.float(), flow_to_source.float(), mode="bilinear")
+    back, inside = backward_warp(flow_from_source.float(), flow_to_source.float(), mode="bilinear", grid=grid)
     w = flow_to_source.float()
     diff = (w + back).pow(2).sum(1)
     bound = alpha1 * (w.pow(2).sum(1) + back.pow(2).sum(1)) + alpha2
