@@ -718,7 +718,7 @@ def label_store(store_url: str, settings: LabelSettings, sequences: list[str] | 
         start = time.perf_counter()
         try:
             if seq_id in store and is_segmented(store.sequence(seq_id).num_frames, settings):
-                result = label_drive_in_segments(store_url, seq_id, settings, process_pool_jobs(jobs) if jobs > 1
+                result = label_drive_in_segments(store_url, seq_id, settings, process_pool_jobs(jobs, progress) if jobs > 1
                                                  else run_jobs_here(progress), runner)
             else:
                 result = label_sequence(store_url, seq_id, settings, runner=runner)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from typing import Any
 
@@ -68,11 +68,12 @@ def drive_segments(seq_frames: int, annotated: Any, frames_per_segment: int) -> 
 
 
 def segment_phases(store_url: str, seq_id: str, settings: LabelSettings) -> list[list[SegmentJob]]:
-    """The jobs of each phase, in phase order (one list per phase; empty when nothing is segmented)."""
-    seq = SequenceStore.open(store_url).sequence(seq_id)
+    """The jobs of each phase, in phase order (one list per phase with work left; none when all is current)."""
+    store = SequenceStore.open(store_url)
+    seq = store.sequence(seq_id)
     segments = drive_segments(seq.num_frames, seq.annotated, settings.segment_frames)
     key = plan_key(seq.content_hash, segments)
-    stages = [s for s in sequence_stages(settings) if s.segmentable]
+    stages = [s for s in sequence_stages(settings) if s.segmentable and not s.is_current(store, seq_id)]
     phases = []
     for phase, kinds in PHASES.items():
         chosen = [s for s in stages if s.kind in kinds]
@@ -113,16 +114,25 @@ def _threads_then_run(job: SegmentJob, threads: int) -> dict[str, Any]:
     return run_segment_job(job)
 
 
-def process_pool_jobs(workers: int) -> JobRunner:
-    """Jobs spread over ``workers`` local processes, the machine's cores shared among them."""
+def process_pool_jobs(workers: int, progress: Progress | None = None) -> JobRunner:
+    """Jobs spread over ``workers`` local processes, the machine's cores shared among them.
+
+    ``progress`` advances once per finished job (the jobs' own progress stays in their processes).
+    """
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    progress = progress or QuietProgress()
 
     def run(jobs: list[SegmentJob]) -> list[dict[str, Any]]:
-        if workers <= 1 or len(jobs) <= 1:
-            return [_threads_then_run(job, os.cpu_count() or 1) for job in jobs]
+        if not jobs:
+            return []
+        progress.start(jobs[0].seq_id, f"{jobs[0].phase}: segment jobs on {workers} processes", len(jobs))
         # spawn, not fork: a forked child inherits zarr's event-loop thread's locks and hangs on them
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-            return list(pool.map(_threads_then_run, jobs, [threads] * len(jobs)))
+            futures = [pool.submit(_threads_then_run, job, threads) for job in jobs]
+            for future in as_completed(futures):
+                future.result()  # a failed job fails the drive now
+                progress.advance()
+            return [f.result() for f in futures]
 
     return run
 
