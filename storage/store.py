@@ -838,14 +838,15 @@ class FrameArrayWriter:
         self._buf.clear()
 
 
-class RangeWriter:
+class RangeWriter(FrameArrayWriter):
     """Writes per-frame items ``start, start + 1, ...`` into an existing array, a whole shard at a time.
 
     ``start`` must be a shard boundary, so a writer of one frame range never touches a shard of
-    another range (segment jobs, ``storage.segmented``). Items are ``(1, *item_shape)`` chunks.
+    another range (segment jobs, ``storage.segmented``). Items are ``(1, *item_shape)`` chunks; the
+    array keeps its shape.
     """
 
-    def __init__(self, array: zarr.Array, start: int) -> None:
+    def __init__(self, array: zarr.Array, start: int) -> None:  # noqa: D107 - no new array is made
         self.step = array.shards[0] if array.shards else 1
         if start % self.step:
             raise StoreError(f"{array.path}: a range writer must start on a shard boundary (multiple of "
@@ -853,12 +854,6 @@ class RangeWriter:
         # a reopened array forgets the writer's config: every chunk is stored, fill-valued ones too
         self.array, self.start, self.count = array.with_config(WRITE_EVERY_CHUNK), start, 0
         self._buf: list[np.ndarray] = []
-
-    def append(self, item: np.ndarray) -> None:
-        self._buf.append(np.ascontiguousarray(item))
-        self.count += 1
-        if len(self._buf) == self.step:
-            self._flush()
 
     def _flush(self) -> None:
         if self._buf:

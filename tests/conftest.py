@@ -209,6 +209,17 @@ def train_tiny_teacher(store_url: str, path: Path, steps: int = 4) -> Teacher:
     return teacher
 
 
+def tiny_checkpoints(store_url: str, root: Path) -> dict[str, Path]:
+    """A tiny trained teacher and an untrained ``refine-tiny`` refiner for it, saved under ``root``."""
+    from autolabel.models.refiner import Refiner
+    from autolabel.tasks.checkpoints import checkpoint_sha256
+
+    teacher = train_tiny_teacher(store_url, root / "teacher.pt")
+    Refiner.create("refine-tiny", teacher.classes, teacher.feature_channels,
+                   checkpoint_sha256(root / "teacher.pt")).save(root / "refiner.pt")
+    return {"store": Path(store_url), "teacher": root / "teacher.pt", "refiner": root / "refiner.pt"}
+
+
 @pytest.fixture
 def teacher_path(synth_store: str, tmp_path: Path) -> Path:
     train_tiny_teacher(synth_store, tmp_path / "teacher.pt")

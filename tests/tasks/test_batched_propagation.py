@@ -11,14 +11,12 @@ import pytest
 from autolabel.errors import ConfigError
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import AUTO_BATCH, Chain, PropagationConfig, gap_chains, propagate_frames
-from autolabel.models.refiner import Refiner
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
-from autolabel.tasks.checkpoints import checkpoint_sha256
 from autolabel.tasks.pipeline import LabelSettings, label_store
-from tests.conftest import DriveInputs, train_tiny_teacher
+from tests.conftest import DriveInputs, tiny_checkpoints
 
 METHODS = ["motion-only", "semantic-only", "warp-inpaint", "warp-refine"]
 
@@ -30,11 +28,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     store = str(root / "store.zarr")
     write_synthetic_store(store, drive_configs(2, SyntheticConfig(width=64, height=48, frames=25, seed=0)),
                           AnnotationPolicy(mode="window", n=5))
-    teacher = train_tiny_teacher(store, root / "teacher.pt")
-    refiner = Refiner.create("refine-tiny", teacher.classes, teacher.feature_channels,
-                             checkpoint_sha256(root / "teacher.pt"))
-    refiner.save(root / "refiner.pt")
-    return {"store": Path(store), "teacher": root / "teacher.pt", "refiner": root / "refiner.pt"}
+    return tiny_checkpoints(store, root)
 
 
 class TestGapChains:

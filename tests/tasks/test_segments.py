@@ -11,14 +11,12 @@ import pytest
 from autolabel.errors import ConfigError, StoreError
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig
-from autolabel.models.refiner import Refiner
 from autolabel.models.segments import Segment, plan_segments
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig
 from autolabel.storage.synthetic_io import write_synthetic_store
-from autolabel.tasks.checkpoints import checkpoint_sha256
 from autolabel.tasks.pipeline import LabelSettings, label_store
 from autolabel.tasks.segments import (
     label_drive_in_segments,
@@ -27,7 +25,7 @@ from autolabel.tasks.segments import (
     run_segment_job,
     segment_phases,
 )
-from tests.conftest import train_tiny_teacher
+from tests.conftest import tiny_checkpoints
 
 
 class TestPlanSegments:
@@ -72,11 +70,7 @@ def drive(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     store = str(root / "store.zarr")
     write_synthetic_store(store, [SyntheticConfig(width=64, height=48, frames=100, seed=5)],
                           AnnotationPolicy(mode="window", n=21))
-    teacher = train_tiny_teacher(store, root / "teacher.pt")
-    refiner = Refiner.create("refine-tiny", teacher.classes, teacher.feature_channels,
-                             checkpoint_sha256(root / "teacher.pt"))
-    refiner.save(root / "refiner.pt")
-    return {"store": Path(store), "teacher": root / "teacher.pt", "refiner": root / "refiner.pt"}
+    return tiny_checkpoints(store, root)
 
 
 def settings_for(drive: dict[str, Path], segment_frames: int) -> LabelSettings:
