@@ -113,8 +113,10 @@ def fresh_drive(teacher: Path, refiner: Path, frames: int, size: str, estimate: 
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"autolabel label failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    stages = next((line.split(": ", 1)[1] for line in done.stdout.splitlines()
+                   if line.startswith("time per stage:")), "")
     return {"frames": frames, "size": size, "estimate": estimate, "seconds": round(seconds, 2),
-            "frames_per_s": round(frames / seconds, 2)}
+            "frames_per_s": round(frames / seconds, 2), "stage_seconds": stages}
 
 
 def refiner_training_rate(teacher: Teacher, refiner: Refiner, device: str, steps: int) -> dict:
@@ -220,6 +222,8 @@ def main() -> None:
                     ["frames", "size", "estimate", "seconds", "frames/s"],
                     [[r["frames"], r["size"], "yes" if r["estimate"] else "no", r["seconds"], r["frames_per_s"]]
                      for r in results["fresh_drive"]])
+        for r in results["fresh_drive"]:
+            print(f"estimate {'on' if r['estimate'] else 'off'}, time per stage: {r['stage_seconds']}")
     if args.train_steps > 0:
         rate = refiner_training_rate(teacher, refiner, args.device, args.train_steps)
         results["refiner_training"] = rate

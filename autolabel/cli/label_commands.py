@@ -83,6 +83,14 @@ def label(
     console.print(f"{method}: labelled {report.count('labelled')}, skipped {report.count('skipped')} "
                   f"(already done), failed {report.count('failed')} in {time.perf_counter() - start:.1f} s",
                   highlight=False)
+    spent: dict[str, float] = {}
+    for outcome in report.outcomes:
+        for stage in (outcome.result or {}).get("stages", []):
+            if stage["computed"]:
+                spent[stage["stage"]] = spent.get(stage["stage"], 0.0) + stage["seconds"]
+    if spent:
+        console.print("time per stage: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in spent.items()),
+                      highlight=False)
     for o in report.failed:
         err_console.print(f"[red]failed[/] {o.id}: {o.error}", highlight=False, soft_wrap=True)
     for name, why in report.skipped_groups.items():
