@@ -59,6 +59,7 @@ from autolabel.storage.training_data import AnnotatedFrames  # noqa: E402
 from autolabel.storage.training_export import ExportedFrames, export_training_set  # noqa: E402
 from autolabel.tasks.pipeline import LabelSettings, label_store  # noqa: E402
 
+DEFAULT_STEPS = 1500
 ARMS = {"a": None, "b": "motion-only", "c": "warp-inpaint", "d": "warp-refine"}
 ARM_NAMES = {"a": "keyframes only", "b": "+ motion-only", "c": "+ warp-inpaint", "d": "+ warp-refine"}
 
@@ -135,7 +136,10 @@ def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_stor
     work = args.workdir / name
     store = SequenceStore.open(train_store)
     keyframes = AnnotatedFrames([store], train_ids)
-    student_a, info_a = train_student(work / "student-a.pt", keyframes, store.classes, args)
+    # the inpainting teacher is student (a) at the default steps; other step counts train their own (a)
+    teacher_args = argparse.Namespace(**{**vars(args), "steps": DEFAULT_STEPS})
+    student_a, info_a = train_student(work / "student-a.pt", keyframes, store.classes, teacher_args)
+    steps_tag = f"-s{args.steps}" if args.steps != DEFAULT_STEPS else ""
     refiner = ensure_refiner(work / "refiner.pt", [train_store], train_ids, student_a, args, 0)
     results: dict[str, Any] = {}
     for arm, method in ARMS.items():
@@ -143,6 +147,8 @@ def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_stor
             continue
         if method is None:
             path, info, samples = student_a, info_a, keyframes
+            if steps_tag:
+                path, info = train_student(work / f"student-a{steps_tag}.pt", keyframes, store.classes, args)
         else:
             settings = LabelSettings(propagation=PropagationConfig(method=method, max_distance=10, tau=args.tau),
                                      flow=FlowConfig(backend=args.flow), teacher=str(student_a), refiner=str(refiner),
@@ -154,7 +160,7 @@ def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_stor
             log(f"  {method}: labelled in {time.perf_counter() - start:.1f} s")
             export_tag = f"-c{args.min_confidence:g}" if args.min_confidence > 0 else ""
             tag = "".join([export_tag, f"-d{args.max_distance}" if args.max_distance is not None else "",
-                           f"-k{args.keyframe_share:g}" if args.keyframe_share > 0 else ""])
+                           f"-k{args.keyframe_share:g}" if args.keyframe_share > 0 else "", steps_tag])
             export = work / f"export-{method}{export_tag}"
             if not (export / "manifest.json").is_file():
                 rows, failures = export_training_set(store, method, export, [s for s in store.sequence_ids()
@@ -200,7 +206,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["synthetic"], choices=["synthetic", "davis"])
     parser.add_argument("--train-drives", type=int, default=16)
     parser.add_argument("--test-drives", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=1500, help="student training steps (every arm)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="student training steps (every arm)")
     parser.add_argument("--crop", type=int, default=192)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

@@ -181,7 +181,10 @@ class Refiner:
         return next(self.net.parameters()).device
 
     def to(self, device: str | torch.device) -> Refiner:
+        """Move to ``device``; on CUDA the weights go channels_last (with bf16 autocast in :meth:`refine`)."""
         self.net.to(device)
+        if torch.device(device).type == "cuda":
+            self.net.to(memory_format=torch.channels_last)
         return self
 
     def copy(self) -> Refiner:
