@@ -476,8 +476,24 @@ class OutputFrame:
     distance: int           # 0 annotated, 1..K propagated, -1 out of reach
 
 
+def _chains_for(gaps: list[list[Chain]], start: int, stop: int) -> list[list[Chain]]:
+    """The chains cut to what frames ``start..stop-1`` need: a forward chain up to ``stop - 1`` (it must
+    still walk through earlier frames), a backward one down to ``start``; chains that reach none go."""
+    cut: list[list[Chain]] = []
+    for chains in gaps:
+        kept = []
+        for c in chains:
+            length = min(c.length, stop - 1 - c.key) if c.direction > 0 else min(c.length, c.key - start)
+            reach = (c.key + c.length >= start) if c.direction > 0 else (c.key - c.length <= stop - 1)
+            if length > 0 and reach:
+                kept.append(Chain(c.key, c.direction, length))
+        cut.append(kept)
+    return cut
+
+
 def propagate_frames(inputs: SequenceInputs, config: PropagationConfig, on_step: Callable[[], None] | None = None,
-                     refiner: Refiner | None = None, batch_size: int = 1) -> Iterator[OutputFrame]:
+                     refiner: Refiner | None = None, batch_size: int = 1,
+                     frames: tuple[int, int] | None = None) -> Iterator[OutputFrame]:
     """Run ``config.method`` over a whole sequence; frames come out in time order, one at a time.
 
     The chains of consecutive gaps between annotated frames advance together, up to ``batch_size``
@@ -489,13 +505,18 @@ def propagate_frames(inputs: SequenceInputs, config: PropagationConfig, on_step:
         on_step: called after each propagation step of each chain (progress).
         refiner: the trained refiner Omega (warp-refine only).
         batch_size: chains stepped together (>= 1; a gap has up to two).
+        frames: only frames ``start..stop-1`` come out (a segment's own), and chains run only as
+            far as those frames need; their labels are the ones the whole sequence gives them.
     """
     if batch_size < 1:
         raise ConfigError(f"the propagation batch size must be >= 1, got {batch_size}")
     method = create_method(config, refiner)
     if not inputs.annotated.any():
         raise ConfigError("the sequence has no annotated frame to propagate from")
-    gaps = gap_chains(inputs.annotated, config.max_distance)
+    first, end = frames if frames is not None else (0, inputs.num_frames)
+    if not 0 <= first < end <= inputs.num_frames:
+        raise ConfigError(f"frames {first}..{end} are outside the sequence of {inputs.num_frames} frames")
+    gaps = _chains_for(gap_chains(inputs.annotated, config.max_distance), first, end)
     keys = [int(k) for k in np.flatnonzero(inputs.annotated)]
     shape = (inputs.height, inputs.width)
     g = t = 0
@@ -508,6 +529,9 @@ def propagate_frames(inputs: SequenceInputs, config: PropagationConfig, on_step:
         last = group[-1]
         stop = keys[last] if last < len(keys) else inputs.num_frames - 1  # up to the group's closing keyframe
         while t <= stop:
+            if not first <= t < end:
+                t += 1
+                continue
             if inputs.annotated[t]:
                 ann = inputs.annotation(t).astype(np.uint8)
                 yield OutputFrame(t, ann, np.full(ann.shape, 255, np.uint8), 0)
@@ -520,6 +544,12 @@ def propagate_frames(inputs: SequenceInputs, config: PropagationConfig, on_step:
                     yield OutputFrame(t, fused.labels, conf, fused.distance)
             t += 1
         g = last + 1
+
+
+def count_frame_steps(annotated: np.ndarray, max_distance: int, frames: tuple[int, int]) -> int:
+    """Propagation steps of :func:`propagate_frames` restricted to ``frames`` (progress of a segment)."""
+    return sum(c.length for gap in _chains_for(gap_chains(np.asarray(annotated, bool), max_distance), *frames)
+               for c in gap)
 
 
 def count_steps(annotated: np.ndarray, max_distance: int) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, Self
 
 from autolabel.models.optical_flow import FlowConfig
-from autolabel.models.propagation import PropagationConfig, count_steps, method_class
+from autolabel.models.propagation import PropagationConfig, count_frame_steps, count_steps, method_class
 from autolabel.models.quality import EstimateConfig, estimate_plan, probe_steps
 from autolabel.models.segments import Segment
 from autolabel.models.teacher import Teacher
@@ -434,8 +434,9 @@ class PropagateStage(Stage):
                     progress: Progress) -> dict[str, Any]:
         seq = store.sequence(seq_id)
         window = seq.annotated[segment.span_start:segment.span_stop]
+        owned = (segment.start - segment.span_start, segment.stop - segment.span_start)
         progress.start(seq_id, f"{self.title} [{segment.start}:{segment.stop}]",
-                       count_steps(window, self.propagation.max_distance))
+                       count_frame_steps(window, self.propagation.max_distance, owned))
         refiner = feature_teacher = None
         if self.refiner is not None and self.teacher is not None:
             refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
@@ -701,12 +702,7 @@ def label_store(store_url: str, settings: LabelSettings, sequences: list[str] | 
     already is ``skipped``. A drive longer than ``settings.segment_frames`` (when set) is labelled
     as segment jobs (``tasks.segments``) on ``jobs`` local worker processes (1: in this process).
     """
-    from autolabel.tasks.segments import (  # segments build on this module
-        is_segmented,
-        label_drive_in_segments,
-        process_pool_jobs,
-        run_jobs_here,
-    )
+    from autolabel.tasks.segments import LocalPool, run_jobs_here  # segments build on this module
 
     check_device_available(settings.device)
     store = SequenceStore.open(store_url, mode="r+")
@@ -714,31 +710,40 @@ def label_store(store_url: str, settings: LabelSettings, sequences: list[str] | 
     check_checkpoints(store, settings)
     report = LabelReport(store=store_url, method=settings.method, skipped_groups=store.bad_groups())
     runner = direct_runner(progress)
-    for seq_id in ids:
-        start = time.perf_counter()
-        try:
-            if seq_id in store and is_segmented(store.sequence(seq_id).num_frames, settings):
-                result = label_drive_in_segments(store_url, seq_id, settings, process_pool_jobs(jobs, progress) if jobs > 1
-                                                 else run_jobs_here(progress), runner)
-            else:
-                result = label_sequence(store_url, seq_id, settings, runner=runner)
-        except AutolabelError as exc:
-            report.outcomes.append(SequenceOutcome(seq_id, "failed", time.perf_counter() - start, str(exc)))
-            continue
-        except OSError as exc:  # disk full, file size limit, permissions: name it, go on with the others
-            report.outcomes.append(SequenceOutcome(seq_id, "failed", time.perf_counter() - start,
-                                                   f"cannot write to the store: {describe_os_error(exc)}"))
-            continue
-        except Exception as exc:  # noqa: BLE001 - a damaged chunk (codec error) fails only its sequence
-            report.outcomes.append(SequenceOutcome(
-                seq_id, "failed", time.perf_counter() - start,
-                f"{type(exc).__name__}: {exc}; if stored data is damaged, `autolabel verify {store_url}` "
-                "says where and how to repair it"))
-            continue
-        computed = any(s["computed"] and s["stage"] not in ("evaluation", "export") for s in result["stages"])
-        report.outcomes.append(SequenceOutcome(seq_id, "labelled" if computed else "skipped",
-                                               time.perf_counter() - start, result=result))
+    with LocalPool(jobs, progress) as pool:
+        for seq_id in ids:
+            _label_one(store_url, store, seq_id, settings, report, runner,
+                       pool if jobs > 1 else run_jobs_here(progress))
     return report
+
+
+def _label_one(store_url: str, store: SequenceStore, seq_id: str, settings: LabelSettings, report: LabelReport,
+               runner: StageRunner, run_jobs: Callable[[list[Any]], list[dict[str, Any]]]) -> None:
+    """Label one sequence of :func:`label_store` (in segments when it is long); records the outcome."""
+    from autolabel.tasks.segments import is_segmented, label_drive_in_segments
+
+    start = time.perf_counter()
+    try:
+        if seq_id in store and is_segmented(store.sequence(seq_id).num_frames, settings):
+            result = label_drive_in_segments(store_url, seq_id, settings, run_jobs, runner)
+        else:
+            result = label_sequence(store_url, seq_id, settings, runner=runner)
+    except AutolabelError as exc:
+        report.outcomes.append(SequenceOutcome(seq_id, "failed", time.perf_counter() - start, str(exc)))
+        return
+    except OSError as exc:  # disk full, file size limit, permissions: name it, go on with the others
+        report.outcomes.append(SequenceOutcome(seq_id, "failed", time.perf_counter() - start,
+                                               f"cannot write to the store: {describe_os_error(exc)}"))
+        return
+    except Exception as exc:  # noqa: BLE001 - a damaged chunk (codec error) fails only its sequence
+        report.outcomes.append(SequenceOutcome(
+            seq_id, "failed", time.perf_counter() - start,
+            f"{type(exc).__name__}: {exc}; if stored data is damaged, `autolabel verify {store_url}` "
+            "says where and how to repair it"))
+        return
+    computed = any(s["computed"] and s["stage"] not in ("evaluation", "export") for s in result["stages"])
+    report.outcomes.append(SequenceOutcome(seq_id, "labelled" if computed else "skipped",
+                                           time.perf_counter() - start, result=result))
 
 
 __all__ = ["AnyStage", "DriveSource", "LabelSettings", "SequenceEvaluation", "Stage", "label_sequence",

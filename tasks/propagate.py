@@ -271,23 +271,22 @@ def propagate_segment(
     conf_w = RangeWriter(group["confidence"], segment.start)  # type: ignore[arg-type]
     distance = np.full(segment.frames, -1, dtype=DISTANCE_DTYPE)
     window = WindowInputs(inputs, segment.span_start, segment.span_stop)
-    for frame in propagate_frames(window, config, on_step, refiner, config.chains_per_batch()):
-        t = frame.t + segment.span_start
-        if segment.start <= t < segment.stop:
-            labels_w.append(frame.labels)
-            conf_w.append(frame.confidence)
-            distance[t - segment.start] = frame.distance
+    owned = (segment.start - segment.span_start, segment.stop - segment.span_start)
+    for frame in propagate_frames(window, config, on_step, refiner, config.chains_per_batch(), frames=owned):
+        labels_w.append(frame.labels)
+        conf_w.append(frame.confidence)
+        distance[frame.t + segment.span_start - segment.start] = frame.distance
     if labels_w.close() != segment.frames or conf_w.close() != segment.frames:
         raise StoreError(f"sequence {seq_id!r}: segment {segment.index} produced {labels_w.count} of its "
                          f"{segment.frames} frames")
     group["distance"].with_config(WRITE_EVERY_CHUNK)[segment.start:segment.stop] = distance  # type: ignore[union-attr]
-    owned = {str(t): annotation_fingerprint(inputs.annotation(int(t)))
-             for t in np.flatnonzero(inputs.annotated[segment.start:segment.stop]) + segment.start}
+    keyframes = {str(t): annotation_fingerprint(inputs.annotation(int(t)))
+                 for t in np.flatnonzero(inputs.annotated[segment.start:segment.stop]) + segment.start}
 
     def combine(infos: list[dict[str, Any]]) -> dict[str, Any]:
         return {"settings": settings, "reached": sum(i["reached"] for i in infos),
                 "annotations": {t: fp for i in infos for t, fp in i["annotations"].items()},
                 "relabelled_frames": seq.num_frames, "partial": False}
 
-    shared.finish(segment.index, {"reached": int((distance > 0).sum()), "annotations": owned}, combine)
+    shared.finish(segment.index, {"reached": int((distance > 0).sum()), "annotations": keyframes}, combine)
     return True

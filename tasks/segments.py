@@ -11,7 +11,7 @@ propagation stages are current and skipped, the estimate, evaluation and export 
 is marked labelled - only once every segment is.
 
 A job runner takes a phase's jobs and returns when all are done (raising when one failed): here
-(:func:`run_jobs_here`), in local worker processes (:func:`process_pool_jobs`), or as runs of the
+(:func:`run_jobs_here`), in local worker processes (:class:`LocalPool`), or as runs of the
 ``label-segment`` deployment on the work pool (``flows``).
 """
 
@@ -114,27 +114,41 @@ def _threads_then_run(job: SegmentJob, threads: int) -> dict[str, Any]:
     return run_segment_job(job)
 
 
-def process_pool_jobs(workers: int, progress: Progress | None = None) -> JobRunner:
-    """Jobs spread over ``workers`` local processes, the machine's cores shared among them.
+class LocalPool:
+    """A job runner over ``workers`` local processes (started once, reused for every phase and drive).
 
-    ``progress`` advances once per finished job (the jobs' own progress stays in their processes).
+    The machine's cores are shared among them; ``progress`` advances once per finished job (the
+    jobs' own progress stays in their processes). Use as a context manager, or call :meth:`close`.
     """
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-    progress = progress or QuietProgress()
 
-    def run(jobs: list[SegmentJob]) -> list[dict[str, Any]]:
+    def __init__(self, workers: int, progress: Progress | None = None) -> None:
+        self.workers, self.progress = workers, progress or QuietProgress()
+        self.threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __call__(self, jobs: list[SegmentJob]) -> list[dict[str, Any]]:
         if not jobs:
             return []
-        progress.start(jobs[0].seq_id, f"{jobs[0].phase}: segment jobs on {workers} processes", len(jobs))
-        # spawn, not fork: a forked child inherits zarr's event-loop thread's locks and hangs on them
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_threads_then_run, job, threads) for job in jobs]
-            for future in as_completed(futures):
-                future.result()  # a failed job fails the drive now
-                progress.advance()
-            return [f.result() for f in futures]
+        if self._pool is None:
+            # spawn, not fork: a forked child inherits zarr's event-loop thread's locks and hangs on them
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
+        self.progress.start(jobs[0].seq_id, f"{jobs[0].phase}: segment jobs on {self.workers} processes", len(jobs))
+        futures = [self._pool.submit(_threads_then_run, job, self.threads) for job in jobs]
+        for future in as_completed(futures):
+            future.result()  # a failed job fails the drive now
+            self.progress.advance()
+        return [f.result() for f in futures]
 
-    return run
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> LocalPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def is_segmented(num_frames: int, settings: LabelSettings) -> bool:
@@ -158,5 +172,5 @@ def label_drive_in_segments(store_url: str, seq_id: str, settings: LabelSettings
     return {**result, "segments": jobs_done}
 
 
-__all__ = ["JobRunner", "SegmentJob", "drive_segments", "is_segmented", "label_drive_in_segments",
-           "process_pool_jobs", "run_jobs_here", "run_segment_job", "segment_phases"]
+__all__ = ["JobRunner", "LocalPool", "SegmentJob", "drive_segments", "is_segmented", "label_drive_in_segments",
+           "run_jobs_here", "run_segment_job", "segment_phases"]

@@ -10,7 +10,15 @@ import pytest
 
 from autolabel.errors import ConfigError
 from autolabel.models.optical_flow import FlowConfig
-from autolabel.models.propagation import AUTO_BATCH, Chain, PropagationConfig, gap_chains, propagate_frames
+from autolabel.models.propagation import (
+    AUTO_BATCH,
+    Chain,
+    PropagationConfig,
+    count_frame_steps,
+    count_steps,
+    gap_chains,
+    propagate_frames,
+)
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
@@ -60,6 +68,23 @@ class TestGapChains:
         for a, b in zip(frames, reference):
             assert a.distance == b.distance
             np.testing.assert_array_equal(a.labels, b.labels)
+
+
+    @pytest.mark.parametrize("window", [(0, 30), (0, 7), (6, 16), (12, 13), (16, 30), (26, 30)])
+    def test_a_frame_range_gives_those_frames_of_the_whole_run(self, window: tuple[int, int]) -> None:
+        inputs = DriveInputs(SyntheticConfig(width=32, height=24, frames=30, seed=0), [4, 10, 25])
+        config = PropagationConfig(method="motion-only", max_distance=3)
+        whole = list(propagate_frames(inputs, config))
+        steps: list[int] = []
+        part = list(propagate_frames(inputs, config, on_step=lambda: steps.append(1), frames=window))
+        assert [f.t for f in part] == list(range(*window))
+        for f in part:
+            assert f.distance == whole[f.t].distance
+            np.testing.assert_array_equal(f.labels, whole[f.t].labels)
+            np.testing.assert_array_equal(f.confidence, whole[f.t].confidence)
+        assert len(steps) == count_frame_steps(inputs.annotated, 3, window) <= count_steps(inputs.annotated, 3)
+        with pytest.raises(ConfigError, match="outside the sequence"):
+            list(propagate_frames(inputs, config, frames=(5, 31)))
 
 
 @pytest.mark.parametrize("method", METHODS)

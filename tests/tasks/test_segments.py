@@ -20,7 +20,7 @@ from autolabel.storage.synthetic_io import write_synthetic_store
 from autolabel.tasks.pipeline import LabelSettings, label_store
 from autolabel.tasks.segments import (
     label_drive_in_segments,
-    process_pool_jobs,
+    LocalPool,
     run_jobs_here,
     run_segment_job,
     segment_phases,
@@ -101,7 +101,8 @@ class TestSegmentedDrive:
         phases = segment_phases(split, seq_id, settings)
         assert [p[0].phase for p in phases] == ["prepare", "propagate"]
         assert len(phases[0]) >= 3  # 100 frames in segments of about 32
-        result = label_drive_in_segments(split, seq_id, settings, process_pool_jobs(2))
+        with LocalPool(2) as pool:
+            result = label_drive_in_segments(split, seq_id, settings, pool)
         assert len(result["segments"]) == 2 * len(phases[0]) and all(r["worker"] for r in result["segments"])
         # the drive's own pipeline afterwards finds flow, teacher and labels current: nothing recomputed
         redone = [s["stage"] for s in result["stages"] if s["computed"] and s["stage"].split("/")[0]
