@@ -109,7 +109,7 @@ def fresh_drive(teacher: Path, refiner: Path, frames: int, size: str, estimate: 
         if not estimate:
             cmd.append("--no-estimate")
         start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"})
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"autolabel label failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
