@@ -2,7 +2,8 @@
 
 Starts ``prefect server`` on 127.0.0.1 with a temporary PREFECT_HOME, runs deploy/deploy.sh and
 deploy/start-workers.sh 2, then through the API: labels a 4-drive ApolloScape inbox with
-``autolabel/apollo``; labels it again into a second store while one worker is killed; re-runs
+``autolabel/apollo``; labels it again into a second store while one worker is killed; labels one
+drive as segment jobs on both workers (``label-segment``: the labels of one job); re-runs
 the first request (nothing new runs); adds a drive and runs the nightly deployment (only that
 drive runs); adds a drive with a corrupt frame (its run fails, the summary lists it). The server
 keeps its state in PostgreSQL where one is reachable ($AUTOLABEL_TEST_POSTGRES), else in SQLite,
