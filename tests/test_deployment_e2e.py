@@ -3,7 +3,7 @@
 Starts ``prefect server`` on 127.0.0.1 with a temporary PREFECT_HOME, runs deploy/deploy.sh and
 deploy/start-workers.sh 2, then through the API: labels a 4-drive ApolloScape inbox with
 ``autolabel/apollo``; labels it again into a second store while one worker is killed; labels one
-drive as segment jobs on both workers (``label-segment``: the labels of one job); re-runs
+drive as segment jobs on the pool (``label-segment``: the labels of one job); re-runs
 the first request (nothing new runs); adds a drive and runs the nightly deployment (only that
 drive runs); adds a drive with a corrupt frame (its run fails, the summary lists it). The server
 keeps its state in PostgreSQL where one is reachable ($AUTOLABEL_TEST_POSTGRES), else in SQLite,
@@ -305,7 +305,7 @@ def test_deployments_workers_nightly_and_failures(tmp_path: Path, database: str 
             np.testing.assert_array_equal(seq.array("results/warp-refine/labels")[:],
                                           reference.array("results/warp-refine/labels")[:])
 
-        # 2c. one drive split into segment jobs (label-segment runs on both workers): the labels of one job
+        # 2c. one drive split into segment jobs (label-segment runs on the pool): the labels of one job
         fourth = {**json.loads(json.dumps(_request(prefect.env))), "store": str(tmp_path / "fourth.zarr"),
                   "sequences": ids[:1]}
         fourth["label"]["segment_frames"] = 8  # 23 frames: 3 segments, 2 phases
