@@ -169,6 +169,7 @@ def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
     (["--method", "motion-only", "--max-distance", "0"], "must be 1..127 frames"),
     (["--method", "motion-only", "--max-distance", "1000"], "must be 1..127 frames"),
     (["--method", "semantic-only", "--teacher", "{tmp}/none.pt"], "none.pt does not exist; make one with"),
+    (["--method", "motion-only", "--segment-frames", "16", "--jobs", "0"], "--jobs must be at least 1"),
 ])
 def test_label_errors(tmp_path: Path, args: list[str], message: str) -> None:
     store = str(tmp_path / "s.zarr")

@@ -101,8 +101,9 @@ class TestSegmentedDrive:
         phases = segment_phases(split, seq_id, settings)
         assert [p[0].phase for p in phases] == ["prepare", "propagate"]
         assert len(phases[0]) >= 3  # 100 frames in segments of about 32
-        with LocalPool(2) as pool:
-            result = label_drive_in_segments(split, seq_id, settings, pool)
+        split_report = label_store(split, settings, jobs=2)  # two local worker processes take the jobs
+        assert [o.status for o in split_report.outcomes] == ["labelled"], split_report.failed
+        result = split_report.outcomes[0].result
         assert len(result["segments"]) == 2 * len(phases[0]) and all(r["worker"] for r in result["segments"])
         # the drive's own pipeline afterwards finds flow, teacher and labels current: nothing recomputed
         redone = [s["stage"] for s in result["stages"] if s["computed"] and s["stage"].split("/")[0]
@@ -119,6 +120,16 @@ class TestSegmentedDrive:
         assert seq.stages["results/warp-refine"]["reached"] == whole["results/warp-refine"]["reached"]
         # the drive's evaluation is the one-job evaluation
         assert result["evaluation"] == label_store(one, settings_for(drive, 0)).outcomes[0].result["evaluation"]
+
+    def test_a_local_pool_runs_a_phase_in_worker_processes(self, drive: dict[str, Path], tmp_path: Path) -> None:
+        split = str(tmp_path / "split.zarr")
+        shutil.copytree(drive["store"], split)
+        seq_id = SequenceStore.open(split).sequence_ids()[0]
+        prepare = segment_phases(split, seq_id, settings_for(drive, 32))[0]
+        with LocalPool(2) as pool:
+            done = pool(prepare)
+        assert [d["job"] for d in done] == [job.name for job in prepare]
+        assert SequenceStore.open(split).sequence(seq_id).stage_done("teacher")
 
     def test_stage_is_published_only_when_every_segment_is_written(self, drive: dict[str, Path],
                                                                    tmp_path: Path) -> None:
