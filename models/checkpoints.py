@@ -17,14 +17,22 @@ import torch
 from autolabel.errors import CheckpointError
 
 
+def portable_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``net``'s weights on the CPU in the standard (contiguous) layout, whatever layout the net runs
+    in (channels_last): the same weights always make the same checkpoint bytes, and the same sha256."""
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in net.state_dict().items()}
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> str:
     """Write ``state`` to ``path`` atomically (temporary file + rename); returns the file's sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(state, tmp)
+        # through a file object: the archive inside is named "archive", not after the temporary file,
+        # so the same state always gives the same bytes and the same sha256
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -57,6 +57,7 @@ from autolabel.models.warping import (
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from autolabel.errors import ConfigError
+from autolabel.models.prefetch import PrefetchingInputs
 from autolabel.registry import Registry
 
 MAX_DISTANCE = 127  # the store keeps each frame's distance to its keyframe as int8
@@ -87,6 +88,9 @@ class PropagationConfig(BaseModel):
     batch_size: int = Field(0, ge=0, description="chains propagated together as one batch (0 = automatic: "
                                                  f"{AUTO_BATCH['cpu']} on CPU, {AUTO_BATCH['cuda']} on CUDA); "
                                                  "labels do not depend on it")
+    prefetch: bool = Field(True, description="read the next step's flows, frames and teacher output on a "
+                                             "background thread while the current step computes; labels "
+                                             "do not depend on it")
 
     def chains_per_batch(self) -> int:
         """``batch_size``, or the automatic choice for ``device``."""
@@ -219,6 +223,16 @@ class PropagationMethod(ABC):
         """:meth:`step` for several chains at once (one step each); methods with a network batch it."""
         return [self.step(state, src, dst, inputs) for state, src, dst in zip(states, srcs, dsts)]
 
+    def step_reads(self, src: int, dst: int) -> list[tuple[str, int]]:
+        """The reads of :class:`SequenceInputs` one step from ``src`` to ``dst`` makes (prefetched)."""
+        reads = []
+        if self.needs_flow:
+            reads += ([("flow_to_prev", dst), ("flow_to_next", src)] if dst == src + 1
+                      else [("flow_to_next", dst), ("flow_to_prev", src)])
+        if self.needs_teacher:
+            reads.append(("teacher", dst))
+        return reads
+
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
@@ -284,6 +298,9 @@ class WarpInpaint(PropagationMethod):
                     inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self._flows(src, dst, inputs) for src, dst in zip(srcs, dsts)]
         return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+    def step_reads(self, src: int, dst: int) -> list[tuple[str, int]]:
+        return [*super().step_reads(src, dst), ("frame", src), ("frame", dst)]
 
     def _frames(self, ts: list[int], inputs: SequenceInputs) -> torch.Tensor:
         """float (B, 3, H, W), 0-255."""
@@ -453,8 +470,18 @@ def _run_chains(method: PropagationMethod, inputs: SequenceInputs, chains: list[
     for chain in chains:
         ann = method._tensor(inputs.annotation(chain.key)).long()
         states.append(LabelState(ann, torch.ones(ann.shape, device=method.device)))
-    for i in range(1, max((c.length for c in chains), default=0) + 1):
+    steps = max((c.length for c in chains), default=0)
+    prefetch = getattr(inputs, "prefetch", None)  # a PrefetchingInputs reads the next step meanwhile
+
+    def reads(i: int) -> list[tuple[str, int]]:
+        return [r for c in chains if c.length >= i for r in method.step_reads(c.frame(i - 1), c.frame(i))]
+
+    if prefetch is not None and steps:
+        prefetch(reads(1))
+    for i in range(1, steps + 1):
         active = [j for j, c in enumerate(chains) if c.length >= i]
+        if prefetch is not None:
+            prefetch(reads(i + 1))
         new = method.step_batch([states[j] for j in active], [chains[j].frame(i - 1) for j in active],
                                 [chains[j].frame(i) for j in active], inputs)
         for j, state in zip(active, new):
@@ -517,6 +544,16 @@ def propagate_frames(inputs: SequenceInputs, config: PropagationConfig, on_step:
     if not 0 <= first < end <= inputs.num_frames:
         raise ConfigError(f"frames {first}..{end} are outside the sequence of {inputs.num_frames} frames")
     gaps = _chains_for(gap_chains(inputs.annotated, config.max_distance), first, end)
+    if not config.prefetch:
+        yield from _fused_frames(method, inputs, gaps, batch_size, first, end, on_step)
+        return
+    with PrefetchingInputs(inputs) as reading:
+        yield from _fused_frames(method, reading, gaps, batch_size, first, end, on_step)
+
+
+def _fused_frames(method: PropagationMethod, inputs: SequenceInputs, gaps: list[list[Chain]], batch_size: int,
+                  first: int, end: int, on_step: Callable[[], None] | None) -> Iterator[OutputFrame]:
+    """:func:`propagate_frames`' loop: groups of gaps stepped as batches, frames ``first..end-1`` fused."""
     keys = [int(k) for k in np.flatnonzero(inputs.annotated)]
     shape = (inputs.height, inputs.width)
     g = t = 0

@@ -30,7 +30,7 @@ from torch import nn
 from autolabel.errors import CheckpointError, ClassSetMismatchError
 from autolabel.registry import Registry
 from autolabel.models._checks import check_same_hw, check_shape
-from autolabel.models.checkpoints import load_checkpoint, load_weights, save_checkpoint
+from autolabel.models.checkpoints import load_checkpoint, load_weights, portable_state_dict, save_checkpoint
 from autolabel.models.teacher import MEAN, STD, conv_bn_relu
 
 CHECKPOINT_FORMAT = "autolabel.refiner"
@@ -181,10 +181,9 @@ class Refiner:
         return next(self.net.parameters()).device
 
     def to(self, device: str | torch.device) -> Refiner:
-        """Move to ``device``; on CUDA the weights go channels_last (with bf16 autocast in :meth:`refine`)."""
-        self.net.to(device)
-        if torch.device(device).type == "cuda":
-            self.net.to(memory_format=torch.channels_last)
+        """Move to ``device``; the weights go channels_last on every device (oneDNN's convolutions run
+        ~25 % faster so on a CPU; on CUDA with bf16 autocast in :meth:`refine`)."""
+        self.net.to(device).to(memory_format=torch.channels_last)
         return self
 
     def copy(self) -> Refiner:
@@ -225,7 +224,7 @@ class Refiner:
             "feature_channels": self.net.feature_channels, "teacher_sha256": self.teacher_sha256,
             "teacher_input": self.teacher_input,
             "train": self.train_info,
-            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "state_dict": portable_state_dict(self.net),
         }
 
     def save(self, path: Path) -> str:

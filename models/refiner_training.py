@@ -98,7 +98,7 @@ def sample_input(sample: CycleSample, teacher: SemanticTeacher, device: torch.de
     """A full-frame batch of one (inference on a training sample)."""
     maps = {name: getattr(sample, name)[None] for name in MAPS}
     maps["trusted"] = maps["trusted"].astype(np.uint8)
-    features = teacher.predict(maps["target_image"]).features.clone()
+    features = teacher.predict_features(maps["target_image"]).clone()
     return batch_input(maps, features, device)
 
 
@@ -136,7 +136,7 @@ def train_refiner(refiner: Refiner, teacher: SemanticTeacher, samples: Sequence[
         for first in range(0, len(order), cfg.batch_size):
             items = [augment_cycle(samples[int(i)], cfg, rng, ignore) for i in order[first:first + cfg.batch_size]]
             maps = {name: np.stack([it[name] for it in items]) for name in MAPS}
-            features = teacher.predict(maps["target_image"]).features.clone()  # out of inference mode
+            features = teacher.predict_features(maps["target_image"]).clone()  # out of inference mode
             x = batch_input(maps, features, device)
             target = torch.from_numpy(maps["annotation"]).to(device).long()
             net.train()

@@ -9,6 +9,7 @@ same labels.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import warnings
@@ -41,7 +42,8 @@ def export_module(module: nn.Module, out: Path, sidecar: TeacherSidecar,
     out = Path(out)
     if out.suffix not in (".pt2", ".onnx"):
         raise TeacherFormatError(f"{out}: export to a .pt2 or .onnx file")
-    module = module.eval()
+    # torch.export.save cannot serialise channels_last weights: export a contiguous copy
+    module = copy.deepcopy(module).to(memory_format=torch.contiguous_format).eval()
     x = example if example is not None else torch.rand(2, 3, 128, 160)
     with torch.no_grad():
         result = module(x)

@@ -48,6 +48,8 @@ class SemanticTeacher(Protocol):
 
     def predict(self, frames: np.ndarray | torch.Tensor) -> TeacherOutput: ...
 
+    def predict_features(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor: ...
+
     def predict_labels(self, frames: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]: ...
 
     def check_classes(self, names: list[str], ignore_index: int, where: str) -> None: ...
@@ -219,6 +221,13 @@ class ExportedTeacher:
             features = feats[..., :max(1, -(-fh * h // hp)), :max(1, -(-fw * w // wp))]
         return TeacherOutput(probs.to(self._device), features.to(self._device) if features is not None else None)
 
+    def predict_features(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The features output (B, F, ~H/4, ~W/4); the sidecar must name one (else wrap in MappedTeacher)."""
+        features = self.predict(frames).features
+        if features is None:
+            raise TeacherFormatError(f"{self.path}: the sidecar names no features output")
+        return features
+
     def predict_labels(self, frames: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         probs = self.predict(frames).logits
         conf, labels = probs.max(1)
@@ -269,6 +278,13 @@ class MappedTeacher:
         if self.feature_kind == PROBABILITIES or features is None:
             features = F.avg_pool2d(probs, 4, ceil_mode=True)
         return TeacherOutput(probs, features)
+
+    def predict_features(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """What the refiner takes: the base's features (B, F, h, w), or the mapped probabilities at
+        1/4 resolution (B, C + 1, H/4, W/4) for a base without features."""
+        if self.feature_kind == FEATURES and hasattr(self.base, "predict_features"):
+            return self.base.predict_features(frames)
+        return self.predict(frames).features
 
     def predict_labels(self, frames: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Argmax over the store's classes and unknown; unknown -> ``ignore_index``. uint8 / float32 (B, H, W)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -67,6 +68,7 @@ class StoreSequenceInputs:
         self._teacher_labels = seq.array(TEACHER_LABELS) if need_teacher else None
         self._teacher_conf = seq.array(TEACHER_CONFIDENCE) if need_teacher else None
         self._frames: dict[int, np.ndarray] = {}
+        self._frames_lock = threading.Lock()
         self._feature_teacher = feature_teacher
         self.teacher_features = self._features if feature_teacher is not None else None
         self.teacher_features_batch = self._features_batch if feature_teacher is not None else None
@@ -76,11 +78,17 @@ class StoreSequenceInputs:
 
     def frame(self, t: int) -> np.ndarray:
         # a batched step reads two frames per chain; keep enough to read every frame once
-        if t not in self._frames:
-            if len(self._frames) >= FRAME_CACHE:
+        # (the prefetching thread of models.prefetch reads here too: the cache is locked)
+        with self._frames_lock:
+            cached = self._frames.get(t)
+        if cached is not None:
+            return cached
+        frame = self.seq.frame(t)
+        with self._frames_lock:
+            if t not in self._frames and len(self._frames) >= FRAME_CACHE:
                 self._frames.pop(next(iter(self._frames)))
-            self._frames[t] = self.seq.frame(t)
-        return self._frames[t]
+            self._frames[t] = frame
+        return frame
 
     def flow_to_next(self, t: int) -> np.ndarray:
         assert self._fw is not None
@@ -96,7 +104,7 @@ class StoreSequenceInputs:
     def _features_batch(self, ts: list[int]) -> np.ndarray:
         """float (B, F, h, w) teacher features of frames ``ts``, one batched forward pass."""
         assert self._feature_teacher is not None
-        return self._feature_teacher.predict(np.stack([self.frame(t) for t in ts])).features.cpu().numpy()
+        return self._feature_teacher.predict_features(np.stack([self.frame(t) for t in ts])).cpu().numpy()
 
     def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         assert self._teacher_labels is not None and self._teacher_conf is not None
@@ -105,8 +113,8 @@ class StoreSequenceInputs:
 
 def result_settings(config: PropagationConfig, flow: dict[str, Any] | None, teacher: dict[str, Any] | None,
                     refiner_sha256: str | None = None, keyframes: str | None = None) -> dict[str, Any]:
-    # neither the device nor the batch size changes the labels
-    settings = {**config.model_dump(exclude={"device", "batch_size"}), "flow": flow, "teacher": teacher}
+    # neither the device, the batch size nor prefetching changes the labels
+    settings = {**config.model_dump(exclude={"device", "batch_size", "prefetch"}), "flow": flow, "teacher": teacher}
     if refiner_sha256 is not None:
         settings["refiner_sha256"] = refiner_sha256
     if keyframes is not None:  # keyframes added after ingest

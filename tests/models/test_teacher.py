@@ -55,6 +55,26 @@ class TestNetwork:
         assert probs.shape == (2, 3, 24, 40)
         torch.testing.assert_close(probs.sum(1), torch.ones(2, 24, 40))
 
+    @pytest.mark.parametrize("arch", ["unet-tiny", "unet-lite"])
+    def test_features_alone_equal_those_of_predict(self, arch: str) -> None:
+        torch.manual_seed(0)
+        teacher = Teacher.create(arch, NAMES, PALETTE).to("cpu")
+        frames = np.random.default_rng(1).integers(0, 255, (2, 45, 61, 3), dtype=np.uint8)
+        features = teacher.predict_features(frames)
+        assert features.shape == (2, teacher.feature_channels, 12, 16)
+        assert torch.equal(features, teacher.predict(frames).features)
+
+    def test_channels_last_weights_predict_what_contiguous_ones_do(self) -> None:
+        torch.manual_seed(0)
+        teacher = Teacher.create("unet-lite", NAMES, PALETTE)  # created: contiguous weights
+        frames = np.random.default_rng(2).integers(0, 255, (2, 40, 56, 3), dtype=np.uint8)
+        before = teacher.predict(frames)
+        teacher.to("cpu")
+        assert teacher.net.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+        after = teacher.predict(frames)
+        torch.testing.assert_close(after.logits, before.logits)
+        assert torch.equal(after.logits.argmax(1), before.logits.argmax(1))
+
 
 class TestTraining:
     def test_a_few_steps_learn_a_learnable_task(self) -> None:
@@ -113,6 +133,7 @@ class TestCheckpoints:
         frames = np.random.default_rng(0).integers(0, 255, (1, 20, 28, 3), dtype=np.uint8)
         torch.testing.assert_close(loaded.predict(frames).logits, teacher.predict(frames).logits)
         assert loaded.classes == NAMES and loaded.train_info["steps"] == 3
+        assert loaded.save(tmp_path / "again" / "t.pt") == digest  # the file does not depend on the memory format
 
     def test_missing_corrupt_and_foreign_files(self, tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match="not found; train one"):

@@ -1,4 +1,5 @@
-"""Batched propagation: any batch size gives exactly the labels of one chain at a time (CPU, fp32)."""
+"""Batched propagation: any batch size, with or without prefetching, gives exactly the labels of one
+chain at a time (CPU, fp32)."""
 
 from __future__ import annotations
 
@@ -90,10 +91,11 @@ class TestGapChains:
 @pytest.mark.parametrize("method", METHODS)
 def test_batched_labels_equal_unbatched_exactly(made: dict[str, Path], tmp_path: Path, method: str) -> None:
     stores = {}
-    for batch in (1, 8):
+    # the reference: one chain at a time, nothing read ahead; against it: 8 chains with prefetching
+    for batch, prefetch in ((1, False), (8, True)):
         store = str(tmp_path / f"b{batch}.zarr")
         shutil.copytree(made["store"], store)
-        settings = LabelSettings(propagation=PropagationConfig(method=method, batch_size=batch),
+        settings = LabelSettings(propagation=PropagationConfig(method=method, batch_size=batch, prefetch=prefetch),
                                  flow=FlowConfig(backend="exact"), teacher=str(made["teacher"]),
                                  refiner=str(made["refiner"]) if method == "warp-refine" else None,
                                  compare_with_warp_inpaint=False, estimate={"enabled": False})
