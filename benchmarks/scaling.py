@@ -1,13 +1,14 @@
 """Peak memory of labelling against drive length, and wall time against the number of workers.
 
-    python benchmarks/scaling.py [--frames 100 2000] [--workers 1 2 4] [--size 320x240]
+    python benchmarks/scaling.py [--frames 100 2000] [--repeat 3] [--workers 1 2 4] [--size 320x240]
                                  [--method warp-refine] [--parts memory workers] [--out ...]
 
 For each length, one synthetic drive (21-frame windows) is written to a fresh store, then
 ``autolabel label STORE --method M --flow dis-fast --no-estimate`` runs as a user runs it, in a
 new process; its high-water resident memory (the kernel's ``ru_maxrss``), the sampled peak of its
 process tree (every 0.1 s with psutil: a short run is sampled less often, so this one is biased
-towards long runs) and its wall time are recorded. Teacher and refiner are randomly initialised
+towards long runs) and its wall time are recorded, ``--repeat`` times on fresh copies (medians: the
+high-water mark of the same run moves by tens of MB from run to run). Teacher and refiner are randomly initialised
 ``unet-lite`` / ``refine-unet`` nets (their cost does not depend on the weights). Labelling reads
 and writes frame by frame and propagates one group of keyframe gaps at a time, so the peak should
 not grow with the drive's length.
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,6 +160,7 @@ def main() -> None:
     parser.add_argument("--segment-frames", type=int, default=64)
     parser.add_argument("--inbox-drives", type=int, default=4)
     parser.add_argument("--inbox-frames", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per drive length (medians reported)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
@@ -170,17 +174,29 @@ def main() -> None:
             store = f"{tmp}/drive-{frames}.zarr"
             write_synthetic_store(store, drive_configs(1, SyntheticConfig(width=w, height=h, frames=frames, seed=3)),
                                   AnnotationPolicy(mode="window", n=21))
-            high, peak, seconds, rc = peak_rss(label_cmd(store, tmp, args.method))
-            if rc != 0:
-                raise SystemExit(f"autolabel label failed on {frames} frames")
+            repeats = []
+            for r in range(args.repeat):  # each run on a fresh copy: the high-water mark varies run to run
+                copy = f"{tmp}/drive-{frames}-run{r}.zarr"
+                shutil.copytree(store, copy)
+                high, peak, seconds, rc = peak_rss(label_cmd(copy, tmp, args.method))
+                if rc != 0:
+                    raise SystemExit(f"autolabel label failed on {frames} frames")
+                repeats.append((high, peak, seconds))
+                shutil.rmtree(copy, ignore_errors=True)
+                log(f"{frames} frames, run {r + 1}/{args.repeat}: high-water {high:.0f} MB in {seconds:.0f} s")
+            high = statistics.median(x[0] for x in repeats)
+            peak = statistics.median(x[1] for x in repeats)
+            seconds = statistics.median(x[2] for x in repeats)
             runs.append({"frames": frames, "max_rss_mb": round(high, 1), "peak_rss_mb": round(peak, 1),
+                         "max_rss_mb_runs": [round(x[0], 1) for x in repeats],
                          "seconds": round(seconds, 1), "frames_per_s": round(frames / seconds, 2)})
-            rows.append([frames, args.size, args.method, f"{high:.0f}", f"{peak:.0f}", f"{seconds:.0f}",
+            spread = f"{min(x[0] for x in repeats):.0f}-{max(x[0] for x in repeats):.0f}"
+            rows.append([frames, args.size, args.method, f"{high:.0f}", spread, f"{peak:.0f}", f"{seconds:.0f}",
                          f"{frames / seconds:.2f}"])
         scaling = workers_part(args, tmp, w, h) if "workers" in args.parts else []
     if runs:
-        print_table("memory of `autolabel label`: high-water RSS, sampled peak of the process tree",
-                    ["frames", "size", "method", "max MB", "sampled MB", "seconds", "frames/s"], rows)
+        print_table("memory of `autolabel label`: high-water RSS (median, range), sampled peak of the tree",
+                    ["frames", "size", "method", "max MB", "range", "sampled MB", "seconds", "frames/s"], rows)
     if len(runs) > 1:
         growth = runs[-1]["max_rss_mb"] / runs[0]["max_rss_mb"] - 1
         print(f"high-water RSS at {runs[-1]['frames']} frames is {growth * 100:+.1f} % of {runs[0]['frames']} frames")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from autolabel.flows.run_requests import confine_paths
+from autolabel.runtime import configure_process
 from autolabel.tasks.segments import SegmentJob
 from autolabel.tasks.stage_tasks import segment_task
 from prefect import flow, get_run_logger
@@ -25,6 +26,7 @@ def _segment_run_name() -> str:
 @flow(name="label-segment", flow_run_name=_segment_run_name, log_prints=False, persist_result=True)
 def label_segment_flow(job: SegmentJob) -> dict[str, Any]:
     """Write the frames one segment owns for the stages of one phase; the last segment publishes each stage."""
+    configure_process()  # malloc arenas, $AUTOLABEL_THREADS
     confine_paths(job.store, None, None)
     result = segment_task.with_options(name=job.phase)(job)
     done = [s["stage"] for s in result["stages"] if s["computed"]]

@@ -14,6 +14,7 @@ from typing import Any
 
 from autolabel.flows.parallel_flow import run_parallel_flow
 from autolabel.flows.run_requests import confine_paths
+from autolabel.runtime import configure_process
 from autolabel.storage.store import SequenceStore
 from autolabel.tasks.pipeline import (
     DriveSource,
@@ -54,6 +55,7 @@ def label_sequence_flow(store: str, seq_id: str, settings: LabelSettings,
     With ``source`` the drive is first ingested from its inbox when new or changed. Raises (the
     run fails) on bad input, naming the sequence and file; other sequences are unaffected.
     """
+    configure_process()  # malloc arenas, $AUTOLABEL_THREADS
     confine_paths(store, source.inbox if source else None, settings.export_dir)
     result = label_sequence(store, seq_id, settings, source, runner=_runner(settings),
                             marker={"flow_run": str(flow_run.id)})

@@ -25,6 +25,7 @@ from multiprocessing import get_context
 from typing import Any
 
 from autolabel.models.segments import Segment, plan_key, plan_segments
+from autolabel.runtime import configure_process
 from autolabel.storage.store import SequenceStore, StoreLayout
 from autolabel.tasks.pipeline import (
     AnyStage,
@@ -106,11 +107,7 @@ def run_jobs_here(progress: Progress | None = None) -> JobRunner:
 
 
 def _threads_then_run(job: SegmentJob, threads: int) -> dict[str, Any]:
-    import cv2
-    import torch
-
-    torch.set_num_threads(threads)
-    cv2.setNumThreads(threads)
+    configure_process(threads)
     return run_segment_job(job)
 
 

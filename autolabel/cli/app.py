@@ -34,7 +34,9 @@ def main() -> None:
     from pydantic import ValidationError
 
     from autolabel.cli.console import err_console
+    from autolabel.runtime import limit_malloc_arenas
 
+    limit_malloc_arenas()  # before torch, zarr and OpenCV start their threads
     try:
         app()
     except AutolabelError as exc:

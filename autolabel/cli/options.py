@@ -7,7 +7,6 @@ several commands are defined here once.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,6 +14,7 @@ import typer
 from pydantic import BaseModel
 
 from autolabel.errors import ConfigError
+from autolabel.runtime import set_threads as set_process_threads
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig
 from autolabel.models.quality import EstimateConfig
@@ -34,15 +34,7 @@ def describe(model: type[BaseModel], name: str, extra: str = "") -> str:
 
 def set_threads() -> None:
     """torch and OpenCV threads: ``$AUTOLABEL_THREADS`` (several processes sharing a machine), else every core."""
-    import cv2
-    import torch
-
-    value = os.environ.get("AUTOLABEL_THREADS", "")
-    if value and not value.isdigit():
-        raise ConfigError(f"AUTOLABEL_THREADS must be a number of threads, not {value!r}")
-    threads = int(value) if value and int(value) > 0 else os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    cv2.setNumThreads(threads)
+    set_process_threads()
 
 
 def parse_size(size: str) -> tuple[int, int]:

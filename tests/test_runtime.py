@@ -1,0 +1,79 @@
+"""Process set-up: glibc malloc arenas capped, thread counts from $AUTOLABEL_THREADS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from autolabel.errors import ConfigError
+from autolabel.runtime import compute_threads
+
+# counts glibc's heaps (one per arena) after 8 threads allocated, via malloc_info's XML
+HEAPS_AFTER_THREADS = textwrap.dedent("""
+    import ctypes, sys, threading
+    if sys.argv[1] == "configured":
+        from autolabel.runtime import limit_malloc_arenas
+        assert limit_malloc_arenas()
+    libc = ctypes.CDLL(None)
+    libc.open_memstream.restype = ctypes.c_void_p
+    libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    keep, ready = [], threading.Barrier(8)
+    def work():
+        ready.wait()  # all eight alive at once, each taking its first malloc
+        keep.append([bytearray(2000) for _ in range(200)])
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    [t.start() for t in threads]; [t.join() for t in threads]
+    buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+    stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    print(ctypes.string_at(buf, size.value).count(b"<heap nr="))
+""")
+
+
+def _gnu_libc() -> bool:
+    import platform
+
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not _gnu_libc(), reason="malloc arenas are glibc's; this C library has none to cap")
+def test_arenas_are_capped_whatever_the_threads() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+
+    def heaps(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", HEAPS_AFTER_THREADS, mode], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    assert heaps("default") > 2  # glibc's default: an arena per thread
+    assert heaps("configured") <= 2
+
+
+def test_an_arena_limit_in_the_environment_is_left_to_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autolabel.runtime import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False
+
+
+class TestThreads:
+    def test_from_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("AUTOLABEL_THREADS", "3")
+        assert compute_threads() == 3
+        monkeypatch.setenv("AUTOLABEL_THREADS", "0")
+        assert compute_threads() == (os.cpu_count() or 1)
+        monkeypatch.delenv("AUTOLABEL_THREADS")
+        assert compute_threads() == (os.cpu_count() or 1)
+
+    def test_not_a_number(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("AUTOLABEL_THREADS", "two")
+        with pytest.raises(ConfigError, match="AUTOLABEL_THREADS must be a number of threads, not 'two'"):
+            compute_threads()
