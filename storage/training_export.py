@@ -22,7 +22,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,17 +177,22 @@ class ExportedFrames:
     Args:
         folder: what :func:`export_training_set` wrote (its ``manifest.json`` lists the frames).
         max_distance: only frames at most this far from their keyframe (keyframes are distance 0).
+        distances: only frames at exactly these distances, e.g. ``{2, 4, 6, 8}`` (the paper's Table 1
+            sampling); keyframes are always kept.
     """
 
-    def __init__(self, folder: Path, max_distance: int | None = None) -> None:
+    def __init__(self, folder: Path, max_distance: int | None = None,
+                 distances: Iterable[int] | None = None) -> None:
         self.folder = Path(folder)
         try:
             manifest = json.loads((self.folder / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{self.folder}: no readable manifest.json of `autolabel export --format "
                               f"cityscapes|folder` ({exc})") from exc
+        keep = None if distances is None else {0, *distances}
         self.rows = [ManifestRow(**r) for r in manifest["frames"]
-                     if max_distance is None or r["distance"] <= max_distance]
+                     if (max_distance is None or r["distance"] <= max_distance)
+                     and (keep is None or r["distance"] in keep or r["keyframe"])]
 
     def __len__(self) -> int:
         return len(self.rows)

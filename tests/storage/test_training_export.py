@@ -18,7 +18,8 @@ from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
-from autolabel.storage.training_export import export_sequence_for_training, export_training_set, source_keyframe
+from autolabel.storage.training_export import (ExportedFrames, export_sequence_for_training, export_training_set,
+                                               source_keyframe)
 from autolabel.tasks.pipeline import LabelSettings, label_store
 from tests.conftest import run_cli
 
@@ -72,6 +73,26 @@ class TestTrainingExport:
         classes = json.loads((out / "classes.json").read_text())
         assert classes["names"] == store.classes.names and classes["ignore_index"] == 255
         assert json.loads((out / "manifest.json").read_text())["layout"] == "folder"
+
+    def test_read_back_and_filter_by_distance(self, labelled: str, tmp_path: Path) -> None:
+        store = SequenceStore.open(labelled)
+        out = tmp_path / "out"
+        export_training_set(store, "motion-only", out, store.sequence_ids(), "folder")
+        every = ExportedFrames(out)
+        assert len(every) == 24
+        image, label = every[0]
+        row = every.rows[0]
+        seq = store.sequence(row.sequence)
+        np.testing.assert_array_equal(image, seq.frame(row.t))
+        np.testing.assert_array_equal(label, np.asarray(seq.array("results/motion-only/labels")[row.t])
+                                      if not row.keyframe else seq.annotation(row.t))
+        # distances per drive (keyframes 2, 7): t0 2, t1 1, t3 1, t4 2, t5 2, t6 1, t8 1, t9 2, t10 3, t11 4
+        near = ExportedFrames(out, max_distance=1)
+        assert sorted({r.distance for r in near.rows}) == [0, 1] and len(near) == 2 * 6
+        even = ExportedFrames(out, distances=[2, 4])
+        assert sorted({r.distance for r in even.rows}) == [0, 2, 4] and len(even) == 2 * 7
+        assert sum(r.keyframe for r in even.rows) == 4  # keyframes always kept
+        assert len(ExportedFrames(out, max_distance=3, distances=[2, 4])) == 2 * 6
 
     def test_min_confidence_ignores_propagated_pixels_only(self, labelled: str, tmp_path: Path) -> None:
         seq = SequenceStore.open(labelled).sequence("synth-0001")
