@@ -24,6 +24,14 @@ keyframes alone; the refiner learns on the training drives' keyframe cycles (no 
   the training sequences keep only their 21-frame window centres as keyframes, the held-out ones
   are scored on every annotated frame.
 
+With ``--seeds 0 1 2`` every student is trained once per seed (the paper reports the mean and the
+sample standard deviation of three runs); the inpainting teacher stays student (a) of the first
+seed. ``--distances 2 4 6 8`` trains (b)-(d) only on frames at those distances from their keyframe
+(the paper's sampling), ``--keyframe-share 0.3`` repeats the keyframes to 30 % of what a student
+sees (the paper's 70/30). For each labelling method the table also gives the labels' own mIoU
+on the training drives' propagated frames, beside what the inpainting teacher (student (a))
+predicts on those same frames: what the labels know that the keyframe student does not.
+
 Writes the JSON (``--out``) with the machine, data and settings; prints the table.
 """
 
@@ -91,18 +99,19 @@ class KeyframeOversampled:
         return self.frames[self.index[i]]
 
 
-def student_config(args: argparse.Namespace) -> TeacherTrainConfig:
+def student_config(args: argparse.Namespace, seed: int) -> TeacherTrainConfig:
     return TeacherTrainConfig(max_steps=args.steps, epochs=10_000, crop=args.crop, batch_size=args.batch,
-                              seed=args.seed)
+                              seed=seed)
 
 
-def train_student(path: Path, samples: Any, classes: Any, args: argparse.Namespace) -> tuple[Path, dict]:
+def train_student(path: Path, samples: Any, classes: Any, args: argparse.Namespace,
+                  seed: int = 0) -> tuple[Path, dict]:
     if path.is_file():
         log(f"reusing student {path.name}")
         return path, Teacher.load(path).train_info
-    log(f"training student {path.name} on {len(samples)} frames, {args.steps} steps")
+    log(f"training student {path.name} on {len(samples)} frames, {args.steps} steps, seed {seed}")
     student = Teacher.create("unet-lite", classes.names, [list(c) for c in classes.palette], classes.ignore_index)
-    info = train_teacher(student, samples, student_config(args),
+    info = train_teacher(student, samples, student_config(args, seed),
                          lambda s, n, loss: log(f"  step {s}/{n} loss {loss:.3f}") if s % 250 == 0 else None)
     student.train_info = {**info, "frames": len(samples)}
     student.save(path)
@@ -130,25 +139,46 @@ def score(student: Path, store: SequenceStore, sequences: list[str]) -> dict[str
             "per_class": {c: (None if np.isnan(v) else round(float(v) * 100, 1)) for c, v in zip(store.classes.names, iou)}}
 
 
+def labels_vs_teacher(store: SequenceStore, method: str, teacher: Path, ids: list[str]) -> dict[str, float]:
+    """Pooled mIoU on the propagated (not annotated) ground-truth frames of ``ids``: the stored labels
+    of ``method`` and the teacher's own predictions on the same frames."""
+    model = Teacher.load(teacher)
+    n, ignore = store.classes.num_classes, store.classes.ignore_index
+    cm_labels, cm_teacher = np.zeros((n, n + 1), np.int64), np.zeros((n, n + 1), np.int64)
+    for seq_id in ids:
+        seq = store.sequence(seq_id)
+        labels = seq.array(f"results/{method}/labels")
+        frames = [int(t) for t in np.flatnonzero(seq.has_gt & ~seq.annotated)]
+        for start in range(0, len(frames), 4):
+            chunk = frames[start:start + 4]
+            predicted, _ = model.predict_labels(np.stack([seq.frame(t) for t in chunk]))
+            for t, pred in zip(chunk, predicted):
+                gt = seq.ground_truth(t)
+                cm_labels += confusion_matrix(gt, np.asarray(labels[t]), n, ignore)
+                cm_teacher += confusion_matrix(gt, pred, n, ignore)
+    return {"labels_miou": round(mean_iou(cm_labels), 2), "teacher_miou": round(mean_iou(cm_teacher), 2)}
+
+
 def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_store: str, test_ids: list[str],
              args: argparse.Namespace) -> dict[str, Any]:
-    """Train and score the four students of one dataset."""
+    """Train and score the four students of one dataset, once per seed."""
     work = args.workdir / name
     store = SequenceStore.open(train_store)
     keyframes = AnnotatedFrames([store], train_ids)
-    # the inpainting teacher is student (a) at the default steps; other step counts train their own (a)
+    # the inpainting teacher is student (a) at the default steps and seed 0
     teacher_args = argparse.Namespace(**{**vars(args), "steps": DEFAULT_STEPS})
     student_a, info_a = train_student(work / "student-a.pt", keyframes, store.classes, teacher_args)
     steps_tag = f"-s{args.steps}" if args.steps != DEFAULT_STEPS else ""
     refiner = ensure_refiner(work / "refiner.pt", [train_store], train_ids, student_a, args, 0)
+    ids = [s for s in store.sequence_ids() if train_ids is None or s in train_ids]
+    test = SequenceStore.open(test_store)
     results: dict[str, Any] = {}
     for arm, method in ARMS.items():
         if arm not in args.arms and arm != "a":
             continue
+        extra: dict[str, Any] = {}
         if method is None:
-            path, info, samples = student_a, info_a, keyframes
-            if steps_tag:
-                path, info = train_student(work / f"student-a{steps_tag}.pt", keyframes, store.classes, args)
+            samples, tag = keyframes, steps_tag
         else:
             settings = LabelSettings(propagation=PropagationConfig(method=method, max_distance=10, tau=args.tau),
                                      flow=FlowConfig(backend=args.flow), teacher=str(student_a), refiner=str(refiner),
@@ -158,26 +188,35 @@ def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_stor
             if report.failed:
                 raise SystemExit(f"{name}: {method} failed: {report.failed}")
             log(f"  {method}: labelled in {time.perf_counter() - start:.1f} s")
+            extra = labels_vs_teacher(store, method, student_a, ids)
+            log(f"  {method} labels on the propagated training frames: {extra['labels_miou']} mIoU "
+                f"(student (a) there: {extra['teacher_miou']})")
             export_tag = f"-c{args.min_confidence:g}" if args.min_confidence > 0 else ""
             tag = "".join([export_tag, f"-d{args.max_distance}" if args.max_distance is not None else "",
+                           "-t" + "_".join(map(str, args.distances)) if args.distances else "",
                            f"-k{args.keyframe_share:g}" if args.keyframe_share > 0 else "", steps_tag])
             export = work / f"export-{method}{export_tag}"
             if not (export / "manifest.json").is_file():
-                rows, failures = export_training_set(store, method, export, [s for s in store.sequence_ids()
-                                                     if train_ids is None or s in train_ids], "folder",
-                                                     args.min_confidence)
+                rows, failures = export_training_set(store, method, export, ids, "folder", args.min_confidence)
                 if failures:
                     raise SystemExit(f"{name}: export of {method} failed: {failures}")
-            samples = ExportedFrames(export, max_distance=args.max_distance)
-            labelled = len(samples)
-            if args.keyframe_share > 0:
-                samples = KeyframeOversampled(samples, args.keyframe_share)
-            path, info = train_student(work / f"student-{arm}{tag}.pt", samples, store.classes, args)
-        scored = score(path, SequenceStore.open(test_store), test_ids)
-        labelled = len(samples) if method is None else labelled
-        results[arm] = {"training": ARM_NAMES[arm], "method": method, "frames": labelled,
-                        "train_seconds": info.get("seconds"), **scored}
-        log(f"  ({arm}) {ARM_NAMES[arm]}: {labelled} frames -> held-out mIoU {scored['miou']}")
+            exported = ExportedFrames(export, max_distance=args.max_distance, distances=args.distances)
+            extra["frames"] = len(exported)
+            samples = KeyframeOversampled(exported, args.keyframe_share) if args.keyframe_share > 0 else exported
+        runs = []
+        for seed in args.seeds:
+            seed_tag = f"-r{seed}" if seed else ""
+            if method is None and not tag and not seed:
+                path, info = student_a, info_a
+            else:
+                path, info = train_student(work / f"student-{arm}{tag}{seed_tag}.pt", samples, store.classes, args, seed)
+            runs.append({"seed": seed, "train_seconds": info.get("seconds"), **score(path, test, test_ids)})
+            log(f"  ({arm}) {ARM_NAMES[arm]}, seed {seed}: held-out mIoU {runs[-1]['miou']}")
+        mious = [r["miou"] for r in runs]
+        results[arm] = {"training": ARM_NAMES[arm], "method": method, "frames": extra.pop("frames", len(samples)),
+                        "miou": round(float(np.mean(mious)), 2),
+                        "miou_std": round(float(np.std(mious, ddof=1)), 2) if len(mious) > 1 else None,
+                        **extra, "runs": runs}
     return results
 
 
@@ -209,11 +248,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="student training steps (every arm)")
     parser.add_argument("--crop", type=int, default=192)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="train every student once per seed; the table gives the mean and sample std")
     parser.add_argument("--min-confidence", type=float, default=0.0,
                         help="export: propagated pixels below this confidence are ignored (arms b-d)")
     parser.add_argument("--max-distance", type=int, default=None,
                         help="train (b-d) only on frames at most this far from their keyframe")
+    parser.add_argument("--distances", type=int, nargs="+", default=None,
+                        help="train (b-d) only on frames at these distances from their keyframe (paper: 2 4 6 8)")
     parser.add_argument("--arms", default="abcd", help="which students to train (letters of a-d)")
     parser.add_argument("--keyframe-share", type=float, default=0.0,
                         help="repeat keyframes so they make this share of the frames a student (b-d) sees")
@@ -236,9 +278,11 @@ def main() -> None:
         log(f"== {name}")
         results[name] = synthetic(args) if name == "synthetic" else davis(args, args.data or shared_data_dir())
         base = results[name]["a"]["miou"]
-        rows = [[f"({arm}) {r['training']}", r["frames"], r["miou"], round(r["miou"] - base, 2)]
+        rows = [[f"({arm}) {r['training']}", r["frames"], r["miou"], r["miou_std"] if r["miou_std"] is not None else "",
+                 round(r["miou"] - base, 2), r.get("labels_miou", ""), r.get("teacher_miou", "")]
                 for arm, r in results[name].items()]
-        print_table(f"{name}: student mIoU on held-out ground truth", ["student", "frames", "mIoU", "vs (a)"], rows)
+        print_table(f"{name}: student mIoU on held-out ground truth (mean of {len(args.seeds)} seeds)",
+                    ["student", "frames", "mIoU", "std", "vs (a)", "labels", "(a) there"], rows)
     payload = {"machine": machine(), "seconds": round(time.perf_counter() - start, 1),
                "settings": {k: str(v) for k, v in vars(args).items()}, "datasets": results}
     write_json("student", payload, args.out)
