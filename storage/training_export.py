@@ -72,6 +72,14 @@ def source_keyframe(annotated: np.ndarray, t: int, distance: int) -> int | None:
     return None
 
 
+def keyframe_distance(annotated: np.ndarray) -> np.ndarray:
+    """int (T,): frames from each frame to its nearest annotated frame (0 on keyframes, -1 with none)."""
+    keys = np.flatnonzero(annotated)
+    if not len(keys):
+        return np.full(len(annotated), -1, np.int64)
+    return np.abs(np.arange(len(annotated))[:, None] - keys[None, :]).min(axis=1)
+
+
 def _write_atomic_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -96,8 +104,8 @@ def export_sequence_for_training(seq: Sequence, method: str, out: Path, layout: 
     classes = seq.store.classes
     lut = classes.colour_lut()
     annotated = seq.annotated
-    if method == GROUND_TRUTH:
-        distance = np.where(annotated, 0, -1)
+    if method == GROUND_TRUTH:  # stored labels: the distance says how far the nearest keyframe is
+        distance = keyframe_distance(annotated)
         conf_array = None
     else:
         _, conf_name, dist_name = result_array_names(method)

@@ -19,7 +19,7 @@ from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
 from autolabel.storage.training_export import (ExportedFrames, export_sequence_for_training, export_training_set,
-                                               source_keyframe)
+                                               keyframe_distance, source_keyframe)
 from autolabel.tasks.pipeline import LabelSettings, label_store
 from tests.conftest import run_cli
 
@@ -93,6 +93,18 @@ class TestTrainingExport:
         assert sorted({r.distance for r in even.rows}) == [0, 2, 4] and len(even) == 2 * 7
         assert sum(r.keyframe for r in even.rows) == 4  # keyframes always kept
         assert len(ExportedFrames(out, max_distance=3, distances=[2, 4])) == 2 * 6
+
+    def test_ground_truth_export_records_keyframe_distance(self, labelled: str, tmp_path: Path) -> None:
+        store = SequenceStore.open(labelled)
+        rows, failures = export_training_set(store, "gt", tmp_path / "gt", ["synth-0000"], "folder")
+        seq = store.sequence("synth-0000")
+        names = seq.frame_names
+        assert failures == [] and len(rows) == 12  # synthetic drives carry ground truth on every frame
+        assert [r.distance for r in rows] == [2, 1, 0, 1, 2, 2, 1, 0, 1, 2, 3, 4]
+        assert [r.source_keyframe for r in rows[3:6]] == [names[2], names[2], names[7]]
+        assert {r.method for r in rows if not r.keyframe} == {"gt"}
+        np.testing.assert_array_equal(ExportedFrames(tmp_path / "gt")[10][1], seq.ground_truth(10))
+        assert keyframe_distance(np.zeros(3, bool)).tolist() == [-1, -1, -1]
 
     def test_min_confidence_ignores_propagated_pixels_only(self, labelled: str, tmp_path: Path) -> None:
         seq = SequenceStore.open(labelled).sequence("synth-0001")
