@@ -9,6 +9,8 @@ crop, batch, augmentation and seed on
   (b) keyframes + motion-only labels,
   (c) keyframes + warp-inpaint labels,
   (d) keyframes + warp-refine labels,
+  (o) with ``--arms ...o``: keyframes + the ground truth of the same frames (the paper's oracle:
+      what perfect propagation would give, the ceiling of (b)-(d)),
 
 and scored (mIoU) on held-out drives' ground truth it never saw. The labels reach the students
 through the product's own training export (``autolabel export --format folder``: keyframes
@@ -60,6 +62,7 @@ from autolabel.models.teacher import Teacher  # noqa: E402
 from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher  # noqa: E402
 from autolabel.storage.ingest import IngestOptions, ingest  # noqa: E402
 from autolabel.storage.readers import read_dataset  # noqa: E402
+from autolabel.storage.stages import GROUND_TRUTH  # noqa: E402
 from autolabel.storage.store import SequenceStore  # noqa: E402
 from autolabel.storage.synthetic import SyntheticConfig  # noqa: E402
 from autolabel.storage.synthetic_io import write_synthetic_store  # noqa: E402
@@ -68,8 +71,10 @@ from autolabel.storage.training_export import ExportedFrames, export_training_se
 from autolabel.tasks.pipeline import LabelSettings, label_store  # noqa: E402
 
 DEFAULT_STEPS = 1500
-ARMS = {"a": None, "b": "motion-only", "c": "warp-inpaint", "d": "warp-refine"}
-ARM_NAMES = {"a": "keyframes only", "b": "+ motion-only", "c": "+ warp-inpaint", "d": "+ warp-refine"}
+MAX_DISTANCE = 10  # K of the labelling methods
+ARMS = {"a": None, "b": "motion-only", "c": "warp-inpaint", "d": "warp-refine", "o": GROUND_TRUTH}
+ARM_NAMES = {"a": "keyframes only", "b": "+ motion-only", "c": "+ warp-inpaint", "d": "+ warp-refine",
+             "o": "+ ground truth (oracle)"}
 
 
 def drives(count: int, seed: int) -> list[SyntheticConfig]:
@@ -159,6 +164,25 @@ def labels_vs_teacher(store: SequenceStore, method: str, teacher: Path, ids: lis
     return {"labels_miou": round(mean_iou(cm_labels), 2), "teacher_miou": round(mean_iou(cm_teacher), 2)}
 
 
+def label_method(name: str, store: SequenceStore, method: str, train_store: str, train_ids: list[str] | None,
+                 ids: list[str], teacher: Path, refiner: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Label the training drives with ``method`` (nothing to do for the ground truth); its labels' quality."""
+    if method == GROUND_TRUTH:
+        return {}
+    settings = LabelSettings(propagation=PropagationConfig(method=method, max_distance=MAX_DISTANCE, tau=args.tau),
+                             flow=FlowConfig(backend=args.flow), teacher=str(teacher), refiner=str(refiner),
+                             compare_with_warp_inpaint=False, estimate=EstimateConfig(enabled=False))
+    start = time.perf_counter()
+    report = label_store(train_store, settings, train_ids)
+    if report.failed:
+        raise SystemExit(f"{name}: {method} failed: {report.failed}")
+    log(f"  {method}: labelled in {time.perf_counter() - start:.1f} s")
+    extra = labels_vs_teacher(store, method, teacher, ids)
+    log(f"  {method} labels on the propagated training frames: {extra['labels_miou']} mIoU "
+        f"(student (a) there: {extra['teacher_miou']})")
+    return extra
+
+
 def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_store: str, test_ids: list[str],
              args: argparse.Namespace) -> dict[str, Any]:
     """Train and score the four students of one dataset, once per seed."""
@@ -180,17 +204,7 @@ def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_stor
         if method is None:
             samples, tag = keyframes, steps_tag
         else:
-            settings = LabelSettings(propagation=PropagationConfig(method=method, max_distance=10, tau=args.tau),
-                                     flow=FlowConfig(backend=args.flow), teacher=str(student_a), refiner=str(refiner),
-                                     compare_with_warp_inpaint=False, estimate=EstimateConfig(enabled=False))
-            start = time.perf_counter()
-            report = label_store(train_store, settings, train_ids)
-            if report.failed:
-                raise SystemExit(f"{name}: {method} failed: {report.failed}")
-            log(f"  {method}: labelled in {time.perf_counter() - start:.1f} s")
-            extra = labels_vs_teacher(store, method, student_a, ids)
-            log(f"  {method} labels on the propagated training frames: {extra['labels_miou']} mIoU "
-                f"(student (a) there: {extra['teacher_miou']})")
+            extra = label_method(name, store, method, train_store, train_ids, ids, student_a, refiner, args)
             export_tag = f"-c{args.min_confidence:g}" if args.min_confidence > 0 else ""
             tag = "".join([export_tag, f"-d{args.max_distance}" if args.max_distance is not None else "",
                            "-t" + "_".join(map(str, args.distances)) if args.distances else "",
@@ -200,7 +214,9 @@ def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_stor
                 rows, failures = export_training_set(store, method, export, ids, "folder", args.min_confidence)
                 if failures:
                     raise SystemExit(f"{name}: export of {method} failed: {failures}")
-            exported = ExportedFrames(export, max_distance=args.max_distance, distances=args.distances)
+            # the ground truth covers every frame; keep the frames the methods label (K = MAX_DISTANCE)
+            exported = ExportedFrames(export, max_distance=min(args.max_distance or MAX_DISTANCE, MAX_DISTANCE),
+                                      distances=args.distances)
             extra["frames"] = len(exported)
             samples = KeyframeOversampled(exported, args.keyframe_share) if args.keyframe_share > 0 else exported
         runs = []
