@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/autolabel demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu" -q --durations=15 -n 2 --dist loadfile
+	$(BIN)/python -m pytest -m "not gpu" -q --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py

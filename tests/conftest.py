@@ -226,8 +226,10 @@ def teacher_path(synth_store: str, tmp_path: Path) -> Path:
     return tmp_path / "teacher.pt"
 
 
-# the longest files first: pytest-xdist (--dist loadfile) hands out whole files in collection
-# order, so the deployment test (about 5 minutes) then runs beside the rest instead of after it
+# the longest files first: pytest-xdist (--dist loadfile --no-loadscope-reorder, as `make test` runs it)
+# hands out whole files in collection order, so the deployment test (about 6 minutes) runs beside the
+# rest instead of after it; without --no-loadscope-reorder xdist sorts files by their number of tests,
+# which put the two-test deployment file near the end
 LONGEST_FIRST = ("test_deployment_e2e.py", "test_faults.py", "test_s3_store.py")
 
 
