@@ -1,8 +1,9 @@
 """Flow ``label-segment``: one segment job of a long drive (``autolabel.tasks.segments``) on the work pool.
 
 The parent flow plans a long drive's segments and submits one run of the ``label-segment/gpu``
-deployment per segment and phase (prepare: flow and teacher; propagate: every method), so all
-free workers share one drive; then the drive's own ``label-sequence`` run finishes it.
+deployment per segment and phase (prepare: flow and teacher; propagate: every method; evaluate:
+the segment's frames) and one per method for the quality estimate (a whole-drive job), so all free
+workers share one drive; then the drive's own ``label-sequence`` run finishes it.
 """
 
 from __future__ import annotations

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from autolabel.models.metrics import confusion_matrix, iou_per_class, mean_iou
 from autolabel.models.quality import EstimateCalibration, expected_counts, expected_iou, expected_miou
+from autolabel.models.segments import Segment, stage_key
+from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.stages import estimate_stage, evaluation_stage, result_array_names, results_stage
-from autolabel.storage.store import Sequence, SequenceStore
+from autolabel.storage.store import WRITE_EVERY_CHUNK, Sequence, SequenceStore
 from pydantic import BaseModel, Field, computed_field
 
 
@@ -144,58 +147,112 @@ def sequence_calibration(seq: Sequence, method: str) -> tuple[EstimateCalibratio
     return cal, basis
 
 
-def score_sequence(seq: Sequence, method: str, max_distance: int,
-                   on_frame: Callable[[], None] | None = None) -> SequenceEvaluation:
-    """Score the stored results of ``method`` on ``seq``, reading one frame at a time.
+EXPECTED_SCALE = 2.0 ** 16  # expected counts add up in fixed point: the same sums in any order (segments)
 
-    Needs the method's results stage to be done. Without ground truth the row still carries
-    frames labelled, coverage and mean confidence.
+
+@dataclass
+class FrameTally:
+    """What scoring some frames of one sequence adds up; tallies of disjoint frame ranges add.
+
+    ``confusion``: (C, C+1) int64 per distance; ``expected``: (C, 3) expected counts per distance in
+    fixed point (``EXPECTED_SCALE``), before the calibration's correction; ``worst``: the 5 lowest
+    (frame, estimated %, true %) of the range.
+    """
+
+    confusion: dict[int, np.ndarray] = field(default_factory=dict)
+    expected: dict[int, np.ndarray] = field(default_factory=dict)
+    covered: int = 0
+    pixels: int = 0
+    confidence: int = 0
+    worst: list[tuple[int, float | None, float | None]] = field(default_factory=list)
+
+    def __add__(self, other: FrameTally) -> FrameTally:
+        def merged(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+            return {d: a[d] + b[d] if d in a and d in b else (a[d] if d in a else b[d]) for d in sorted({*a, *b})}
+
+        return FrameTally(merged(self.confusion, other.confusion), merged(self.expected, other.expected),
+                          self.covered + other.covered, self.pixels + other.pixels,
+                          self.confidence + other.confidence, _worst(self.worst + other.worst))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"confusion": {str(d): cm.tolist() for d, cm in self.confusion.items()},
+                "expected": {str(d): e.tolist() for d, e in self.expected.items()},
+                "covered": self.covered, "pixels": self.pixels, "confidence": self.confidence,
+                "worst": [list(w) for w in self.worst]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FrameTally:
+        return cls({int(d): np.asarray(cm, np.int64) for d, cm in data["confusion"].items()},
+                   {int(d): np.asarray(e, np.int64) for d, e in data["expected"].items()},
+                   int(data["covered"]), int(data["pixels"]), int(data["confidence"]),
+                   [(int(t), e, r) for t, e, r in data["worst"]])
+
+
+def _worst(scores: list[tuple[int, float | None, float | None]]) -> list[tuple[int, float | None, float | None]]:
+    """The 5 lowest frames (true % where known, else estimated %), earlier frames first among equals."""
+    return sorted(scores, key=lambda f: (f[2] if f[2] is not None else f[1], f[0]))[:5]
+
+
+def tally_frames(seq: Sequence, method: str, max_distance: int, calibration: EstimateCalibration | None,
+                 frames: tuple[int, int] | None = None, on_frame: Callable[[], None] | None = None) -> FrameTally:
+    """Score the stored results of ``method`` on the frames ``start..stop-1`` of ``seq`` (default: all).
+
+    Reads one frame at a time; frames the method did not reach add nothing.
     """
     classes = seq.store.classes
     c, ignore = classes.num_classes, classes.ignore_index
     labels_name, conf_name, distance_name = result_array_names(method)
     labels, conf = seq.array(labels_name), seq.array(conf_name)
-    distance = np.asarray(seq.array(distance_name)[:])
-    scored = scored_frames(seq, distance, max_distance)
-    calibration, basis = sequence_calibration(seq, method)
-    by_d: dict[int, np.ndarray] = {}
-    expected: dict[int, np.ndarray] = {}
-    covered = pixels = 0
-    conf_sum = 0.0
-    frame_scores: list[tuple[int, float | None, float | None]] = []
-    for t in np.flatnonzero(distance >= 1):
+    start, stop = frames or (0, seq.num_frames)
+    distance = np.asarray(seq.array(distance_name)[start:stop])
+    scored = scored_frames(seq, np.asarray(seq.array(distance_name)[:]), max_distance)
+    tally = FrameTally()
+    scores: list[tuple[int, float | None, float | None]] = []
+    for t in np.flatnonzero(distance >= 1) + start:
         t = int(t)
         lab = np.asarray(labels[t])
-        covered += int((lab != ignore).sum())
-        pixels += lab.size
-        conf_sum += float(np.asarray(conf[t], dtype=np.float64).sum())
-        d = int(distance[t])
+        tally.covered += int((lab != ignore).sum())
+        tally.pixels += lab.size
+        frame_conf = np.asarray(conf[t])
+        tally.confidence += int(frame_conf.sum(dtype=np.int64))
+        d = int(distance[t - start])
         right = estimated = None
         if scored[t]:
             cm = confusion_matrix(seq.ground_truth(t), lab, c, ignore)
-            by_d[d] = by_d[d] + cm if d in by_d else cm
+            tally.confusion[d] = tally.confusion[d] + cm if d in tally.confusion else cm
             right = percent(100 * np.trace(cm[:, :c]) / max(int(cm.sum()), 1))
         if calibration is not None and d <= max_distance:
-            prob = np.where(lab != ignore, calibration.calibration(np.asarray(conf[t]) / 255.0, lab), 0.0)
-            e = expected_counts(lab, prob, c, ignore)
-            expected[d] = expected[d] + e if d in expected else e
+            prob = np.where(lab != ignore, calibration.calibration(frame_conf / 255.0, lab), 0.0)
+            e = np.round(expected_counts(lab, prob, c, ignore) * EXPECTED_SCALE).astype(np.int64)
+            tally.expected[d] = tally.expected[d] + e if d in tally.expected else e
             estimated = percent(100 * float(prob.mean()))
         if right is not None or estimated is not None:
-            frame_scores.append((t, estimated, right))
+            scores.append((t, estimated, right))
         if on_frame is not None:
             on_frame()
+    tally.worst = _worst(scores)
+    return tally
+
+
+def sequence_row(seq: Sequence, method: str, max_distance: int, tally: FrameTally,
+                 calibration: EstimateCalibration | None, basis: str) -> SequenceEvaluation:
+    """The sequence's evaluation from the tally of all its frames."""
+    classes = seq.store.classes
+    distance = np.asarray(seq.array(result_array_names(method)[2])[:])
+    scored = scored_frames(seq, distance, max_distance)
+    expected = {d: e / EXPECTED_SCALE for d, e in tally.expected.items()}
     if calibration is not None:  # the deficit ratio: errors concentrate more than confidence says
         expected = {d: calibration.correct_counts(e) for d, e in expected.items()}
+    by_d, pixels = tally.confusion, tally.pixels
     row = SequenceEvaluation(
         sequence=seq.id, method=method, max_distance=max_distance, frames=seq.num_frames,
         annotated=int(seq.annotated.sum()), frames_labelled=int((distance >= 0).sum()),
         frames_scored=int(scored.sum()), has_gt=bool(by_d),
-        coverage=percent(100 * covered / pixels) if pixels else None,
-        mean_confidence=percent(100 * conf_sum / 255 / pixels) if pixels else None,
+        coverage=percent(100 * tally.covered / pixels) if pixels else None,
+        mean_confidence=percent(100 * tally.confidence / 255 / pixels) if pixels else None,
         confusion={str(d): cm.tolist() for d, cm in sorted(by_d.items())},
-        expected={str(d): e.round(3).tolist() for d, e in sorted(expected.items())},  # corrected below
-        estimate_basis=basis,
-        worst_frames=sorted(frame_scores, key=lambda f: f[2] if f[2] is not None else f[1])[:5],
+        expected={str(d): e.round(3).tolist() for d, e in sorted(expected.items())},
+        estimate_basis=basis, worst_frames=tally.worst,
     )
     if expected:
         pooled_e = sum(expected.values())
@@ -208,6 +265,18 @@ def score_sequence(seq: Sequence, method: str, max_distance: int,
         row.miou_by_distance = {str(d): percent(mean_iou(cm)) for d, cm in sorted(by_d.items())}
         row.per_class_iou = _class_ious(pooled, classes.names)
     return row
+
+
+def score_sequence(seq: Sequence, method: str, max_distance: int,
+                   on_frame: Callable[[], None] | None = None) -> SequenceEvaluation:
+    """Score the stored results of ``method`` on ``seq``, reading one frame at a time.
+
+    Needs the method's results stage to be done. Without ground truth the row still carries
+    frames labelled, coverage and mean confidence.
+    """
+    calibration, basis = sequence_calibration(seq, method)
+    tally = tally_frames(seq, method, max_distance, calibration, None, on_frame)
+    return sequence_row(seq, method, max_distance, tally, calibration, basis)
 
 
 def _evaluation_settings(seq: Sequence, method: str, max_distance: int) -> dict[str, Any]:
@@ -248,6 +317,67 @@ def evaluate_sequence(store: SequenceStore, seq_id: str, methods: Iterable[str],
                     "evaluation": row.model_dump(), "confusion": row.confusion, "expected": row.expected})
         rows.append(row)
     return rows
+
+
+def _tally_arrays(group: Any, segments: int, max_distance: int, num_classes: int) -> None:
+    """Each segment's confusion and expected counts, one chunk (row) per segment: one writer each."""
+    c, k = num_classes, max_distance
+    for name, shape in (("confusion", (k, c, c + 1)), ("expected", (k, c, 3))):
+        group.create_array(name, shape=(segments, *shape), chunks=(1, *shape), dtype="int64", fill_value=0,
+                           overwrite=True, config=WRITE_EVERY_CHUNK)
+
+
+def _segment_tally(group: Any, index: int, info: dict[str, Any]) -> FrameTally:
+    confusion, expected = np.asarray(group["confusion"][index]), np.asarray(group["expected"][index])
+    return FrameTally({d: confusion[d - 1] for d in info["confusion"]}, {d: expected[d - 1] for d in info["expected"]},
+                      info["covered"], info["pixels"], info["confidence"],
+                      [(int(t), e, r) for t, e, r in info["worst"]])
+
+
+def evaluate_segment(store: SequenceStore, seq_id: str, methods: Iterable[str], max_distance: int,
+                     segment: Segment, plan_key: str, segments: int,
+                     on_frame: Callable[[], None] | None = None) -> bool:
+    """The evaluate stage for the frames ``segment`` owns; the job finishing the last segment publishes it.
+
+    Each segment tallies its frames (:func:`tally_frames`) into its row of the stage's shared
+    version; the publisher adds the rows up into the very evaluation :func:`evaluate_sequence` gives
+    (integer tallies: the order of the additions does not matter). Needs the methods' results (and
+    estimates, where enabled) published. Returns whether anything was computed.
+    """
+    computed = False
+    c = store.classes.num_classes
+    for method in methods:
+        seq = store.sequence(seq_id)
+        if stored_evaluation(seq, method, max_distance) is not None:
+            continue
+        settings = _evaluation_settings(seq, method, max_distance)
+        stage = evaluation_stage(method)
+        shared = SegmentedStage.open(store, seq_id, stage, stage_key(plan_key, settings), segments,
+                                     lambda group: _tally_arrays(group, segments, max_distance, c))
+        if shared.is_done(segment.index):
+            continue
+        calibration, basis = sequence_calibration(seq, method)
+        tally = tally_frames(seq, method, max_distance, calibration, (segment.start, segment.stop), on_frame)
+        group = shared.group
+        for name, parts, shape in (("confusion", tally.confusion, (c, c + 1)), ("expected", tally.expected, (c, 3))):
+            rows = np.zeros((max_distance, *shape), np.int64)
+            for d, part in parts.items():
+                rows[d - 1] = part
+            group[name].with_config(WRITE_EVERY_CHUNK)[segment.index] = rows  # type: ignore[union-attr]
+        info = {"confusion": sorted(tally.confusion), "expected": sorted(tally.expected), "covered": tally.covered,
+                "pixels": tally.pixels, "confidence": tally.confidence, "worst": [list(w) for w in tally.worst]}
+
+        def combine(infos: list[dict[str, Any]], seq: Sequence = seq, method: str = method,
+                    calibration: EstimateCalibration | None = calibration, basis: str = basis,
+                    settings: dict[str, Any] = settings) -> dict[str, Any]:
+            total = sum((_segment_tally(shared.group, i, part) for i, part in enumerate(infos)), FrameTally())
+            row = sequence_row(seq, method, max_distance, total, calibration, basis)
+            return {"settings": settings, "evaluation": row.model_dump(), "confusion": row.confusion,
+                    "expected": row.expected}
+
+        shared.finish(segment.index, info, combine)
+        computed = True
+    return computed
 
 
 def pool(method: str, rows: list[SequenceEvaluation], missing: list[str], max_distance: int,

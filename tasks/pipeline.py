@@ -49,6 +49,7 @@ from autolabel.storage.store import SequenceStore
 from autolabel.tasks.checkpoints import checkpoint_sha256, load_refiner, load_teacher, teacher_files, teacher_sha256
 from autolabel.tasks.evaluate import (
     SequenceEvaluation,
+    evaluate_segment,
     evaluate_sequence,
     evaluation_is_current,
 )
@@ -252,6 +253,7 @@ class Stage(BaseModel, ABC):
         return "cpu"
 
     segmentable: ClassVar[bool] = False
+    whole_drive: ClassVar[bool] = False  # segmentable, but one job covers the whole drive
 
     def run_segment(self, store: SequenceStore, seq_id: str, segment: Segment, plan_key: str, segments: int,
                     progress: Progress) -> dict[str, Any]:
@@ -495,6 +497,13 @@ class EstimateStage(Stage):
                                      feature_teacher=feature_teacher, on_step=progress.advance)
         return {"computed": computed}
 
+    segmentable: ClassVar[bool] = True
+    whole_drive: ClassVar[bool] = True  # its cycles start at keyframes anywhere in the drive: one job
+
+    def run_segment(self, store: SequenceStore, seq_id: str, segment: Segment, plan_key: str, segments: int,
+                    progress: Progress) -> dict[str, Any]:
+        return self.run(store, seq_id, progress)
+
 
 class EvaluateStage(Stage):
     kind: Literal["evaluate"] = "evaluate"
@@ -518,6 +527,14 @@ class EvaluateStage(Stage):
         progress.start(seq_id, self.title, 0 if current else store.sequence(seq_id).num_frames * len(self.methods))
         rows = evaluate_sequence(store, seq_id, self.methods, self.max_distance, progress.advance)
         return {"computed": not current, "evaluation": {r.method: r.model_dump() for r in rows}}
+
+    segmentable: ClassVar[bool] = True
+
+    def run_segment(self, store: SequenceStore, seq_id: str, segment: Segment, plan_key: str, segments: int,
+                    progress: Progress) -> dict[str, Any]:
+        progress.start(seq_id, f"{self.title} [{segment.start}:{segment.stop}]", segment.frames * len(self.methods))
+        return {"computed": evaluate_segment(store, seq_id, self.methods, self.max_distance, segment, plan_key,
+                                             segments, progress.advance)}
 
 
 class ExportStage(Stage):
@@ -741,7 +758,8 @@ def _label_one(store_url: str, store: SequenceStore, seq_id: str, settings: Labe
             f"{type(exc).__name__}: {exc}; if stored data is damaged, `autolabel verify {store_url}` "
             "says where and how to repair it"))
         return
-    computed = any(s["computed"] and s["stage"] not in ("evaluation", "export") for s in result["stages"])
+    stages = [*result["stages"], *(s for job in result.get("segments", []) for s in job["stages"])]
+    computed = any(s["computed"] and s["stage"].split("/")[0] not in ("evaluation", "export") for s in stages)
     report.outcomes.append(SequenceOutcome(seq_id, "labelled" if computed else "skipped",
                                            time.perf_counter() - start, result=result))
 

@@ -1,14 +1,15 @@
 """A long drive labelled as segment jobs on many workers, with the labels one job would give.
 
 :func:`segment_phases` turns a drive and :class:`~autolabel.tasks.pipeline.LabelSettings` into
-jobs (:class:`SegmentJob`): first every segment's flow and teacher output (the *prepare* phase),
-then every segment's propagation for each method (the *propagate* phase, which reads the flow and
-teacher output around its frames, some of them its neighbours'). Jobs of one phase are independent
-and may run anywhere at once (:func:`run_segment_job`); each writes only the frames its segment
-owns, and the last to finish a stage publishes it (``storage.segmented``). Then the drive's own
-pipeline runs (:func:`~autolabel.tasks.pipeline.label_sequence`): its flow, teacher and
-propagation stages are current and skipped, the estimate, evaluation and export run, and the drive
-is marked labelled - only once every segment is.
+jobs (:class:`SegmentJob`), phase by phase: every segment's flow and teacher output (*prepare*);
+every segment's propagation for each method (*propagate*, which reads the flow and teacher output
+around its frames, some of them its neighbours'); each method's quality estimate, one job per
+method over the whole drive (*estimate*: its cycles start at keyframes anywhere); every segment's
+evaluation of its frames (*evaluate*). Jobs of one phase are independent and may run anywhere at
+once (:func:`run_segment_job`); each writes only its segment's frames (or its evaluation row), and
+the last to finish a stage publishes it (``storage.segmented``). Then the drive's own pipeline runs
+(:func:`~autolabel.tasks.pipeline.label_sequence`): every stage before the export is current and
+skipped, the export runs, and the drive is marked labelled - only once every segment is.
 
 A job runner takes a phase's jobs and returns when all are done (raising when one failed): here
 (:func:`run_jobs_here`), in local worker processes (:class:`LocalPool`), or as runs of the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -41,7 +43,8 @@ from pydantic import BaseModel, ConfigDict
 
 log = logging.getLogger("autolabel.segments")
 
-PHASES = {"prepare": ("flow", "teacher"), "propagate": ("propagate",)}
+PHASES = {"prepare": ("flow", "teacher"), "propagate": ("propagate",), "estimate": ("estimate",),
+          "evaluate": ("evaluate",)}
 
 
 class SegmentJob(BaseModel):
@@ -78,11 +81,16 @@ def segment_phases(store_url: str, seq_id: str, settings: LabelSettings) -> list
     phases = []
     for phase, kinds in PHASES.items():
         chosen = [s for s in stages if s.kind in kinds]
-        if chosen:
-            phases.append([SegmentJob(store=store_url, seq_id=seq_id, phase=phase, segments=len(segments),
-                                      plan_key=key, stages=chosen,
-                                      segment=(s.index, s.start, s.stop, s.span_start, s.span_stop))
-                           for s in segments])
+        per_segment = [s for s in chosen if not s.whole_drive]
+        jobs = [SegmentJob(store=store_url, seq_id=seq_id, phase=phase, segments=len(segments), plan_key=key,
+                           stages=per_segment, segment=(s.index, s.start, s.stop, s.span_start, s.span_stop))
+                for s in segments] if per_segment else []
+        # a whole-drive stage (the estimate of one method) is one job; those of several methods run at once
+        jobs += [SegmentJob(store=store_url, seq_id=seq_id, phase=phase, segments=1, plan_key=key, stages=[stage],
+                            segment=(i, 0, seq.num_frames, 0, seq.num_frames))
+                 for i, stage in enumerate(s for s in chosen if s.whole_drive)]
+        if jobs:
+            phases.append(jobs)
     return phases
 
 
@@ -92,9 +100,10 @@ def run_segment_job(job: SegmentJob, progress: Progress | None = None) -> dict[s
     segment = Segment(*job.segment)
     done = []
     for stage in job.stages:
+        start = time.perf_counter()
         result = stage.run_segment(store, job.seq_id, segment, job.plan_key, job.segments,
                                    progress or QuietProgress())
-        done.append({"stage": stage.output, **result})
+        done.append({"stage": stage.output, "seconds": round(time.perf_counter() - start, 2), **result})
     return {"job": job.name, "worker": worker_name(), "stages": done}
 
 

@@ -308,14 +308,18 @@ def test_deployments_workers_nightly_and_failures(tmp_path: Path, database: str 
         # 2c. one drive split into segment jobs (label-segment runs on the pool): the labels of one job
         fourth = {**json.loads(json.dumps(_request(prefect.env))), "store": str(tmp_path / "fourth.zarr"),
                   "sequences": ids[:1]}
-        fourth["label"]["segment_frames"] = 8  # 23 frames: 3 segments, 2 phases
+        fourth["label"]["segment_frames"] = 8  # 23 frames: 3 segments
         assert prefect.wait(prefect.run_deployment("autolabel/apollo", fourth), timeout=600)["state_type"] == \
             "COMPLETED"
+        # prepare, propagate and evaluate: one run per segment; estimate: one per method (the comparison's too)
         segment_runs = prefect.flow_runs("label-segment")
-        assert len(segment_runs) == 6 and {r["state_type"] for r in segment_runs} == {"COMPLETED"}
+        assert len(segment_runs) == 3 * 3 + 2 and {r["state_type"] for r in segment_runs} == {"COMPLETED"}
         seq = SequenceStore.open(str(tmp_path / "fourth.zarr")).sequence(ids[0])
         reference = SequenceStore.open(str(tmp_path / "apollo.zarr")).sequence(ids[0])
         assert seq.stage_done("labelled") and seq.stages["results/warp-refine"]["segments"] == 3
+        assert seq.stages["evaluation/warp-refine"]["segments"] == 3
+        assert seq.stages["evaluation/warp-refine"]["evaluation"] == reference.stages["evaluation/warp-refine"][
+            "evaluation"]
         for name in ("teacher/labels", "results/warp-inpaint/labels", "results/warp-refine/labels",
                      "results/warp-refine/confidence"):
             np.testing.assert_array_equal(seq.array(name)[:], reference.array(name)[:], err_msg=name)

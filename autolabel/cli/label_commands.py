@@ -84,13 +84,21 @@ def label(
                   f"(already done), failed {report.count('failed')} in {time.perf_counter() - start:.1f} s",
                   highlight=False)
     spent: dict[str, float] = {}
+    in_jobs: dict[str, float] = {}
     for outcome in report.outcomes:
         for stage in (outcome.result or {}).get("stages", []):
             if stage["computed"]:
                 spent[stage["stage"]] = spent.get(stage["stage"], 0.0) + stage["seconds"]
+        for job in (outcome.result or {}).get("segments", []):
+            for stage in job["stages"]:
+                if stage["computed"]:
+                    in_jobs[stage["stage"]] = in_jobs.get(stage["stage"], 0.0) + stage["seconds"]
     if spent:
         console.print("time per stage: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in spent.items()),
                       highlight=False)
+    if in_jobs:
+        console.print("segment jobs, time per stage summed over jobs: "
+                      + ", ".join(f"{name} {sec:.1f} s" for name, sec in in_jobs.items()), highlight=False)
     for o in report.failed:
         err_console.print(f"[red]failed[/] {o.id}: {o.error}", highlight=False, soft_wrap=True)
     for name, why in report.skipped_groups.items():

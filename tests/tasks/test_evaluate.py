@@ -109,3 +109,30 @@ def test_a_drive_without_ground_truth_shows_coverage_and_confidence(tmp_path: Pa
     assert row.sequence == seq_id and not row.has_gt and row.miou is None
     assert row.frames_labelled == 21 and row.coverage == 100.0
     assert row.mean_confidence is not None and 50 < row.mean_confidence <= 100
+
+
+class TestFrameTally:
+    """Segments of a drive tally their own frames; the tallies add up to the drive's evaluation."""
+
+    def test_tallies_of_frame_ranges_add_up_to_the_whole(self, local_store_url: str) -> None:
+        write_synthetic_store(local_store_url, drive_configs(1, DRIVE.model_copy(update={"frames": 45})),
+                              AnnotationPolicy(mode="window", n=21))
+        label_store(local_store_url, _motion())
+        seq = SequenceStore.open(local_store_url).sequence("synth-0000")
+        calibration, basis = evaluate_module.sequence_calibration(seq, "motion-only")
+        assert calibration is not None  # the estimate ran: expected counts are tallied too
+        whole = evaluate_module.tally_frames(seq, "motion-only", 10, calibration)
+        parts = [evaluate_module.tally_frames(seq, "motion-only", 10, calibration, r)
+                 for r in ((0, 16), (16, 32), (32, 45))]
+        total = sum(parts, evaluate_module.FrameTally())
+        assert total.to_json() == whole.to_json()
+        assert sum(p.pixels for p in parts) == whole.pixels > 0 and len(whole.worst) == 5
+        assert all(p.confusion and p.expected for p in parts)  # every range scored frames: the sum is not trivial
+        row = evaluate_module.sequence_row(seq, "motion-only", 10, total, calibration, basis)
+        assert row == score_sequence(seq, "motion-only", 10) and row.estimated_miou is not None
+
+    def test_json_round_trip(self) -> None:
+        tally = evaluate_module.FrameTally({1: np.arange(6).reshape(2, 3)}, {2: np.ones((2, 3), np.int64)}, 5, 9, 7,
+                                           [(3, None, 50.0)])
+        back = evaluate_module.FrameTally.from_json(tally.to_json())
+        assert back.to_json() == tally.to_json() and back.worst == [(3, None, 50.0)]

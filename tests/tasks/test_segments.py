@@ -11,6 +11,7 @@ import pytest
 from autolabel.errors import ConfigError, StoreError
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig
+from autolabel.models.quality import EstimateConfig
 from autolabel.models.segments import Segment, plan_segments
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.segmented import SegmentedStage
@@ -99,16 +100,20 @@ class TestSegmentedDrive:
         assert not report.failed
         settings = settings_for(drive, 32)
         phases = segment_phases(split, seq_id, settings)
-        assert [p[0].phase for p in phases] == ["prepare", "propagate"]
+        assert [p[0].phase for p in phases] == ["prepare", "propagate", "estimate", "evaluate"]
         assert len(phases[0]) >= 3  # 100 frames in segments of about 32
+        assert len(phases[1]) == len(phases[3]) == len(phases[0])
+        # one estimate job per method (warp-inpaint for the comparison, warp-refine), each over the whole drive
+        assert [(job.stages[0].output, job.segment[1:3]) for job in phases[2]] == [
+            ("estimate/warp-inpaint", (0, 100)), ("estimate/warp-refine", (0, 100))]
         split_report = label_store(split, settings, jobs=2)  # two local worker processes take the jobs
         assert [o.status for o in split_report.outcomes] == ["labelled"], split_report.failed
         result = split_report.outcomes[0].result
-        assert len(result["segments"]) == 2 * len(phases[0]) and all(r["worker"] for r in result["segments"])
-        # the drive's own pipeline afterwards finds flow, teacher and labels current: nothing recomputed
-        redone = [s["stage"] for s in result["stages"] if s["computed"] and s["stage"].split("/")[0]
-                  in ("flow", "teacher", "results")]
-        assert redone == []
+        assert len(result["segments"]) == sum(map(len, phases)) and all(r["worker"] for r in result["segments"])
+        # the drive's own pipeline afterwards finds every stage current: nothing recomputed
+        assert [s["stage"] for s in result["stages"] if s["computed"]] == []
+        seq = SequenceStore.open(split).sequence(seq_id)
+        assert seq.stages["evaluation/warp-refine"]["segments"] == len(phases[3])  # published by the segments
         expected, got = stored(one, seq_id), stored(split, seq_id)
         for name in ARRAYS:
             np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
@@ -172,3 +177,17 @@ class TestSegmentedDrive:
         assert all(len(jobs) == 1 for jobs in phases)
         label_drive_in_segments(split, seq_id, settings, run_jobs_here())
         assert SequenceStore.open(split).sequence(seq_id).stage_done("results/warp-refine")
+
+    def test_drive_labelled_only_by_its_segments_is_reported_labelled(self, drive: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+        """Without the estimate the drive's own pipeline computes nothing: the segments did the work."""
+        split = str(tmp_path / "split.zarr")
+        shutil.copytree(drive["store"], split)
+        settings = settings_for(drive, 32).model_copy(update={"estimate": EstimateConfig(enabled=False)})
+        first = label_store(split, settings)
+        assert [o.status for o in first.outcomes] == ["labelled"], first.failed
+        jobs = first.outcomes[0].result["segments"]
+        assert {s["stage"] for j in jobs for s in j["stages"] if s["computed"]} >= {
+            "flow/dis-fast", "teacher", "results/warp-refine", "evaluation"}
+        assert all(s["seconds"] >= 0 for j in jobs for s in j["stages"])
+        assert [o.status for o in label_store(split, settings).outcomes] == ["skipped"]
