@@ -17,7 +17,8 @@ Workers (CPU process workers on this machine; the cores are shared among them th
 ``$AUTOLABEL_THREADS``): *one long drive* (``--long-frames``) labelled with ``--segment-frames
 --jobs N``, i.e. N worker processes taking its segment jobs; and *an inbox* of ``--inbox-drives``
 drives, N ``autolabel label --sequence`` processes at a time, each taking the next drive (what N
-pool workers do with one run per drive). Every run starts from the same freshly written store;
+pool workers do with one run per drive); ``--estimate`` labels them with the quality estimate
+(``label``'s default). Every run starts from the same freshly written store;
 the long drive's labels are checked to be identical for every N. Wall time and speed-up over one
 worker are reported.
 """
@@ -78,9 +79,9 @@ def peak_rss(cmd: list[str]) -> tuple[float, float, float, int]:
     return usage.ru_maxrss / 1024, peak / 2**20, time.perf_counter() - start, code
 
 
-def label_cmd(store: str, tmp: str, method: str, *extra: str) -> list[str]:
+def label_cmd(store: str, tmp: str, method: str, *extra: str, estimate: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "autolabel.cli", "label", store, "--method", method, "--flow", "dis-fast",
-           "--teacher", f"{tmp}/teacher.pt", "--no-estimate", *extra]
+           "--teacher", f"{tmp}/teacher.pt", *([] if estimate else ["--no-estimate"]), *extra]
     if method == "warp-refine":
         cmd += ["--refiner", f"{tmp}/refiner.pt"]
     return cmd
@@ -125,7 +126,7 @@ def workers_part(args: argparse.Namespace, tmp: str, w: int, h: int) -> list[dic
         store = f"{tmp}/long-{n}.zarr"
         shutil.copytree(long_src, store)
         seconds = run_all([label_cmd(store, tmp, args.method, "--segment-frames", str(args.segment_frames),
-                                     "--jobs", str(n))], 1, cores if n == 1 else threads)
+                                     "--jobs", str(n), estimate=args.estimate)], 1, cores if n == 1 else threads)
         seq = SequenceStore.open(store).sequence(SequenceStore.open(store).sequence_ids()[0])
         labels = np.asarray(seq.array(f"results/{args.method}/labels")[:])
         same = reference is None or bool(np.array_equal(labels, reference))
@@ -135,7 +136,8 @@ def workers_part(args: argparse.Namespace, tmp: str, w: int, h: int) -> list[dic
         log(f"long drive, {n} workers: {seconds:.1f} s")
         store = f"{tmp}/inbox-{n}.zarr"
         shutil.copytree(inbox_src, store)
-        seconds = run_all([label_cmd(store, tmp, args.method, "--sequence", d) for d in drives], n, threads)
+        seconds = run_all([label_cmd(store, tmp, args.method, "--sequence", d, estimate=args.estimate)
+                           for d in drives], n, threads)
         results.append({"case": f"{len(drives)} drives of {args.inbox_frames} frames", "workers": n,
                         "threads_each": threads, "seconds": round(seconds, 1), "same_labels": None})
         log(f"inbox, {n} workers: {seconds:.1f} s")
@@ -161,6 +163,8 @@ def main() -> None:
     parser.add_argument("--inbox-drives", type=int, default=4)
     parser.add_argument("--inbox-frames", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3, help="runs per drive length (medians reported)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="workers: label with the quality estimate (the default of `label`; off otherwise)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
@@ -201,12 +205,13 @@ def main() -> None:
         growth = runs[-1]["max_rss_mb"] / runs[0]["max_rss_mb"] - 1
         print(f"high-water RSS at {runs[-1]['frames']} frames is {growth * 100:+.1f} % of {runs[0]['frames']} frames")
     if scaling:
-        print_table(f"workers: wall time ({args.size}, {args.method}, dis-fast, {os.cpu_count()} cores shared)",
+        print_table(f"workers: wall time ({args.size}, {args.method}, dis-fast, estimate "
+                    f"{'on' if args.estimate else 'off'}, {os.cpu_count()} cores shared)",
                     ["case", "workers", "threads", "seconds", "speed-up", "same labels"],
                     [[r["case"], r["workers"], r["threads_each"], r["seconds"], r["speedup"],
                       "" if r["same_labels"] is None else "yes" if r["same_labels"] else "NO"] for r in scaling])
     write_json("scaling", {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()} | {
-                               "flow": "dis-fast", "estimate": False},
+                               "flow": "dis-fast", "estimate": args.estimate and "workers" in args.parts},
                            "runs": runs, "workers": scaling}, args.out)
 
 
