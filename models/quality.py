@@ -351,42 +351,74 @@ def probe_steps(plan: list[Probe]) -> int:
     return sum(p.length * (2 if p.kind == "cycle" else 1) for p in plan)
 
 
-def calibrate(method: PropagationMethod, inputs: SequenceInputs, config: EstimateConfig, skip: Iterable[str] = (),
-              on_step: Callable[[], None] | None = None) -> EstimateCalibration:
-    """Run the probes of :func:`estimate_plan` and fit the calibration and the deficit ratio.
+def probe_path(probe: Probe) -> list[int]:
+    """The frames a probe steps through, from its source keyframe to its target keyframe."""
+    if probe.kind == "cycle":
+        return cycle_path(probe.source, probe.length, probe.direction)
+    return list(range(probe.source, probe.target + probe.direction, probe.direction))
 
-    Args:
-        skip: annotation fingerprints (:func:`annotation_fingerprint`) of keyframes the refiner
-            trained on: probes that end on them are left out (their answer would flatter it).
-        on_step: called after every propagation step (progress).
+
+def probes_to_run(plan: list[Probe], inputs: SequenceInputs, skip: Iterable[str] = ()) -> tuple[list[int], set[int]]:
+    """Indices into ``plan`` of the probes to run, in plan order, and the keyframes left out.
+
+    A probe ending on a keyframe whose annotation fingerprint is in ``skip`` (the refiner trained on
+    it) is left out: its answer would flatter the method.
     """
-    plan = estimate_plan(inputs.annotated, config, method.config.max_distance)
     skip = set(skip)
+    fingerprints: dict[int, str] = {}
+    kept: list[int] = []
+    excluded: set[int] = set()
+    for i, probe in enumerate(plan):
+        if probe.target not in fingerprints:
+            fingerprints[probe.target] = annotation_fingerprint(np.asarray(inputs.annotation(probe.target)))
+        if fingerprints[probe.target] in skip:
+            excluded.add(probe.target)
+        else:
+            kept.append(i)
+    return kept, excluded
+
+
+def run_probe(method: PropagationMethod, inputs: SequenceInputs, probe: Probe,
+              on_step: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The method's answer at the probe's target: labels uint8 (H, W) and confidence float32 (H, W)."""
+    state = run_path(method, inputs, probe_path(probe), on_step)
+    return state.labels.to(torch.uint8).cpu().numpy(), state.confidence.float().cpu().numpy()
+
+
+def split_probes(plan: list[Probe], parts: int) -> list[list[int]]:
+    """Indices into ``plan`` dealt to ``parts`` jobs with about equal propagation steps each.
+
+    Longest probe first, each to the part with the fewest steps so far (ties: the lower part);
+    every part's indices in plan order. Deterministic: every job computes the same split.
+    """
+    if parts < 1:
+        raise ConfigError(f"probes are split into at least one part, got {parts}")
+    load = [0] * parts
+    dealt: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(plan)), key=lambda i: (-probe_steps([plan[i]]), i)):
+        part = min(range(parts), key=lambda j: (load[j], j))
+        dealt[part].append(i)
+        load[part] += probe_steps([plan[i]])
+    return [sorted(d) for d in dealt]
+
+
+def fit_probes(plan: list[Probe], answers: dict[int, tuple[np.ndarray, np.ndarray]], inputs: SequenceInputs,
+               config: EstimateConfig, excluded: int = 0) -> EstimateCalibration:
+    """Fit the calibration and the deficit ratio on the probes' answers (:func:`run_probe`, by plan index).
+
+    Pixels are sampled from the answers in plan order with one generator seeded by ``config.seed``,
+    so the fit depends only on the answers, not on which job ran which probe.
+    """
     rng = np.random.default_rng(config.seed)
     c, ignore = inputs.num_classes, inputs.ignore_index
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     finals: list[tuple[np.ndarray, np.ndarray]] = []
     confusion = np.zeros((c, c + 1), np.int64)
-    fingerprints: dict[int, str] = {}
     used: set[int] = set()
-    excluded: set[int] = set()
-
-    for probe in plan:
-        target = probe.target
-        if target not in fingerprints:
-            fingerprints[target] = annotation_fingerprint(np.asarray(inputs.annotation(target)))
-        if fingerprints[target] in skip:
-            excluded.add(target)
-            continue
-        if probe.kind == "cycle":
-            path = cycle_path(probe.source, probe.length, probe.direction)
-        else:
-            path = list(range(probe.source, probe.target + probe.direction, probe.direction))
-        state = run_path(method, inputs, path, on_step)
-        used.update((probe.source, target))
-        ann = np.asarray(inputs.annotation(target))
-        labels = state.labels.to(torch.uint8).cpu().numpy()
-        conf = state.confidence.float().cpu().numpy()
+    for i in sorted(answers):
+        probe, (labels, conf) = plan[i], answers[i]
+        used.update((probe.source, probe.target))
+        ann = np.asarray(inputs.annotation(probe.target))
         confusion += confusion_matrix(ann, labels, c, ignore)
         finals.append((labels, conf))
         idx = np.flatnonzero(ann.ravel() != ignore)
@@ -395,7 +427,7 @@ def calibrate(method: PropagationMethod, inputs: SequenceInputs, config: Estimat
         samples.append((conf.ravel()[idx], labels.ravel()[idx] == ann.ravel()[idx], labels.ravel()[idx]))
     kind = plan[0].kind if plan else "none"
     if not samples:
-        return EstimateCalibration(Calibration(), kind, 0, 0, sorted(used), len(excluded))
+        return EstimateCalibration(Calibration(), kind, 0, 0, sorted(used), excluded)
     conf_all, right_all, labels_all = (np.concatenate(x) for x in zip(*samples))
     calibration = fit_class_offsets(fit_calibration(conf_all, right_all), conf_all, right_all, labels_all, c,
                                     config.class_prior_pixels)
@@ -411,8 +443,23 @@ def calibrate(method: PropagationMethod, inputs: SequenceInputs, config: Estimat
         if np.isfinite(true_deficit) and np.isfinite(expected_deficit) and expected_deficit > 0.5:
             ratio = float(np.clip(true_deficit / expected_deficit, 0.25, 4.0)) ** (config.deficit_correction
                                                                                    * informative)
-    return EstimateCalibration(calibration, kind, len(samples), int(conf_all.size), sorted(used), len(excluded),
+    return EstimateCalibration(calibration, kind, len(samples), int(conf_all.size), sorted(used), excluded,
                                ratio, confusion, probe_auroc)
+
+
+def calibrate(method: PropagationMethod, inputs: SequenceInputs, config: EstimateConfig, skip: Iterable[str] = (),
+              on_step: Callable[[], None] | None = None) -> EstimateCalibration:
+    """Run the probes of :func:`estimate_plan` and fit the calibration and the deficit ratio.
+
+    Args:
+        skip: annotation fingerprints (:func:`annotation_fingerprint`) of keyframes the refiner
+            trained on: probes that end on them are left out (their answer would flatter it).
+        on_step: called after every propagation step (progress).
+    """
+    plan = estimate_plan(inputs.annotated, config, method.config.max_distance)
+    kept, excluded = probes_to_run(plan, inputs, skip)
+    answers = {i: run_probe(method, inputs, plan[i], on_step) for i in kept}
+    return fit_probes(plan, answers, inputs, config, len(excluded))
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -4,6 +4,10 @@ Runs after the method's propagation with the same flow, teacher and refiner, and
 record (stage ``estimate/<method>``: the calibration, the deficit ratio, the probes' confusion
 matrix, which keyframes were used or left out; :mod:`models.quality`). The evaluate stage turns it into estimated mIoU
 (:mod:`models.quality`). A store labelled before estimates existed gets them without relabelling.
+
+A long drive's probes can be split over several jobs (:func:`estimate_part`): each runs its share
+and stores the answers (labels and confidence at each probe's target) in the stage's shared
+version; the job finishing the last part fits them and publishes the very record one job gives.
 """
 
 from __future__ import annotations
@@ -11,17 +15,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from autolabel.models.propagation import PropagationConfig, create_method
 from autolabel.models.quality import (
     ESTIMATE_VERSION,
     EstimateCalibration,
     EstimateConfig,
+    Probe,
     calibrate,
+    estimate_plan,
+    fit_probes,
+    probes_to_run,
+    run_probe,
+    split_probes,
 )
+from autolabel.models.segments import stage_key
 from autolabel.models.refiner import Refiner
 from autolabel.models.teacher_runtime import SemanticTeacher
+from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.stages import estimate_stage, results_stage
-from autolabel.storage.store import Sequence, SequenceStore
+from autolabel.storage.store import WRITE_EVERY_CHUNK, Sequence, SequenceStore
 from autolabel.tasks.propagate import StoreSequenceInputs
 
 
@@ -63,13 +77,77 @@ def estimate_sequence(store: SequenceStore, seq_id: str, config: PropagationConf
         seq = store.writable_sequence(seq_id)
         if estimate_is_current(seq, config.method, estimate):
             return False
-        method = create_method(config, refiner)
-        inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher,
-                                     feature_teacher if method.needs_refiner else None)
-        skip = refiner.train_info.get("keyframes", []) if (refiner is not None and method.needs_refiner) else []
+        method, inputs, skip = _method_inputs(seq, config, flow_name, refiner, feature_teacher)
         calibration = calibrate(method, inputs, estimate, skip=skip, on_step=on_step)
-        adapted = method.needs_teacher and seq.stages.get("teacher", {}).get("settings", {}).get("adapt_steps", 0) > 0
         store.mark_stage_done(seq_id, stage, {"settings": estimate_settings(seq, config.method, estimate),
-                                              "calibration": calibration.record(), "teacher_adapted": adapted})
+                                              "calibration": calibration.record(),
+                                              "teacher_adapted": _teacher_adapted(seq, method.needs_teacher)})
+    return True
+
+
+def _method_inputs(seq: Sequence, config: PropagationConfig, flow_name: str | None, refiner: Refiner | None,
+                   feature_teacher: SemanticTeacher | None) -> tuple[Any, StoreSequenceInputs, list[str]]:
+    """The method, its inputs from the store and the refiner's training keyframes (probes left out)."""
+    method = create_method(config, refiner)
+    inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher,
+                                 feature_teacher if method.needs_refiner else None)
+    skip = refiner.train_info.get("keyframes", []) if (refiner is not None and method.needs_refiner) else []
+    return method, inputs, skip
+
+
+def _teacher_adapted(seq: Sequence, needs_teacher: bool) -> bool:
+    return needs_teacher and seq.stages.get("teacher", {}).get("settings", {}).get("adapt_steps", 0) > 0
+
+
+def estimate_parts(seq: Sequence, config: PropagationConfig, estimate: EstimateConfig, most: int) -> int:
+    """How many jobs share the drive's probes: at most ``most`` (and one per probe at most; at least one)."""
+    return max(1, min(most, len(estimate_plan(seq.annotated, estimate, config.max_distance))))
+
+
+def _answer_arrays(group: Any, plan: list[Probe], height: int, width: int) -> None:
+    """Each probe's answer at its target, one chunk per probe: one writer each."""
+    for name, dtype in (("labels", "uint8"), ("confidence", "float32")):
+        group.create_array(name, shape=(max(len(plan), 1), height, width), chunks=(1, height, width),
+                           dtype=dtype, fill_value=0, overwrite=True, config=WRITE_EVERY_CHUNK)
+
+
+def estimate_part(store: SequenceStore, seq_id: str, config: PropagationConfig, flow_name: str | None,
+                  estimate: EstimateConfig, part: int, parts: int, plan_key: str, *,
+                  refiner: Refiner | None = None, feature_teacher: SemanticTeacher | None = None,
+                  on_step: Callable[[], None] | None = None) -> bool:
+    """Run part ``part`` of ``parts`` of the probes of ``config.method`` on ``seq_id`` (a long drive's job).
+
+    The probes are dealt to the parts by :func:`~models.quality.split_probes`; this part stores
+    its probes' answers in the stage's shared version, and the job finishing the last part fits
+    all of them and publishes the record :func:`estimate_sequence` would (the fit reads the
+    answers in plan order: which job ran a probe changes nothing). Returns whether it ran anything.
+    """
+    stage = estimate_stage(config.method)
+    seq = store.sequence(seq_id)
+    if estimate_is_current(seq, config.method, estimate):
+        return False
+    settings = estimate_settings(seq, config.method, estimate)
+    plan = estimate_plan(seq.annotated, estimate, config.max_distance)
+    shared = SegmentedStage.open(store, seq_id, stage, stage_key(plan_key, {**settings, "parts": parts}), parts,
+                                 lambda group: _answer_arrays(group, plan, seq.height, seq.width))
+    if shared.is_done(part):
+        return False
+    method, inputs, skip = _method_inputs(seq, config, flow_name, refiner, feature_teacher)
+    kept, excluded = probes_to_run(plan, inputs, skip)
+    mine = [i for i in split_probes(plan, parts)[part] if i in kept]
+    group = shared.group
+    for i in mine:
+        labels, conf = run_probe(method, inputs, plan[i], on_step)
+        group["labels"].with_config(WRITE_EVERY_CHUNK)[i] = labels  # type: ignore[union-attr]
+        group["confidence"].with_config(WRITE_EVERY_CHUNK)[i] = conf  # type: ignore[union-attr]
+    adapted = _teacher_adapted(seq, method.needs_teacher)
+
+    def combine(infos: list[dict[str, Any]]) -> dict[str, Any]:
+        answers = {i: (np.asarray(group["labels"][i]), np.asarray(group["confidence"][i]))
+                   for info in infos for i in info["probes"]}
+        calibration = fit_probes(plan, answers, inputs, estimate, len(excluded))
+        return {"settings": settings, "calibration": calibration.record(), "teacher_adapted": adapted}
+
+    shared.finish(part, {"probes": mine}, combine)
     return True
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal, Protocol, Self
 
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig, count_frame_steps, count_steps, method_class
-from autolabel.models.quality import EstimateConfig, estimate_plan, probe_steps
+from autolabel.models.quality import EstimateConfig, estimate_plan, probe_steps, split_probes
 from autolabel.models.segments import Segment
 from autolabel.models.teacher import Teacher
 from autolabel.storage.annotation import AnnotationPolicy
@@ -54,7 +54,7 @@ from autolabel.tasks.evaluate import (
     evaluation_is_current,
 )
 from autolabel.tasks.flow_estimation import estimate_flow, estimate_flow_segment, flow_is_current
-from autolabel.tasks.estimate import estimate_is_current, estimate_sequence
+from autolabel.tasks.estimate import estimate_is_current, estimate_part, estimate_parts, estimate_sequence
 from autolabel.tasks.propagate import propagate_segment, propagate_sequence, results_are_current
 from autolabel.tasks.teacher_inference import infer_teacher, infer_teacher_segment, teacher_is_current
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -253,7 +253,11 @@ class Stage(BaseModel, ABC):
         return "cpu"
 
     segmentable: ClassVar[bool] = False
-    whole_drive: ClassVar[bool] = False  # segmentable, but one job covers the whole drive
+    whole_drive: ClassVar[bool] = False  # segmentable, but its jobs cover the whole drive, not segments
+
+    def parts(self, store: SequenceStore, seq_id: str, segments: int) -> int:
+        """How many jobs share a whole-drive stage's work on a drive cut into ``segments``."""
+        return 1
 
     def run_segment(self, store: SequenceStore, seq_id: str, segment: Segment, plan_key: str, segments: int,
                     progress: Progress) -> dict[str, Any]:
@@ -498,11 +502,29 @@ class EstimateStage(Stage):
         return {"computed": computed}
 
     segmentable: ClassVar[bool] = True
-    whole_drive: ClassVar[bool] = True  # its cycles start at keyframes anywhere in the drive: one job
+    whole_drive: ClassVar[bool] = True  # its probes start at keyframes anywhere: jobs share probes, not frames
+
+    def parts(self, store: SequenceStore, seq_id: str, segments: int) -> int:
+        return estimate_parts(store.sequence(seq_id), self.propagation, self.estimate, segments)
 
     def run_segment(self, store: SequenceStore, seq_id: str, segment: Segment, plan_key: str, segments: int,
                     progress: Progress) -> dict[str, Any]:
-        return self.run(store, seq_id, progress)
+        """Part ``segment.index`` of ``segments`` of the probes (:func:`~tasks.estimate.estimate_part`)."""
+        seq = store.sequence(seq_id)
+        current = self.is_current(store, seq_id)
+        plan = estimate_plan(seq.annotated, self.estimate, self.propagation.max_distance)
+        mine = split_probes(plan, segments)[segment.index] if plan else []
+        progress.start(seq_id, f"{self.title} [{segment.index + 1}/{segments}]",
+                       0 if current else probe_steps([plan[i] for i in mine]))
+        refiner = feature_teacher = None
+        if self.refiner is not None and self.teacher is not None and not current:
+            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
+                                   self.teacher_map)
+            feature_teacher = load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names)
+        computed = estimate_part(store, seq_id, self.propagation, self.flow_name, self.estimate, segment.index,
+                                 segments, plan_key, refiner=refiner, feature_teacher=feature_teacher,
+                                 on_step=progress.advance)
+        return {"computed": computed}
 
 
 class EvaluateStage(Stage):

@@ -3,9 +3,9 @@
 :func:`segment_phases` turns a drive and :class:`~autolabel.tasks.pipeline.LabelSettings` into
 jobs (:class:`SegmentJob`), phase by phase: every segment's flow and teacher output (*prepare*);
 every segment's propagation for each method (*propagate*, which reads the flow and teacher output
-around its frames, some of them its neighbours'); each method's quality estimate, one job per
-method over the whole drive (*estimate*: its cycles start at keyframes anywhere); every segment's
-evaluation of its frames (*evaluate*). Jobs of one phase are independent and may run anywhere at
+around its frames, some of them its neighbours'); each method's quality estimate, its probes
+dealt to up to one job per segment (*estimate*: probes start at keyframes anywhere in the drive,
+so its jobs share probes, not frames); every segment's evaluation of its frames (*evaluate*). Jobs of one phase are independent and may run anywhere at
 once (:func:`run_segment_job`); each writes only its segment's frames (or its evaluation row), and
 the last to finish a stage publishes it (``storage.segmented``). Then the drive's own pipeline runs
 (:func:`~autolabel.tasks.pipeline.label_sequence`): every stage before the export is current and
@@ -63,6 +63,9 @@ class SegmentJob(BaseModel):
     @property
     def name(self) -> str:
         index, start, stop = self.segment[:3]
+        if any(stage.whole_drive for stage in self.stages):  # a part of a whole-drive stage, e.g. one method's estimate
+            what = "+".join(stage.output.replace("/", "-") for stage in self.stages)
+            return f"{self.seq_id}-{what}-part{index + 1}of{self.segments}"
         return f"{self.seq_id}-{self.phase}-{index:03d}-{start}-{stop}"
 
 
@@ -85,10 +88,13 @@ def segment_phases(store_url: str, seq_id: str, settings: LabelSettings) -> list
         jobs = [SegmentJob(store=store_url, seq_id=seq_id, phase=phase, segments=len(segments), plan_key=key,
                            stages=per_segment, segment=(s.index, s.start, s.stop, s.span_start, s.span_stop))
                 for s in segments] if per_segment else []
-        # a whole-drive stage (the estimate of one method) is one job; those of several methods run at once
-        jobs += [SegmentJob(store=store_url, seq_id=seq_id, phase=phase, segments=1, plan_key=key, stages=[stage],
-                            segment=(i, 0, seq.num_frames, 0, seq.num_frames))
-                 for i, stage in enumerate(s for s in chosen if s.whole_drive)]
+        # a whole-drive stage (the estimate of one method) is split into parts of its work, not into
+        # frames (up to one per segment); the parts of several methods' stages run at once
+        for stage in (s for s in chosen if s.whole_drive):
+            parts = stage.parts(store, seq_id, len(segments))
+            jobs += [SegmentJob(store=store_url, seq_id=seq_id, phase=phase, segments=parts, plan_key=key,
+                                stages=[stage], segment=(part, 0, seq.num_frames, 0, seq.num_frames))
+                     for part in range(parts)]
         if jobs:
             phases.append(jobs)
     return phases

@@ -24,7 +24,11 @@ from autolabel.models.quality import (
     expected_iou,
     expected_miou,
     fit_calibration,
+    fit_probes,
+    probes_to_run,
     run_cycle,
+    run_probe,
+    split_probes,
 )
 
 from autolabel.storage.synthetic import SyntheticConfig
@@ -150,10 +154,42 @@ class TestCycles:
         # of 12 frames: keyframe 2: l=1 both ways, l=3 forward only; keyframe 9: l=1 both, l=3 backward only
         assert (cal.kind, cal.probes, cal.deficit_ratio) == ("cycle", 6, 1.0)
 
+    def test_probes_fitted_in_parts_give_the_one_job_calibration(self) -> None:
+        """Answers run in any order, by any job, fit to the calibration :func:`calibrate` gives."""
+        inputs = DriveInputs(CFG.model_copy(update={"frames": 20}), annotated=[2, 9, 16])
+        method = create_method(PropagationConfig(method="motion-only", max_distance=6))
+        whole = calibrate(method, inputs, EstimateConfig())
+        plan = estimate_plan(inputs.annotated, EstimateConfig(), 6)
+        kept, excluded = probes_to_run(plan, inputs)
+        answers = {i: run_probe(method, inputs, plan[i]) for i in reversed(kept)}
+        assert fit_probes(plan, answers, inputs, EstimateConfig(), len(excluded)).record() == whole.record()
+
     def test_keyframes_are_spread(self) -> None:
         annotated = np.zeros(100, bool)
         annotated[::5] = True
         assert calibration_keyframes(annotated, 3) == [0, 50, 95]
+
+
+class TestSplitProbes:
+    def test_every_probe_once_and_the_steps_balanced(self) -> None:
+        annotated = np.zeros(200, bool)
+        annotated[[0, 10, 50, 60, 120, 199]] = True  # gaps of 10, 40, 10, 60, 79 frames
+        plan = estimate_plan(annotated, EstimateConfig(), 10)
+        parts = split_probes(plan, 3)
+        assert sorted(i for part in parts for i in part) == list(range(len(plan)))
+        assert all(part == sorted(part) for part in parts)
+        loads = [probe_steps([plan[i] for i in part]) for part in parts]
+        assert max(loads) - min(loads) <= max(p.length for p in plan)
+        assert split_probes(plan, 3) == parts  # every job computes the same split
+
+    def test_more_parts_than_probes_leaves_some_empty(self) -> None:
+        annotated = np.zeros(40, bool)
+        annotated[[5, 26]] = True
+        assert split_probes(estimate_plan(annotated, EstimateConfig(), 10), 3) == [[0], [1], []]
+
+    def test_no_parts_is_an_error(self) -> None:
+        with pytest.raises(ConfigError, match="at least one part"):
+            split_probes([], 0)
 
 
 class TestClassOffsets:

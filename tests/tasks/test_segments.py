@@ -103,9 +103,13 @@ class TestSegmentedDrive:
         assert [p[0].phase for p in phases] == ["prepare", "propagate", "estimate", "evaluate"]
         assert len(phases[0]) >= 3  # 100 frames in segments of about 32
         assert len(phases[1]) == len(phases[3]) == len(phases[0])
-        # one estimate job per method (warp-inpaint for the comparison, warp-refine), each over the whole drive
-        assert [(job.stages[0].output, job.segment[1:3]) for job in phases[2]] == [
-            ("estimate/warp-inpaint", (0, 100)), ("estimate/warp-refine", (0, 100))]
+        # each method's estimate (warp-inpaint for the comparison, warp-refine) is split into one part per
+        # segment (8 probes: 4 keyframe pairs, both ways), each part reading the whole drive
+        n = len(phases[0])
+        assert [(job.stages[0].output, job.segment[:3], job.segments) for job in phases[2]] == [
+            (f"estimate/{m}", (part, 0, 100), n) for m in ("warp-inpaint", "warp-refine") for part in range(n)]
+        names = [job.name for p in phases for job in p]
+        assert len(set(names)) == len(names) and "synth-0005-estimate-warp-refine-part1of" in " ".join(names)
         split_report = label_store(split, settings, jobs=2)  # two local worker processes take the jobs
         assert [o.status for o in split_report.outcomes] == ["labelled"], split_report.failed
         result = split_report.outcomes[0].result
@@ -123,6 +127,10 @@ class TestSegmentedDrive:
         for stage in ("flow/dis-fast", "teacher", "results/warp-refine"):
             assert seq.stages[stage]["settings"] == whole[stage]["settings"]
         assert seq.stages["results/warp-refine"]["reached"] == whole["results/warp-refine"]["reached"]
+        # the estimates fitted on probes that several jobs ran are those of one job
+        for method in ("warp-inpaint", "warp-refine"):
+            assert seq.stages[f"estimate/{method}"]["calibration"] == whole[f"estimate/{method}"]["calibration"]
+            assert seq.stages[f"estimate/{method}"]["calibration"]["probes"] >= 4
         # the drive's evaluation is the one-job evaluation
         assert result["evaluation"] == label_store(one, settings_for(drive, 0)).outcomes[0].result["evaluation"]
 
@@ -152,6 +160,26 @@ class TestSegmentedDrive:
         run_segment_job(prepare[-1])
         seq = SequenceStore.open(split).sequence(seq_id)
         assert seq.stage_done("flow/dis-fast") and seq.stage_done("teacher") and not seq.attrs.get("segmented")
+
+    def test_estimate_is_published_when_its_last_part_is(self, drive: dict[str, Path], tmp_path: Path) -> None:
+        split = str(tmp_path / "split.zarr")
+        shutil.copytree(drive["store"], split)
+        seq_id = SequenceStore.open(split).sequence_ids()[0]
+        settings = settings_for(drive, 32).model_copy(update={"compare_with_warp_inpaint": False})
+        prepare, propagate, estimate, _ = segment_phases(split, seq_id, settings)
+        for job in [*prepare, *propagate]:
+            run_segment_job(job)
+        assert len(estimate) >= 3 and all(job.phase == "estimate" for job in estimate)
+        for job in estimate[:-1]:
+            run_segment_job(job)
+        seq = SequenceStore.open(split).sequence(seq_id)
+        assert not seq.stage_done("estimate/warp-refine") and "estimate/warp-refine" in seq.attrs["segmented"]
+        again = run_segment_job(estimate[0])  # a retried part does nothing the second time
+        assert not any(s["computed"] for s in again["stages"])
+        run_segment_job(estimate[-1])
+        seq = SequenceStore.open(split).sequence(seq_id)
+        assert seq.stage_done("estimate/warp-refine") and seq.stages["estimate/warp-refine"]["segments"] == len(estimate)
+        assert seq.stages["estimate/warp-refine"]["calibration"]["probes"] >= 4
 
     def test_late_writer_of_a_replaced_version_fails(self, drive: dict[str, Path], tmp_path: Path) -> None:
         split = str(tmp_path / "split.zarr")
