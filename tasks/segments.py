@@ -80,10 +80,13 @@ def segment_phases(store_url: str, seq_id: str, settings: LabelSettings) -> list
     seq = store.sequence(seq_id)
     segments = drive_segments(seq.num_frames, seq.annotated, settings.segment_frames)
     key = plan_key(seq.content_hash, segments)
-    stages = [s for s in sequence_stages(settings) if s.segmentable and not s.is_current(store, seq_id)]
-    phases = []
+    stages = [s for s in sequence_stages(settings) if s.segmentable]
+    phases: list[list[SegmentJob]] = []
     for phase, kinds in PHASES.items():
-        chosen = [s for s in stages if s.kind in kinds]
+        # once a phase has work, every later one has too: its stages read what that phase rewrites,
+        # so they are stale by the time they run even where they look current now (a job whose
+        # stage is current when it runs does nothing)
+        chosen = [s for s in stages if s.kind in kinds and (phases or not s.is_current(store, seq_id))]
         per_segment = [s for s in chosen if not s.whole_drive]
         jobs = [SegmentJob(store=store_url, seq_id=seq_id, phase=phase, segments=len(segments), plan_key=key,
                            stages=per_segment, segment=(s.index, s.start, s.stop, s.span_start, s.span_stop))

@@ -181,6 +181,25 @@ class TestSegmentedDrive:
         assert seq.stage_done("estimate/warp-refine") and seq.stages["estimate/warp-refine"]["segments"] == len(estimate)
         assert seq.stages["estimate/warp-refine"]["calibration"]["probes"] >= 4
 
+    def test_stages_an_earlier_phase_makes_stale_run_as_segment_jobs(self, drive: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+        """Adding the estimate to a labelled drive: its evaluation (current until the estimate is
+        published) is rescored by the segments, not by the drive's own run on one worker."""
+        split = str(tmp_path / "split.zarr")
+        shutil.copytree(drive["store"], split)
+        seq_id = SequenceStore.open(split).sequence_ids()[0]
+        without = settings_for(drive, 32).model_copy(update={"estimate": EstimateConfig(enabled=False)})
+        assert [o.status for o in label_store(split, without).outcomes] == ["labelled"]
+        settings = settings_for(drive, 32)
+        phases = segment_phases(split, seq_id, settings)
+        assert [jobs[0].phase for jobs in phases] == ["estimate", "evaluate"]
+        report = label_store(split, settings)
+        result = report.outcomes[0].result
+        assert [s["stage"] for s in result["stages"] if s["computed"]] == []
+        seq = SequenceStore.open(split).sequence(seq_id)
+        assert seq.stages["evaluation/warp-refine"]["segments"] == len(phases[1])
+        assert seq.stages["evaluation/warp-refine"]["evaluation"]["estimated_miou"] is not None
+
     def test_late_writer_of_a_replaced_version_fails(self, drive: dict[str, Path], tmp_path: Path) -> None:
         split = str(tmp_path / "split.zarr")
         shutil.copytree(drive["store"], split)
