@@ -752,19 +752,19 @@ def label_store(store_url: str, settings: LabelSettings, sequences: list[str] | 
     with LocalPool(jobs, progress) as pool:
         for seq_id in ids:
             _label_one(store_url, store, seq_id, settings, report, runner,
-                       pool if jobs > 1 else run_jobs_here(progress))
+                       pool if jobs > 1 else run_jobs_here(progress), jobs)
     return report
 
 
 def _label_one(store_url: str, store: SequenceStore, seq_id: str, settings: LabelSettings, report: LabelReport,
-               runner: StageRunner, run_jobs: Callable[[list[Any]], list[dict[str, Any]]]) -> None:
+               runner: StageRunner, run_jobs: Callable[[list[Any]], list[dict[str, Any]]], workers: int) -> None:
     """Label one sequence of :func:`label_store` (in segments when it is long); records the outcome."""
     from autolabel.tasks.segments import is_segmented, label_drive_in_segments
 
     start = time.perf_counter()
     try:
         if seq_id in store and is_segmented(store.sequence(seq_id).num_frames, settings):
-            result = label_drive_in_segments(store_url, seq_id, settings, run_jobs, runner)
+            result = label_drive_in_segments(store_url, seq_id, settings, run_jobs, runner, workers=workers)
         else:
             result = label_sequence(store_url, seq_id, settings, runner=runner)
     except AutolabelError as exc:

@@ -74,8 +74,13 @@ def drive_segments(seq_frames: int, annotated: Any, frames_per_segment: int) -> 
     return plan_segments(annotated, StoreLayout().shard_length(seq_frames) or 1, frames_per_segment)
 
 
-def segment_phases(store_url: str, seq_id: str, settings: LabelSettings) -> list[list[SegmentJob]]:
-    """The jobs of each phase, in phase order (one list per phase with work left; none when all is current)."""
+def segment_phases(store_url: str, seq_id: str, settings: LabelSettings,
+                   workers: int | None = None) -> list[list[SegmentJob]]:
+    """The jobs of each phase, in phase order (one list per phase with work left; none when all is current).
+
+    ``workers``: how many workers take the jobs, when known; a whole-drive stage is then split into
+    at most that many parts (each part costs a job's start: loading the nets, opening the inputs).
+    """
     store = SequenceStore.open(store_url)
     seq = store.sequence(seq_id)
     segments = drive_segments(seq.num_frames, seq.annotated, settings.segment_frames)
@@ -94,7 +99,7 @@ def segment_phases(store_url: str, seq_id: str, settings: LabelSettings) -> list
         # a whole-drive stage (the estimate of one method) is split into parts of its work, not into
         # frames (up to one per segment); the parts of several methods' stages run at once
         for stage in (s for s in chosen if s.whole_drive):
-            parts = stage.parts(store, seq_id, len(segments))
+            parts = stage.parts(store, seq_id, min(len(segments), workers or len(segments)))
             jobs += [SegmentJob(store=store_url, seq_id=seq_id, phase=phase, segments=parts, plan_key=key,
                                 stages=[stage], segment=(part, 0, seq.num_frames, 0, seq.num_frames))
                      for part in range(parts)]
@@ -172,15 +177,16 @@ def is_segmented(num_frames: int, settings: LabelSettings) -> bool:
 
 
 def label_drive_in_segments(store_url: str, seq_id: str, settings: LabelSettings, run_jobs: JobRunner,
-                            runner: StageRunner | None = None, marker: dict[str, Any] | None = None) \
-        -> dict[str, Any]:
-    """Label ``seq_id`` through segment jobs (``run_jobs``), then finish it as one drive (module docstring).
+                            runner: StageRunner | None = None, marker: dict[str, Any] | None = None,
+                            workers: int | None = None) -> dict[str, Any]:
+    """Label ``seq_id`` through segment jobs (``run_jobs``, on ``workers`` workers when known), then
+    finish it as one drive (module docstring).
 
     Returns :func:`~autolabel.tasks.pipeline.label_sequence`'s result with the jobs' results under
     ``segments``.
     """
     jobs_done: list[dict[str, Any]] = []
-    for jobs in segment_phases(store_url, seq_id, settings):
+    for jobs in segment_phases(store_url, seq_id, settings, workers):
         log.info("%s: %s phase, %d segment jobs", seq_id, jobs[0].phase, len(jobs))
         jobs_done.extend(run_jobs(jobs))
     result = label_sequence(store_url, seq_id, settings, runner=runner, marker=marker)

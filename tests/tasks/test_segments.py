@@ -113,7 +113,9 @@ class TestSegmentedDrive:
         split_report = label_store(split, settings, jobs=2)  # two local worker processes take the jobs
         assert [o.status for o in split_report.outcomes] == ["labelled"], split_report.failed
         result = split_report.outcomes[0].result
-        assert len(result["segments"]) == sum(map(len, phases)) and all(r["worker"] for r in result["segments"])
+        # two workers: each method's estimate in two parts
+        assert len(result["segments"]) == sum(map(len, phases)) - len(phases[2]) + 4
+        assert all(r["worker"] for r in result["segments"])
         # the drive's own pipeline afterwards finds every stage current: nothing recomputed
         assert [s["stage"] for s in result["stages"] if s["computed"]] == []
         seq = SequenceStore.open(split).sequence(seq_id)
@@ -133,6 +135,14 @@ class TestSegmentedDrive:
             assert seq.stages[f"estimate/{method}"]["calibration"]["probes"] >= 4
         # the drive's evaluation is the one-job evaluation
         assert result["evaluation"] == label_store(one, settings_for(drive, 0)).outcomes[0].result["evaluation"]
+
+    def test_known_workers_bound_the_estimate_parts(self, drive: dict[str, Path]) -> None:
+        settings = settings_for(drive, 32).model_copy(update={"compare_with_warp_inpaint": False})
+        seq_id = SequenceStore.open(str(drive["store"])).sequence_ids()[0]
+        by_workers = {w: segment_phases(str(drive["store"]), seq_id, settings, workers=w)[2] for w in (None, 1, 2)}
+        assert len(by_workers[None]) == len(segment_phases(str(drive["store"]), seq_id, settings)[0]) >= 3
+        assert [(job.segment[0], job.segments) for job in by_workers[1]] == [(0, 1)]  # one worker: one job
+        assert [(job.segment[0], job.segments) for job in by_workers[2]] == [(0, 2), (1, 2)]
 
     def test_a_local_pool_runs_a_phase_in_worker_processes(self, drive: dict[str, Path], tmp_path: Path) -> None:
         split = str(tmp_path / "split.zarr")
