@@ -2,8 +2,9 @@
 
 The parent flow plans a long drive's segments and submits one run of the ``label-segment/gpu``
 deployment per segment and phase (prepare: flow and teacher; propagate: every method; evaluate:
-the segment's frames) and one per method for the quality estimate (a whole-drive job), so all free
-workers share one drive; then the drive's own ``label-sequence`` run finishes it.
+the segment's frames) and, for each method's quality estimate, up to one per segment (each a
+part of the drive's probes), so all free workers share one drive; then the drive's own
+``label-sequence`` run finishes it.
 """
 
 from __future__ import annotations
