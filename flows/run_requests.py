@@ -34,7 +34,8 @@ class AutolabelRequest(BaseModel):
         "label-segment/gpu", description="with label_deployment: the deployment that runs the segment jobs of drives "
                                          "longer than label.segment_frames")
     resubmit_crashed: int = Field(2, ge=0, description="re-submit a sequence whose run crashed (lost worker) this often")
-    poll_seconds: float = Field(5.0, gt=0, description="how often the parent checks its sequence runs")
+    poll_seconds: float = Field(2.0, gt=0, description="how often the parent checks its sequence and segment runs "
+                                                        "(each phase of a long drive waits for its last job)")
     dashboard: DashboardSettings = Field(DashboardSettings(), description="what the dashboard flags and keeps")
     watchdog_seconds: float | None = Field(
         None, gt=0, description="a running sequence run silent (no heartbeat) this long is marked Crashed and "

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import zarr
 from autolabel.storage.store import SequenceStore
+from autolabel.storage.synthetic import SyntheticConfig, drive_configs
+from autolabel.storage.synthetic_io import write_synthetic_store
 from PIL import Image
 
 from tests.conftest import random_label, random_rgb, run_cli, save_label, save_rgb
@@ -164,6 +166,14 @@ def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 3-frame store made once in-process (`synth` itself is tested above); the error cases leave it as is."""
+    store = str(tmp_path_factory.mktemp("tiny") / "s.zarr")
+    write_synthetic_store(store, drive_configs(1, SyntheticConfig(width=32, height=24, frames=3)))
+    return store
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--method", "warp-inpaint"], "needs a teacher checkpoint: pass --teacher"),
     (["--method", "motion-only", "--max-distance", "0"], "must be 1..127 frames"),
@@ -171,10 +181,8 @@ def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
     (["--method", "semantic-only", "--teacher", "{tmp}/none.pt"], "none.pt does not exist; make one with"),
     (["--method", "motion-only", "--segment-frames", "16", "--jobs", "0"], "--jobs must be at least 1"),
 ])
-def test_label_errors(tmp_path: Path, args: list[str], message: str) -> None:
-    store = str(tmp_path / "s.zarr")
-    assert run_cli("synth", store, "--sequences", "1", "--frames", "3", "--size", "32x24").returncode == 0
-    done = run_cli("label", store, *[a.format(tmp=tmp_path) for a in args])
+def test_label_errors(tiny_store: str, tmp_path: Path, args: list[str], message: str) -> None:
+    done = run_cli("label", tiny_store, *[a.format(tmp=tmp_path) for a in args])
     assert done.returncode == 2 and message in done.stderr.replace("\n", ""), done.stderr
 
 

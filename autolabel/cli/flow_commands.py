@@ -51,12 +51,13 @@ def run(
 ) -> None:
     """The whole job through the Prefect flows: ingest -> label every sequence -> evaluate -> dashboard."""
     opt.set_threads()
-    from autolabel.flows.autolabel_flow import autolabel_flow
-    from autolabel.flows.run_requests import AutolabelRequest
-
+    # the settings first: a mistyped option is reported before Prefect and the flows load (~3 s)
     settings = opt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
                                   override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
                                   estimate, teacher_map, segment_frames)
+    from autolabel.flows.autolabel_flow import autolabel_flow
+    from autolabel.flows.run_requests import AutolabelRequest
+
     request = AutolabelRequest(
         store=store, inbox=str(inbox) if inbox else None, layout=layout,
         annotation=AnnotationPolicy.from_options(window=window, keyframe_every=keyframe_every),
