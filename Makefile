@@ -20,6 +20,9 @@ demo: $(STAMP)
 	$(BIN)/autolabel demo
 
 test: $(STAMP)
+	# bytecode for our own modules (pip compiled the rest), also where PYTHONDONTWRITEBYTECODE is
+	# set: the suite starts hundreds of Python processes (CLI, flow runs), each ~0.4 s faster with it
+	$(BIN)/python -m compileall -q autolabel models storage tasks flows >/dev/null
 	$(BIN)/python -m pytest -m "not gpu" -q --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
