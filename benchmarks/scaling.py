@@ -20,7 +20,9 @@ drives, N ``autolabel label --sequence`` processes at a time, each taking the ne
 pool workers do with one run per drive); ``--estimate`` labels them with the quality estimate
 (``label``'s default). Every run starts from the same freshly written store;
 the long drive's labels are checked to be identical for every N. Wall time and speed-up over one
-worker are reported.
+worker are reported. One worker gets every core unless ``--equal-threads`` gives it only what each
+of the most workers gets: on a small machine a lone worker already uses all cores through torch's
+threads, which is not what splitting a drive across separate worker machines is about.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ def workers_part(args: argparse.Namespace, tmp: str, w: int, h: int) -> list[dic
     from autolabel.storage.store import SequenceStore
 
     cores = os.cpu_count() or 1
+    # --equal-threads: every worker, the lone one included, gets what each of the most workers gets
+    fewest = max(1, cores // max(args.workers)) if args.equal_threads else None
     long_src, inbox_src = f"{tmp}/long.zarr", f"{tmp}/inbox.zarr"
     write_synthetic_store(long_src, drive_configs(1, SyntheticConfig(width=w, height=h, frames=args.long_frames,
                                                                      seed=7)), AnnotationPolicy(mode="window", n=21))
@@ -122,11 +126,12 @@ def workers_part(args: argparse.Namespace, tmp: str, w: int, h: int) -> list[dic
     drives = SequenceStore.open(inbox_src).sequence_ids()
     results, reference = [], None
     for n in args.workers:
-        threads = max(1, cores // n)
+        threads = fewest or max(1, cores // n)
         store = f"{tmp}/long-{n}.zarr"
         shutil.copytree(long_src, store)
         seconds = run_all([label_cmd(store, tmp, args.method, "--segment-frames", str(args.segment_frames),
-                                     "--jobs", str(n), estimate=args.estimate)], 1, cores if n == 1 else threads)
+                                     "--jobs", str(n), estimate=args.estimate)], 1,
+                          cores if n == 1 and not fewest else threads)
         seq = SequenceStore.open(store).sequence(SequenceStore.open(store).sequence_ids()[0])
         labels = np.asarray(seq.array(f"results/{args.method}/labels")[:])
         same = reference is None or bool(np.array_equal(labels, reference))
@@ -165,6 +170,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per drive length (medians reported)")
     parser.add_argument("--estimate", action="store_true",
                         help="workers: label with the quality estimate (the default of `label`; off otherwise)")
+    parser.add_argument("--equal-threads", action="store_true",
+                        help="workers: one worker gets the threads each of the most workers gets (cores / max "
+                             "--workers), not every core: the speed-up of splitting alone, as on workers that "
+                             "are separate machines")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))

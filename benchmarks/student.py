@@ -11,6 +11,10 @@ crop, batch, augmentation and seed on
   (d) keyframes + warp-refine labels,
   (o) with ``--arms ...o``: keyframes + the ground truth of the same frames (the paper's oracle:
       what perfect propagation would give, the ceiling of (b)-(d)),
+  (e) with ``--arms ...de``: the second round: student (d) of the first seed becomes the inpainting
+      teacher, a refiner is trained for it on the same keyframe cycles, the training drives are
+      labelled again with warp-refine (on a copy of the store), and students train on those labels
+      as (d) did,
 
 and scored (mIoU) on held-out drives' ground truth it never saw. The labels reach the students
 through the product's own training export (``autolabel export --format folder``: keyframes
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -73,9 +78,10 @@ from autolabel.tasks.pipeline import LabelSettings, label_store  # noqa: E402
 
 DEFAULT_STEPS = 1500
 MAX_DISTANCE = 10  # K of the labelling methods
-ARMS = {"a": None, "b": "motion-only", "c": "warp-inpaint", "d": "warp-refine", "o": GROUND_TRUTH}
+ARMS = {"a": None, "b": "motion-only", "c": "warp-inpaint", "d": "warp-refine", "o": GROUND_TRUTH,
+        "e": "warp-refine"}
 ARM_NAMES = {"a": "keyframes only", "b": "+ motion-only", "c": "+ warp-inpaint", "d": "+ warp-refine",
-             "o": "+ ground truth (oracle)"}
+             "o": "+ ground truth (oracle)", "e": "+ warp-refine, round 2"}
 
 
 MOTIONS = {  # (fps choices, ego-speed ranges in m/s), cycled over the drives
@@ -187,13 +193,13 @@ def label_method(name: str, store: SequenceStore, method: str, train_store: str,
     log(f"  {method}: labelled in {time.perf_counter() - start:.1f} s")
     extra = labels_vs_teacher(store, method, teacher, ids)
     log(f"  {method} labels on the propagated training frames: {extra['labels_miou']} mIoU "
-        f"(student (a) there: {extra['teacher_miou']})")
+        f"(the inpainting teacher there: {extra['teacher_miou']})")
     return extra
 
 
 def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_store: str, test_ids: list[str],
              args: argparse.Namespace) -> dict[str, Any]:
-    """Train and score the four students of one dataset, once per seed."""
+    """Train and score the students of one dataset, once per seed."""
     work = args.workdir / name
     store = SequenceStore.open(train_store)
     keyframes = AnnotatedFrames([store], train_ids)
@@ -201,46 +207,68 @@ def run_arms(name: str, train_store: str, train_ids: list[str] | None, test_stor
     teacher_args = argparse.Namespace(**{**vars(args), "steps": DEFAULT_STEPS})
     student_a, info_a = train_student(work / "student-a.pt", keyframes, store.classes, teacher_args)
     steps_tag = f"-s{args.steps}" if args.steps != DEFAULT_STEPS else ""
+    export_tag = f"-c{args.min_confidence:g}" if args.min_confidence > 0 else ""
+    sampling_tag = "".join([f"-d{args.max_distance}" if args.max_distance is not None else "",
+                            "-t" + "_".join(map(str, args.distances)) if args.distances else "",
+                            f"-k{args.keyframe_share:g}" if args.keyframe_share > 0 else "", steps_tag])
     refiner = ensure_refiner(work / "refiner.pt", [train_store], train_ids, student_a, args, 0)
     ids = [s for s in store.sequence_ids() if train_ids is None or s in train_ids]
     test = SequenceStore.open(test_store)
     results: dict[str, Any] = {}
-    for arm, method in ARMS.items():
-        if arm not in args.arms and arm != "a":
-            continue
-        extra: dict[str, Any] = {}
-        if method is None:
-            samples, tag = keyframes, steps_tag
-        else:
-            extra = label_method(name, store, method, train_store, train_ids, ids, student_a, refiner, args)
-            export_tag = f"-c{args.min_confidence:g}" if args.min_confidence > 0 else ""
-            tag = "".join([export_tag, f"-d{args.max_distance}" if args.max_distance is not None else "",
-                           "-t" + "_".join(map(str, args.distances)) if args.distances else "",
-                           f"-k{args.keyframe_share:g}" if args.keyframe_share > 0 else "", steps_tag])
-            export = work / f"export-{method}{export_tag}"
-            if not (export / "manifest.json").is_file():
-                rows, failures = export_training_set(store, method, export, ids, "folder", args.min_confidence)
-                if failures:
-                    raise SystemExit(f"{name}: export of {method} failed: {failures}")
-            # the ground truth covers every frame; keep the frames the methods label (K = MAX_DISTANCE)
-            exported = ExportedFrames(export, max_distance=min(args.max_distance or MAX_DISTANCE, MAX_DISTANCE),
-                                      distances=args.distances)
-            extra["frames"] = len(exported)
-            samples = KeyframeOversampled(exported, args.keyframe_share) if args.keyframe_share > 0 else exported
+    firsts: dict[str, Path] = {}  # each arm's student of the first seed
+
+    def students(arm: str, samples: Any, tag: str, extra: dict[str, Any]) -> None:
         runs = []
         for seed in args.seeds:
             seed_tag = f"-r{seed}" if seed else ""
-            if method is None and not tag and not seed:
+            if arm == "a" and not tag and not seed:
                 path, info = student_a, info_a
             else:
-                path, info = train_student(work / f"student-{arm}{tag}{seed_tag}.pt", samples, store.classes, args, seed)
+                path, info = train_student(work / f"student-{arm}{tag}{seed_tag}.pt", samples, store.classes, args,
+                                           seed)
+            firsts.setdefault(arm, path)
             runs.append({"seed": seed, "train_seconds": info.get("seconds"), **score(path, test, test_ids)})
             log(f"  ({arm}) {ARM_NAMES[arm]}, seed {seed}: held-out mIoU {runs[-1]['miou']}")
         mious = [r["miou"] for r in runs]
-        results[arm] = {"training": ARM_NAMES[arm], "method": method, "frames": extra.pop("frames", len(samples)),
+        results[arm] = {"training": ARM_NAMES[arm], "method": ARMS[arm], "frames": extra.pop("frames", len(samples)),
                         "miou": round(float(np.mean(mious)), 2),
                         "miou_std": round(float(np.std(mious, ddof=1)), 2) if len(mious) > 1 else None,
                         **extra, "runs": runs}
+
+    def exported(label_store_: SequenceStore, method: str, export: Path, extra: dict[str, Any]) -> Any:
+        if not (export / "manifest.json").is_file():
+            rows, failures = export_training_set(label_store_, method, export, ids, "folder", args.min_confidence)
+            if failures:
+                raise SystemExit(f"{name}: export of {method} failed: {failures}")
+        # the ground truth covers every frame; keep the frames the methods label (K = MAX_DISTANCE)
+        frames = ExportedFrames(export, max_distance=min(args.max_distance or MAX_DISTANCE, MAX_DISTANCE),
+                                distances=args.distances)
+        extra["frames"] = len(frames)
+        return KeyframeOversampled(frames, args.keyframe_share) if args.keyframe_share > 0 else frames
+
+    for arm, method in ARMS.items():
+        if (arm not in args.arms and arm != "a") or arm == "e":
+            continue
+        if method is None:
+            students(arm, keyframes, steps_tag, {})
+            continue
+        extra = label_method(name, store, method, train_store, train_ids, ids, student_a, refiner, args)
+        samples = exported(store, method, work / f"export-{method}{export_tag}", extra)
+        students(arm, samples, export_tag + sampling_tag, extra)
+    if "e" in args.arms:
+        if "d" not in firsts:
+            raise SystemExit("arm e (the second round) needs arm d: its student is the next teacher")
+        # round 2 on a copy of the training store: its teacher and warp-refine stages are made again
+        round2 = work / f"{Path(train_store).stem}-round2{export_tag}{sampling_tag}.zarr"
+        if not round2.exists():
+            shutil.copytree(train_store, round2)
+        teacher2 = firsts["d"]
+        refiner2 = ensure_refiner(work / f"refiner-round2{export_tag}{sampling_tag}.pt", [str(round2)], train_ids,
+                                  teacher2, args, 0)
+        store2 = SequenceStore.open(str(round2))
+        extra = label_method(name, store2, "warp-refine", str(round2), train_ids, ids, teacher2, refiner2, args)
+        samples = exported(store2, "warp-refine", work / f"export-round2{export_tag}{sampling_tag}", extra)
+        students("e", samples, export_tag + sampling_tag, extra)
     return results
 
 
@@ -283,7 +311,7 @@ def main() -> None:
                         help="train (b-d) only on frames at most this far from their keyframe")
     parser.add_argument("--distances", type=int, nargs="+", default=None,
                         help="train (b-d) only on frames at these distances from their keyframe (paper: 2 4 6 8)")
-    parser.add_argument("--arms", default="abcd", help="which students to train (letters of a-d)")
+    parser.add_argument("--arms", default="abcd", help="which students to train (letters of a-e, o)")
     parser.add_argument("--keyframe-share", type=float, default=0.0,
                         help="repeat keyframes so they make this share of the frames a student (b-d) sees")
     parser.add_argument("--flow", default="dis-medium")
@@ -309,7 +337,7 @@ def main() -> None:
                  round(r["miou"] - base, 2), r.get("labels_miou", ""), r.get("teacher_miou", "")]
                 for arm, r in results[name].items()]
         print_table(f"{name}: student mIoU on held-out ground truth (mean of {len(args.seeds)} seeds)",
-                    ["student", "frames", "mIoU", "std", "vs (a)", "labels", "(a) there"], rows)
+                    ["student", "frames", "mIoU", "std", "vs (a)", "labels", "teacher there"], rows)
     payload = {"machine": machine(), "seconds": round(time.perf_counter() - start, 1),
                "settings": {k: str(v) for k, v in vars(args).items()}, "datasets": results}
     write_json("student", payload, args.out)
