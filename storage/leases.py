@@ -43,6 +43,7 @@ from autolabel.errors import LeaseHeldError, LeaseLostError, StoreError
 log = logging.getLogger("autolabel.leases")
 
 LEASES_DIR = "_leases"
+FIRST_POLL_S = 0.02  # a waiting run's first look again; the waits double up to LeaseSettings.poll_s
 
 
 class LeaseSettings(BaseModel):
@@ -50,7 +51,8 @@ class LeaseSettings(BaseModel):
 
     ttl_s: float = Field(60.0, gt=0, description="a lease not renewed for this long is stale")
     wait_s: float = Field(3600.0, ge=0, description="how long to wait for a lease another run holds")
-    poll_s: float = Field(0.5, gt=0, description="how often a waiting run looks again")
+    poll_s: float = Field(0.5, gt=0, description="how often a waiting run looks again, at the most: it looks "
+                          "after 20 ms first and doubles the wait up to this, so a short hold costs a short wait")
     keep_superseded_s: float = Field(
         600.0, ge=0, description="a replaced stage version (or one a killed run left) is deleted after this long")
 
@@ -250,6 +252,9 @@ class Lease:
         """Take the lease, waiting up to ``settings.wait_s`` (when ``wait``); raises LeaseHeldError."""
         deadline = time.monotonic() + (self.settings.wait_s if wait else 0)
         told = False
+        # most holds are short (a segment job creating the shared version's arrays, a metadata
+        # write): look again soon, then less often
+        pause = min(FIRST_POLL_S, self.settings.poll_s)
         while (holder := self.try_acquire()) is not None:
             if time.monotonic() >= deadline:
                 raise LeaseHeldError(
@@ -258,7 +263,8 @@ class Lease:
             if not told:
                 self.on_wait(f"waiting: {self.describe(holder)}")
                 told = True
-            time.sleep(self.settings.poll_s)
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+            pause = min(pause * 2, self.settings.poll_s)
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease {self.stage}", daemon=True)
         self._thread.start()
         return self
