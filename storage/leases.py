@@ -44,6 +44,7 @@ log = logging.getLogger("autolabel.leases")
 
 LEASES_DIR = "_leases"
 FIRST_POLL_S = 0.02  # a waiting run's first look again; the waits double up to LeaseSettings.poll_s
+WAIT_NOTICE_S = 1.0  # a run says it is waiting once it has waited this long (or half its wait_s)
 
 
 class LeaseSettings(BaseModel):
@@ -255,12 +256,14 @@ class Lease:
         # most holds are short (a segment job creating the shared version's arrays, a metadata
         # write): look again soon, then less often
         pause = min(FIRST_POLL_S, self.settings.poll_s)
+        # a hold of a moment is not news: say so only when the wait is one a user would notice
+        notice = time.monotonic() + min(WAIT_NOTICE_S, self.settings.wait_s / 2)
         while (holder := self.try_acquire()) is not None:
             if time.monotonic() >= deadline:
                 raise LeaseHeldError(
                     f"{self.describe(holder)}; gave up after {self.settings.wait_s:.0f} s. Run again when it "
                     f"has finished; if no run is alive, delete {self.path}")
-            if not told:
+            if not told and time.monotonic() >= notice:
                 self.on_wait(f"waiting: {self.describe(holder)}")
                 told = True
             time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
