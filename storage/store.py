@@ -765,6 +765,17 @@ class Sequence:
             return self.annotation(t)
         return np.asarray(self.array("gt")[t])
 
+    def ground_truths(self, start: int, stop: int) -> np.ndarray:
+        """:meth:`ground_truth` of frames ``start..stop-1`` in one read, uint8 (stop - start, H, W)."""
+        if not 0 <= start < stop <= self.num_frames:
+            raise IndexError(f"frames {start}..{stop} are out of range for sequence {self.id!r} of "
+                             f"{self.num_frames} frames")
+        block = np.asarray(self.array("gt")[start:stop])
+        for t in self.added_keyframes:
+            if start <= t < stop and not bool(self.array("has_gt")[t]):
+                block[t - start] = self.annotation(t)
+        return block
+
     def to_dask(self, name: str = "frames") -> Any:
         """A lazy dask array over ``name`` with the store's chunking."""
         import dask.array as da

@@ -147,6 +147,7 @@ def sequence_calibration(seq: Sequence, method: str) -> tuple[EstimateCalibratio
     return cal, basis
 
 
+READ_BLOCK = 16  # frames read at once (a shard of StoreLayout's default)
 EXPECTED_SCALE = 2.0 ** 16  # expected counts add up in fixed point: the same sums in any order (segments)
 
 
@@ -197,7 +198,7 @@ def tally_frames(seq: Sequence, method: str, max_distance: int, calibration: Est
                  frames: tuple[int, int] | None = None, on_frame: Callable[[], None] | None = None) -> FrameTally:
     """Score the stored results of ``method`` on the frames ``start..stop-1`` of ``seq`` (default: all).
 
-    Reads one frame at a time; frames the method did not reach add nothing.
+    Reads ``READ_BLOCK`` frames at a time (one shard); frames the method did not reach add nothing.
     """
     classes = seq.store.classes
     c, ignore = classes.num_classes, classes.ignore_index
@@ -208,28 +209,36 @@ def tally_frames(seq: Sequence, method: str, max_distance: int, calibration: Est
     scored = scored_frames(seq, np.asarray(seq.array(distance_name)[:]), max_distance)
     tally = FrameTally()
     scores: list[tuple[int, float | None, float | None]] = []
-    for t in np.flatnonzero(distance >= 1) + start:
-        t = int(t)
-        lab = np.asarray(labels[t])
-        tally.covered += int((lab != ignore).sum())
-        tally.pixels += lab.size
-        frame_conf = np.asarray(conf[t])
-        tally.confidence += int(frame_conf.sum(dtype=np.int64))
-        d = int(distance[t - start])
-        right = estimated = None
-        if scored[t]:
-            cm = confusion_matrix(seq.ground_truth(t), lab, c, ignore)
-            tally.confusion[d] = tally.confusion[d] + cm if d in tally.confusion else cm
-            right = percent(100 * np.trace(cm[:, :c]) / max(int(cm.sum()), 1))
-        if calibration is not None and d <= max_distance:
-            prob = np.where(lab != ignore, calibration.calibration(frame_conf / 255.0, lab), 0.0)
-            e = np.round(expected_counts(lab, prob, c, ignore) * EXPECTED_SCALE).astype(np.int64)
-            tally.expected[d] = tally.expected[d] + e if d in tally.expected else e
-            estimated = percent(100 * float(prob.mean()))
-        if right is not None or estimated is not None:
-            scores.append((t, estimated, right))
-        if on_frame is not None:
-            on_frame()
+    reached = np.flatnonzero(distance >= 1) + start
+    for block_start in range(start, stop, READ_BLOCK):  # one read per array and block, not per frame
+        mine = reached[(reached >= block_start) & (reached < block_start + READ_BLOCK)]
+        if not len(mine):
+            continue
+        a, b = int(mine[0]), int(mine[-1]) + 1
+        block_labels, block_conf = np.asarray(labels[a:b]), np.asarray(conf[a:b])
+        block_gt = seq.ground_truths(a, b) if scored[a:b].any() else None
+        for t in mine:
+            t = int(t)
+            lab, frame_conf = block_labels[t - a], block_conf[t - a]
+            tally.covered += int((lab != ignore).sum())
+            tally.pixels += lab.size
+            tally.confidence += int(frame_conf.sum(dtype=np.int64))
+            d = int(distance[t - start])
+            right = estimated = None
+            if scored[t]:
+                assert block_gt is not None
+                cm = confusion_matrix(block_gt[t - a], lab, c, ignore)
+                tally.confusion[d] = tally.confusion[d] + cm if d in tally.confusion else cm
+                right = percent(100 * np.trace(cm[:, :c]) / max(int(cm.sum()), 1))
+            if calibration is not None and d <= max_distance:
+                prob = np.where(lab != ignore, calibration.calibration(frame_conf / 255.0, lab), 0.0)
+                e = np.round(expected_counts(lab, prob, c, ignore) * EXPECTED_SCALE).astype(np.int64)
+                tally.expected[d] = tally.expected[d] + e if d in tally.expected else e
+                estimated = percent(100 * float(prob.mean()))
+            if right is not None or estimated is not None:
+                scores.append((t, estimated, right))
+            if on_frame is not None:
+                on_frame()
     tally.worst = _worst(scores)
     return tally
 

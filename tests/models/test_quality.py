@@ -94,6 +94,30 @@ class TestExpectedCounts:
         assert counts[0, 2] > counts[0, 1]  # the ignore pixels near class 0 are its false negatives
         assert expected_miou(counts) < 100
 
+    @pytest.mark.parametrize("spread", [3, 9])
+    def test_missing_mass_goes_to_the_other_classes_in_the_box(self, spread: int) -> None:
+        """Against the definition written out pixel by pixel: each pixel's ``1 - p`` (1 where
+        unlabelled) is shared among the other classes in proportion to how many of their pixels its
+        box holds (border pixels repeated), and goes nowhere where the box holds no other class."""
+        rng = np.random.default_rng(3)
+        labels = np.kron(rng.integers(0, 4, (4, 5)), np.ones((4, 4), np.int64)).astype(np.uint8)
+        labels[0, :6] = 255
+        labels[-4:, -4:] = 3  # one class alone in a corner: its mass there goes nowhere
+        p = rng.uniform(0.3, 1.0, labels.shape)
+        r = spread // 2
+        padded = np.pad(labels, r, mode="edge")
+        gt = np.zeros(4)
+        for (y, x), label in np.ndenumerate(labels):
+            box = padded[y:y + spread, x:x + spread]
+            others = np.array([(box == k).sum() if k != label else 0 for k in range(4)], float)
+            if others.sum():
+                gt += (1.0 if label == 255 else 1.0 - p[y, x]) * others / others.sum()
+        counts = expected_counts(labels, p, 4, 255, spread=spread)
+        tp = [p[labels == k].sum() for k in range(4)]
+        np.testing.assert_allclose(counts[:, 0], tp, rtol=1e-5)
+        np.testing.assert_allclose(counts[:, 1], [(labels == k).sum() for k in range(4)])
+        np.testing.assert_allclose(counts[:, 2], np.add(tp, gt), rtol=1e-5)
+
     def test_nothing_labelled(self) -> None:
         counts = expected_counts(np.full((4, 4), 255, np.uint8), np.zeros((4, 4)), 2, 255)
         assert not counts.any() and np.isnan(expected_miou(counts))

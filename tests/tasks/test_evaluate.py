@@ -111,6 +111,29 @@ def test_a_drive_without_ground_truth_shows_coverage_and_confidence(tmp_path: Pa
     assert row.mean_confidence is not None and 50 < row.mean_confidence <= 100
 
 
+def test_ground_truth_read_in_blocks_equals_frame_by_frame(tmp_path: Path) -> None:
+    """Evaluation reads ground truth a shard at a time; a keyframe added to a drive without ground
+    truth gives its annotation there, as it does frame by frame."""
+    write_apollo_layout(tmp_path / "inbox", drive_configs(1, DRIVE))
+    for i, label in enumerate(sorted((tmp_path / "inbox").rglob("*_bin.png"))):
+        if i != 10:
+            label.unlink()
+    url = str(tmp_path / "s.zarr")
+    ingest(read_dataset("apollo", tmp_path / "inbox"), url, IngestOptions(annotation=AnnotationPolicy()))
+    store = SequenceStore.open(url, mode="r+")
+    seq_id = store.sequence_ids()[0]
+    seq = store.sequence(seq_id)
+    added = np.full((seq.height, seq.width), 2, np.uint8)
+    store.add_keyframes(seq_id, {15: added})
+    seq = store.sequence(seq_id)
+    block = seq.ground_truths(8, seq.num_frames)
+    np.testing.assert_array_equal(block, np.stack([seq.ground_truth(t) for t in range(8, seq.num_frames)]))
+    np.testing.assert_array_equal(block[15 - 8], added)
+    assert (block[0] == store.classes.ignore_index).all()  # frame 8: no ground truth
+    with pytest.raises(IndexError, match="out of range"):
+        seq.ground_truths(5, seq.num_frames + 1)
+
+
 class TestFrameTally:
     """Segments of a drive tally their own frames; the tallies add up to the drive's evaluation."""
 
