@@ -251,7 +251,8 @@ class EstimateCalibration:
     the probes' true mIoU was than expected-IoU predicted from their calibrated confidence (its
     (100 - true) / (100 - expected)), applied to the estimates (``errors concentrate``);
     ``confusion`` is the probes' own (C, C+1) confusion against the annotations; ``probe_auroc``
-    how well the confidence told their right pixels from the wrong ones.
+    how well the confidence told their right pixels from the wrong ones; ``spread`` the box
+    (:func:`expected_counts`) the deficit ratio was fitted with, which the estimates then use.
     """
 
     calibration: Calibration
@@ -263,6 +264,7 @@ class EstimateCalibration:
     deficit_ratio: float = 1.0
     confusion: np.ndarray | None = None
     probe_auroc: float = float("nan")
+    spread: int = 9
 
     def record(self) -> dict:
         """A JSON-ready record (kept in the store with the method's results)."""
@@ -271,7 +273,7 @@ class EstimateCalibration:
                 "pixels": self.pixels, "keyframes": self.keyframes, "excluded_keyframes": self.excluded,
                 "deficit_ratio": round(self.deficit_ratio, 5),
                 "probe_auroc": None if not np.isfinite(self.probe_auroc) else round(self.probe_auroc, 4),
-                "confusion": None if self.confusion is None else self.confusion.tolist()}
+                "confusion": None if self.confusion is None else self.confusion.tolist(), "spread": self.spread}
 
     @staticmethod
     def from_record(record: dict) -> EstimateCalibration:
@@ -281,7 +283,8 @@ class EstimateCalibration:
             str(record.get("kind", "cycle")), int(record.get("probes", 0)), int(record.get("pixels", 0)),
             list(record.get("keyframes", [])), int(record.get("excluded_keyframes", 0)),
             float(record.get("deficit_ratio", 1.0)), None if confusion is None else np.asarray(confusion, np.int64),
-            float(record["probe_auroc"]) if record.get("probe_auroc") is not None else float("nan"))
+            float(record["probe_auroc"]) if record.get("probe_auroc") is not None else float("nan"),
+            int(record.get("spread", 9)))
 
     def correct_counts(self, counts: np.ndarray) -> np.ndarray:
         """:func:`expected_counts` sums with E[TP] lowered so each class's IoU deficit grows by the ratio.
@@ -432,7 +435,7 @@ def fit_probes(plan: list[Probe], answers: dict[int, tuple[np.ndarray, np.ndarra
         samples.append((conf.ravel()[idx], labels.ravel()[idx] == ann.ravel()[idx], labels.ravel()[idx]))
     kind = plan[0].kind if plan else "none"
     if not samples:
-        return EstimateCalibration(Calibration(), kind, 0, 0, sorted(used), excluded)
+        return EstimateCalibration(Calibration(), kind, 0, 0, sorted(used), excluded, spread=config.spread)
     conf_all, right_all, labels_all = (np.concatenate(x) for x in zip(*samples))
     calibration = fit_class_offsets(fit_calibration(conf_all, right_all), conf_all, right_all, labels_all, c,
                                     config.class_prior_pixels)
@@ -449,7 +452,7 @@ def fit_probes(plan: list[Probe], answers: dict[int, tuple[np.ndarray, np.ndarra
             ratio = float(np.clip(true_deficit / expected_deficit, 0.25, 4.0)) ** (config.deficit_correction
                                                                                    * informative)
     return EstimateCalibration(calibration, kind, len(samples), int(conf_all.size), sorted(used), excluded,
-                               ratio, confusion, probe_auroc)
+                               ratio, confusion, probe_auroc, config.spread)
 
 
 def calibrate(method: PropagationMethod, inputs: SequenceInputs, config: EstimateConfig, skip: Iterable[str] = (),

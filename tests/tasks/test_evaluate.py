@@ -154,6 +154,30 @@ class TestFrameTally:
         row = evaluate_module.sequence_row(seq, "motion-only", 10, total, calibration, basis)
         assert row == score_sequence(seq, "motion-only", 10) and row.estimated_miou is not None
 
+    def test_the_estimate_uses_the_box_its_deficit_ratio_was_fitted_with(self, local_store_url: str) -> None:
+        """EstimateConfig.spread reaches the evaluation: the tallied expected counts are those of the
+        calibration's box, not the default's."""
+        from autolabel.models.quality import EstimateConfig, expected_counts
+
+        write_synthetic_store(local_store_url, drive_configs(1, DRIVE), AnnotationPolicy(mode="window", n=21))
+        label_store(local_store_url, _motion().model_copy(update={"estimate": EstimateConfig(spread=3)}))
+        seq = SequenceStore.open(local_store_url).sequence("synth-0000")
+        calibration, _ = evaluate_module.sequence_calibration(seq, "motion-only")
+        assert calibration is not None and calibration.spread == 3
+        assert seq.stages["estimate/motion-only"]["calibration"]["spread"] == 3
+        tally = evaluate_module.tally_frames(seq, "motion-only", 10, calibration, (1, 10))
+        labels, conf = seq.array("results/motion-only/labels"), seq.array("results/motion-only/confidence")
+        c, ignore = seq.store.classes.num_classes, seq.store.classes.ignore_index
+
+        def expected(spread: int) -> np.ndarray:
+            prob = [np.where(labels[t] != ignore, calibration.calibration(conf[t] / 255.0, labels[t]), 0.0)
+                    for t in range(1, 10)]
+            return sum(expected_counts(labels[t], p, c, ignore, spread) for t, p in zip(range(1, 10), prob))
+
+        tallied = sum(tally.expected.values()) / evaluate_module.EXPECTED_SCALE
+        np.testing.assert_allclose(tallied, expected(3), atol=1e-3)
+        assert np.abs(tallied - expected(9)).max() > 1.0
+
     def test_json_round_trip(self) -> None:
         tally = evaluate_module.FrameTally({1: np.arange(6).reshape(2, 3)}, {2: np.ones((2, 3), np.int64)}, 5, 9, 7,
                                            [(3, None, 50.0)])
