@@ -98,6 +98,21 @@ class RefinerUNet(nn.Module):
         # how strongly the input label votes for itself; learnt
         self.label_gain = nn.Parameter(torch.tensor(4.0))
 
+    def _input(self, x: RefinerInput, dtype: torch.dtype) -> torch.Tensor:
+        """The network's input (B, C + 8, H, W), laid out channels_last as the convolutions want it:
+        one-hot label (C; all zero where ignored), confidence, trust, both images normalised."""
+        b, h, w = x.labels.shape
+        c = self.num_classes
+        nhwc = torch.zeros((b, h, w, c + 8), dtype=dtype, device=x.labels.device)
+        valid = x.labels < c
+        nhwc[..., :c].scatter_(-1, torch.where(valid, x.labels, 0)[..., None], valid[..., None].to(dtype))
+        nhwc[..., c] = x.confidence
+        nhwc[..., c + 1] = x.trusted
+        inp = nhwc.permute(0, 3, 1, 2)  # a (B, C + 8, H, W) view, channels_last in memory
+        inp[:, c + 2:c + 5] = (x.warped_image - self.mean) / self.std
+        inp[:, c + 5:] = (x.target_image - self.mean) / self.std
+        return inp
+
     def forward(self, x: RefinerInput) -> torch.Tensor:
         """Returns refined logits (B, C, H, W)."""
         check_shape(x.labels, ["B", "H", "W"], "labels")
@@ -108,13 +123,8 @@ class RefinerUNet(nn.Module):
         check_same_hw(x.target_image, x.labels[:, None], ("target_image", "labels"))
         h, w = x.labels.shape[-2:]
         dtype = x.target_image.dtype
-        valid = x.labels < self.num_classes
-        onehot = F.one_hot(torch.where(valid, x.labels, 0), self.num_classes).permute(0, 3, 1, 2).to(dtype)
-        onehot = onehot * valid[:, None].to(dtype)
-        inp = torch.cat([
-            onehot, x.confidence[:, None].to(dtype), x.trusted[:, None].to(dtype),
-            (x.warped_image - self.mean) / self.std, (x.target_image - self.mean) / self.std,
-        ], dim=1)
+        inp = self._input(x, dtype)
+        onehot = inp[:, :self.num_classes]
         s1 = self.enc1(inp)
         s2 = self.enc2(s1)
         s3 = self.enc3(s2)

@@ -117,6 +117,22 @@ class TestRefinerNet:
         x.labels[:, :5] = 255
         assert torch.isfinite(_refiner(teacher).refine(x)).all()
 
+    def test_input_channels_and_layout(self) -> None:
+        """One-hot label (all zero where ignored), confidence, trust and both normalised images,
+        built channels_last (what the channels_last weights read without a copy)."""
+        teacher = _teacher()
+        net = _refiner(teacher).net
+        x = self._input(teacher)
+        x.labels[:, :5] = 255
+        inp = net._input(x, torch.float32)
+        valid = (x.labels < 11)[:, None].float()
+        onehot = torch.nn.functional.one_hot(x.labels.clamp(max=10), 11).permute(0, 3, 1, 2).float() * valid
+        mean, std = net.mean, net.std
+        want = torch.cat([onehot, x.confidence[:, None], x.trusted[:, None].float(),
+                          (x.warped_image - mean) / std, (x.target_image - mean) / std], 1)
+        assert torch.equal(inp, want) and (inp[:, :11, :5] == 0).all()
+        assert inp.is_contiguous(memory_format=torch.channels_last)
+
     def test_untrained_net_keeps_the_input_label_mostly(self) -> None:
         teacher = _teacher()
         x = self._input(teacher)
