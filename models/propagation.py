@@ -126,8 +126,8 @@ class SequenceInputs(Protocol):
     def flow_to_next(self, t: int) -> np.ndarray: ...        # float (2, H, W): t -> t+1 on frame t
     def flow_to_prev(self, t: int) -> np.ndarray: ...        # float (2, H, W): t -> t-1 on frame t
     def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]: ...  # uint8 labels, float conf (H, W)
-    # float (F, H/4, W/4) teacher decoder features (warp-refine only; None when unavailable)
-    teacher_features: Callable[[int], np.ndarray] | None
+    # float (F, H/4, W/4) teacher decoder features, array or tensor (warp-refine only; None when unavailable)
+    teacher_features: Callable[[int], np.ndarray | torch.Tensor] | None
 
 
 class WindowInputs:
@@ -233,7 +233,9 @@ class PropagationMethod(ABC):
             reads.append(("teacher", dst))
         return reads
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+    def _tensor(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(array, torch.Tensor):  # e.g. teacher features computed here: no copy through numpy
+            return array.to(self.device)
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def _flows(self, src: int, dst: int, inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,15 +369,17 @@ def refiner_input(step: WarpInpaintStep, features: torch.Tensor) -> RefinerInput
     )
 
 
-def teacher_features(inputs: SequenceInputs, ts: list[int]) -> np.ndarray:
-    """float (B, F, h, w) teacher features of frames ``ts``: one batched call where the inputs offer it."""
+def teacher_features(inputs: SequenceInputs, ts: list[int]) -> np.ndarray | torch.Tensor:
+    """float (B, F, h, w) teacher features of frames ``ts``: one batched call where the inputs offer it
+    (a tensor, in whatever memory format and on whatever device the teacher gave it, or an array)."""
     batch = getattr(inputs, "teacher_features_batch", None)
     if batch is not None:
         return batch(ts)
     single = getattr(inputs, "teacher_features", None)
     if single is None:
         raise ConfigError("method 'warp-refine' needs the teacher's features: give the sequence inputs a teacher")
-    return np.stack([single(t) for t in ts])
+    parts = [single(t) for t in ts]
+    return torch.stack(parts) if isinstance(parts[0], torch.Tensor) else np.stack(parts)
 
 
 @METHODS.register("warp-refine")

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+import torch
 from autolabel.models.propagation import (
     OutputFrame,
     PropagationConfig,
@@ -98,13 +99,14 @@ class StoreSequenceInputs:
         assert self._bw is not None
         return np.asarray(self._bw[t - 1], dtype=np.float32)
 
-    def _features(self, t: int) -> np.ndarray:
+    def _features(self, t: int) -> torch.Tensor:
         return self._features_batch([t])[0]
 
-    def _features_batch(self, ts: list[int]) -> np.ndarray:
-        """float (B, F, h, w) teacher features of frames ``ts``, one batched forward pass."""
+    def _features_batch(self, ts: list[int]) -> torch.Tensor:
+        """float (B, F, h, w) teacher features of frames ``ts``, one batched forward pass; left where
+        and as the teacher made them (its device, channels_last), which is where the refiner wants them."""
         assert self._feature_teacher is not None
-        return self._feature_teacher.predict_features(np.stack([self.frame(t) for t in ts])).cpu().numpy()
+        return self._feature_teacher.predict_features(np.stack([self.frame(t) for t in ts]))
 
     def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         assert self._teacher_labels is not None and self._teacher_conf is not None
