@@ -294,8 +294,19 @@ class WarpInpaintStep:
     target_image: torch.Tensor
 
 
+class StepMemo:
+    """The last step's trust check, shared by methods stepping the same chains together
+    (:func:`propagate_frames_together`): warp-inpaint and warp-refine need the same masks and warps."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: tuple | None = None
+
+
 @METHODS.register("warp-inpaint")
 class WarpInpaint(PropagationMethod):
+    memo: StepMemo | None = None  # set by propagate_frames_together
+
     def _pair_flows(self, srcs: list[int], dsts: list[int],
                     inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self._flows(src, dst, inputs) for src, dst in zip(srcs, dsts)]
@@ -311,7 +322,11 @@ class WarpInpaint(PropagationMethod):
     def _trust(self, srcs: list[int], dsts: list[int], inputs: SequenceInputs) \
             -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """(M (B, H, W), dst -> src flows (B, 2, H, W), warped sources (B, 3, H, W), targets (B, 3, H, W),
-        the flows' :func:`~models.warping.sampling`)."""
+        the flows' :func:`~models.warping.sampling`). Computed once per step where methods share a
+        :class:`StepMemo` (the same inputs, chains and checks give the same tensors)."""
+        key = (id(inputs), tuple(srcs), tuple(dsts), self.config.tau, self.config.fb_check)
+        if self.memo is not None and self.memo.key == key:
+            return self.memo.value  # type: ignore[return-value]
         to_src, to_dst = self._pair_flows(srcs, dsts, inputs)
         source, target = self._frames(srcs, inputs), self._frames(dsts, inputs)
         grid = sampling(to_src)  # one sampling grid for every warp of this step
@@ -319,6 +334,8 @@ class WarpInpaint(PropagationMethod):
         trusted = (photometric_error(target, warped) < self.config.tau) & inside
         if self.config.fb_check:
             trusted &= fb_consistency(to_src, to_dst, grid=grid)
+        if self.memo is not None:
+            self.memo.key, self.memo.value = key, (trusted, to_src, warped, target, grid)
         return trusted, to_src, warped, target, grid
 
     def trust_mask(self, src: int, dst: int, inputs: SequenceInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,19 +483,23 @@ def gap_chains(annotated: np.ndarray, max_distance: int) -> list[list[Chain]]:
     return gaps
 
 
-def _run_chains(method: PropagationMethod, inputs: SequenceInputs, chains: list[Chain],
-                on_step: Callable[[], None] | None) -> dict[tuple[int, int], Candidate]:
-    """Step ``chains`` in lockstep (one batch per step); candidates by (frame, direction)."""
-    out: dict[tuple[int, int], Candidate] = {}
-    states: list[LabelState] = []
+def _run_chains(methods: list[PropagationMethod], inputs: SequenceInputs, chains: list[Chain],
+                on_step: Callable[[], None] | None) -> list[dict[tuple[int, int], Candidate]]:
+    """Step ``chains`` in lockstep (one batch per step) with each method; per method, candidates by
+    (frame, direction)."""
+    outs: list[dict[tuple[int, int], Candidate]] = [{} for _ in methods]
+    states: list[list[LabelState]] = [[] for _ in methods]
     for chain in chains:
-        ann = method._tensor(inputs.annotation(chain.key)).long()
-        states.append(LabelState(ann, torch.ones(ann.shape, device=method.device)))
+        ann = methods[0]._tensor(inputs.annotation(chain.key)).long()
+        for m, method in enumerate(methods):
+            states[m].append(LabelState(ann, torch.ones(ann.shape, device=method.device)))
     steps = max((c.length for c in chains), default=0)
     prefetch = getattr(inputs, "prefetch", None)  # a PrefetchingInputs reads the next step meanwhile
 
     def reads(i: int) -> list[tuple[str, int]]:
-        return [r for c in chains if c.length >= i for r in method.step_reads(c.frame(i - 1), c.frame(i))]
+        wanted = [r for c in chains if c.length >= i for method in methods
+                  for r in method.step_reads(c.frame(i - 1), c.frame(i))]
+        return list(dict.fromkeys(wanted))
 
     if prefetch is not None and steps:
         prefetch(reads(1))
@@ -486,15 +507,16 @@ def _run_chains(method: PropagationMethod, inputs: SequenceInputs, chains: list[
         active = [j for j, c in enumerate(chains) if c.length >= i]
         if prefetch is not None:
             prefetch(reads(i + 1))
-        new = method.step_batch([states[j] for j in active], [chains[j].frame(i - 1) for j in active],
-                                [chains[j].frame(i) for j in active], inputs)
-        for j, state in zip(active, new):
-            states[j] = state
-            out[(chains[j].frame(i), chains[j].direction)] = Candidate(
-                state.labels.to(torch.uint8).cpu().numpy(), state.confidence.float().cpu().numpy(), i)
-            if on_step is not None:
-                on_step()
-    return out
+        srcs, dsts = [chains[j].frame(i - 1) for j in active], [chains[j].frame(i) for j in active]
+        for m, method in enumerate(methods):
+            new = method.step_batch([states[m][j] for j in active], srcs, dsts, inputs)
+            for j, state in zip(active, new):
+                states[m][j] = state
+                outs[m][(chains[j].frame(i), chains[j].direction)] = Candidate(
+                    state.labels.to(torch.uint8).cpu().numpy(), state.confidence.float().cpu().numpy(), i)
+                if on_step is not None:
+                    on_step()
+    return outs
 
 
 @dataclass
@@ -539,25 +561,53 @@ def propagate_frames(inputs: SequenceInputs, config: PropagationConfig, on_step:
         frames: only frames ``start..stop-1`` come out (a segment's own), and chains run only as
             far as those frames need; their labels are the ones the whole sequence gives them.
     """
+    for out in propagate_frames_together(inputs, [config], on_step, refiner, batch_size, frames):
+        yield out[0]
+
+
+def propagate_frames_together(inputs: SequenceInputs, configs: list[PropagationConfig],
+                              on_step: Callable[[], None] | None = None, refiner: Refiner | None = None,
+                              batch_size: int = 1, frames: tuple[int, int] | None = None
+                              ) -> Iterator[list[OutputFrame]]:
+    """:func:`propagate_frames` of several methods in one pass: per frame, one output per config.
+
+    The methods step the same chains together, so each step's inputs are read once and the
+    warping methods (warp-inpaint, warp-refine) share its trust check (a :class:`StepMemo`); each
+    method's outputs are exactly what :func:`propagate_frames` gives it alone. The configs must
+    agree on K (``max_distance``): the chains are the same.
+    """
     if batch_size < 1:
         raise ConfigError(f"the propagation batch size must be >= 1, got {batch_size}")
-    method = create_method(config, refiner)
+    if not configs:
+        raise ConfigError("propagate at least one method")
+    if len({c.max_distance for c in configs}) > 1:
+        raise ConfigError("methods propagated together need the same K (max_distance), got "
+                          f"{[c.max_distance for c in configs]}")
+    methods = [create_method(config, refiner if method_class(config.method).needs_refiner else None)
+               for config in configs]
+    if len(methods) > 1:
+        memo = StepMemo()
+        for method in methods:
+            if isinstance(method, WarpInpaint):
+                method.memo = memo
     if not inputs.annotated.any():
         raise ConfigError("the sequence has no annotated frame to propagate from")
     first, end = frames if frames is not None else (0, inputs.num_frames)
     if not 0 <= first < end <= inputs.num_frames:
         raise ConfigError(f"frames {first}..{end} are outside the sequence of {inputs.num_frames} frames")
-    gaps = _chains_for(gap_chains(inputs.annotated, config.max_distance), first, end)
-    if not config.prefetch:
-        yield from _fused_frames(method, inputs, gaps, batch_size, first, end, on_step)
+    gaps = _chains_for(gap_chains(inputs.annotated, configs[0].max_distance), first, end)
+    if not all(config.prefetch for config in configs):
+        yield from _fused_frames(methods, inputs, gaps, batch_size, first, end, on_step)
         return
     with PrefetchingInputs(inputs) as reading:
-        yield from _fused_frames(method, reading, gaps, batch_size, first, end, on_step)
+        yield from _fused_frames(methods, reading, gaps, batch_size, first, end, on_step)
 
 
-def _fused_frames(method: PropagationMethod, inputs: SequenceInputs, gaps: list[list[Chain]], batch_size: int,
-                  first: int, end: int, on_step: Callable[[], None] | None) -> Iterator[OutputFrame]:
-    """:func:`propagate_frames`' loop: groups of gaps stepped as batches, frames ``first..end-1`` fused."""
+def _fused_frames(methods: list[PropagationMethod], inputs: SequenceInputs, gaps: list[list[Chain]],
+                  batch_size: int, first: int, end: int,
+                  on_step: Callable[[], None] | None) -> Iterator[list[OutputFrame]]:
+    """:func:`propagate_frames_together`' loop: groups of gaps stepped as batches, frames ``first..end-1``
+    fused, one output per method."""
     keys = [int(k) for k in np.flatnonzero(inputs.annotated)]
     shape = (inputs.height, inputs.width)
     g = t = 0
@@ -566,7 +616,7 @@ def _fused_frames(method: PropagationMethod, inputs: SequenceInputs, gaps: list[
         while (g + len(group) < len(gaps)
                and sum(len(gaps[x]) for x in group) + len(gaps[g + len(group)]) <= batch_size):
             group.append(g + len(group))
-        candidates = _run_chains(method, inputs, [c for x in group for c in gaps[x]], on_step)
+        candidates = _run_chains(methods, inputs, [c for x in group for c in gaps[x]], on_step)
         last = group[-1]
         stop = keys[last] if last < len(keys) else inputs.num_frames - 1  # up to the group's closing keyframe
         while t <= stop:
@@ -575,16 +625,21 @@ def _fused_frames(method: PropagationMethod, inputs: SequenceInputs, gaps: list[
                 continue
             if inputs.annotated[t]:
                 ann = inputs.annotation(t).astype(np.uint8)
-                yield OutputFrame(t, ann, np.full(ann.shape, 255, np.uint8), 0)
+                yield [OutputFrame(t, ann, np.full(ann.shape, 255, np.uint8), 0) for _ in methods]
             else:
-                fused = fuse(candidates.get((t, 1)), candidates.get((t, -1)))
-                if fused is None:
-                    yield OutputFrame(t, np.full(shape, inputs.ignore_index, np.uint8), np.zeros(shape, np.uint8), -1)
-                else:
-                    conf = np.clip(np.round(fused.confidence * 255), 0, 255).astype(np.uint8)
-                    yield OutputFrame(t, fused.labels, conf, fused.distance)
+                yield [_fused_output(t, shape, inputs.ignore_index, found) for found in candidates]
             t += 1
         g = last + 1
+
+
+def _fused_output(t: int, shape: tuple[int, int], ignore_index: int,
+                  candidates: dict[tuple[int, int], Candidate]) -> OutputFrame:
+    """Frame ``t``'s output from one method's chain candidates (module docstring: fusion rule)."""
+    fused = fuse(candidates.get((t, 1)), candidates.get((t, -1)))
+    if fused is None:
+        return OutputFrame(t, np.full(shape, ignore_index, np.uint8), np.zeros(shape, np.uint8), -1)
+    conf = np.clip(np.round(fused.confidence * 255), 0, 255).astype(np.uint8)
+    return OutputFrame(t, fused.labels, conf, fused.distance)
 
 
 def count_frame_steps(annotated: np.ndarray, max_distance: int, frames: tuple[int, int]) -> int:

@@ -55,7 +55,7 @@ from autolabel.tasks.evaluate import (
 )
 from autolabel.tasks.flow_estimation import estimate_flow, estimate_flow_segment, flow_is_current
 from autolabel.tasks.estimate import estimate_is_current, estimate_part, estimate_parts, estimate_sequence
-from autolabel.tasks.propagate import propagate_segment, propagate_sequence, results_are_current
+from autolabel.tasks.propagate import propagate_methods, propagate_segment_methods, results_are_current
 from autolabel.tasks.teacher_inference import infer_teacher, infer_teacher_segment, teacher_is_current
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -387,8 +387,13 @@ class TeacherStage(Stage):
 
 
 class PropagateStage(Stage):
+    """One method's results; with ``also``, another method's written in the same pass when both are
+    due (warp-inpaint beside warp-refine: each step's inputs read once, one trust check for both),
+    which that method's own stage then finds current."""
+
     kind: Literal["propagate"] = "propagate"
     propagation: PropagationConfig
+    also: PropagationConfig | None = None
     flow_name: str | None = None
     teacher: str | None = None
     teacher_map: str | None = None
@@ -421,18 +426,31 @@ class PropagateStage(Stage):
     def is_current(self, store: SequenceStore, seq_id: str) -> bool:
         return results_are_current(store.sequence(seq_id), self.propagation, self.flow_name, self._refiner_hash())
 
+    def _configs(self, store: SequenceStore, seq_id: str) -> list[PropagationConfig]:
+        """This stage's method, then ``also`` where its results are due too."""
+        also = self.also
+        if also is None or results_are_current(store.sequence(seq_id), also, self.flow_name, self._refiner_hash()):
+            return [self.propagation]
+        return [self.propagation, also]
+
+    def _networks(self, store: SequenceStore) -> tuple[Any, Any]:
+        """(refiner, the teacher computing its features) for warp-refine, else (None, None)."""
+        if self.refiner is None or self.teacher is None:
+            return None, None
+        return (load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
+                             self.teacher_map),
+                load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names))
+
     def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
         seq = store.sequence(seq_id)
-        progress.start(seq_id, self.title, count_steps(seq.annotated, self.propagation.max_distance))
-        refiner = feature_teacher = None
-        if self.refiner is not None and self.teacher is not None:
-            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
-                                   self.teacher_map)
-            feature_teacher = load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names)
-        computed = propagate_sequence(store, seq_id, self.propagation, self.flow_name, on_step=progress.advance,
-                                      refiner=refiner, refiner_sha256=self._refiner_hash(),
-                                      feature_teacher=feature_teacher)
-        return {"computed": computed}
+        configs = self._configs(store, seq_id)
+        progress.start(seq_id, " + ".join(c.method for c in configs),
+                       count_steps(seq.annotated, self.propagation.max_distance) * len(configs))
+        refiner, feature_teacher = self._networks(store)
+        computed = propagate_methods(store, seq_id, configs, self.flow_name, on_step=progress.advance,
+                                     refiner=refiner, refiner_sha256=self._refiner_hash(),
+                                     feature_teacher=feature_teacher)
+        return {"computed": computed[0], **({"also_computed": computed[1]} if len(computed) > 1 else {})}
 
     segmentable: ClassVar[bool] = True
 
@@ -441,17 +459,14 @@ class PropagateStage(Stage):
         seq = store.sequence(seq_id)
         window = seq.annotated[segment.span_start:segment.span_stop]
         owned = (segment.start - segment.span_start, segment.stop - segment.span_start)
-        progress.start(seq_id, f"{self.title} [{segment.start}:{segment.stop}]",
-                       count_frame_steps(window, self.propagation.max_distance, owned))
-        refiner = feature_teacher = None
-        if self.refiner is not None and self.teacher is not None:
-            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
-                                   self.teacher_map)
-            feature_teacher = load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names)
-        computed = propagate_segment(store, seq_id, self.propagation, self.flow_name, segment, plan_key, segments,
-                                     on_step=progress.advance, refiner=refiner, refiner_sha256=self._refiner_hash(),
-                                     feature_teacher=feature_teacher)
-        return {"computed": computed}
+        configs = self._configs(store, seq_id)
+        progress.start(seq_id, f"{' + '.join(c.method for c in configs)} [{segment.start}:{segment.stop}]",
+                       count_frame_steps(window, self.propagation.max_distance, owned) * len(configs))
+        refiner, feature_teacher = self._networks(store)
+        computed = propagate_segment_methods(store, seq_id, configs, self.flow_name, segment, plan_key, segments,
+                                             on_step=progress.advance, refiner=refiner,
+                                             refiner_sha256=self._refiner_hash(), feature_teacher=feature_teacher)
+        return {"computed": computed[0], **({"also_computed": computed[1]} if len(computed) > 1 else {})}
 
 
 class EstimateStage(Stage):
@@ -602,14 +617,19 @@ def sequence_stages(settings: LabelSettings, source: DriveSource | None = None) 
         stages.append(TeacherStage(teacher=settings.teacher, teacher_map=settings.teacher_map,
                                    adapt_steps=settings.adapt_steps,
                                    on_device=settings.device))
-    for method in settings.methods:
+    # the method itself first: where warp-inpaint is stored for comparison, warp-refine's stage writes
+    # it in the same pass (PropagateStage.also) and warp-inpaint's own stage finds it current
+    methods = [settings.method, *(m for m in settings.methods if m != settings.method)]
+    for method in methods:
         cls = method_class(method)
         inputs = {"propagation": settings.propagation.model_copy(update={"method": method}),
                   "flow_name": flow_name if cls.needs_flow else None,
                   "teacher": settings.teacher if cls.needs_teacher else None,
                   "teacher_map": settings.teacher_map if cls.needs_teacher else None,
                   "refiner": settings.refiner if cls.needs_refiner else None}
-        stages.append(PropagateStage(**inputs))
+        others = [settings.propagation.model_copy(update={"method": m}) for m in settings.methods if m != method]
+        also = others[0] if method == settings.method and len(others) == 1 else None
+        stages.append(PropagateStage(also=also, **inputs))
         if settings.estimate.enabled:
             stages.append(EstimateStage(estimate=settings.estimate, **inputs))
     stages.append(EvaluateStage(methods=settings.methods, max_distance=settings.max_distance))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -13,9 +14,9 @@ from autolabel.models.propagation import (
     PropagationConfig,
     WindowInputs,
     affected_windows,
-    create_method,
     method_class,
     propagate_frames,
+    propagate_frames_together,
 )
 from autolabel.models.quality import annotation_fingerprint
 from autolabel.models.segments import Segment, stage_key
@@ -37,6 +38,7 @@ from autolabel.storage.store import (
     RangeWriter,
     Sequence,
     SequenceStore,
+    StageOutput,
     StoreLayout,
 )
 from autolabel.tasks.flow_estimation import flow_arrays
@@ -169,49 +171,110 @@ def propagate_sequence(
     settings, only the frames between each new keyframe's old neighbours are propagated again
     (:func:`models.propagation.affected_windows`); the others are copied from the stored results.
     """
-    stage = results_stage(config.method)
-    with store.writing(seq_id, stage) as out:
+    return propagate_methods(store, seq_id, [config], flow_name, on_step=on_step, refiner=refiner,
+                             refiner_sha256=refiner_sha256, feature_teacher=feature_teacher)[0]
+
+
+def _inputs_for(seq: Sequence, configs: list[PropagationConfig], flow_name: str | None,
+                feature_teacher: SemanticTeacher | None) -> StoreSequenceInputs:
+    """What the methods of ``configs`` read from ``seq`` (flow, teacher output, features as they need)."""
+    classes = [method_class(c.method) for c in configs]
+    return StoreSequenceInputs(seq, flow_name if any(c.needs_flow for c in classes) else None,
+                               any(c.needs_teacher for c in classes),
+                               feature_teacher if any(c.needs_refiner for c in classes) else None)
+
+
+class _SequenceResults:
+    """One method's new results of a whole sequence, written frame by frame into ``out``."""
+
+    def __init__(self, seq: Sequence, config: PropagationConfig, out: StageOutput, settings: dict[str, Any],
+                 annotations: dict[int, str], windows: list[tuple[int, int]] | None) -> None:
+        self.seq, self.config, self.out, self.settings = seq, config, out, settings
+        self.annotations, self.windows = annotations, windows
+        shape, dims, ignore = (seq.height, seq.width), ("T", "H", "W"), seq.store.classes.ignore_index
+        self.labels = FrameArrayWriter(out.group, "labels", shape, "uint8", seq.num_frames, StoreLayout(), ignore, dims)
+        self.confidence = FrameArrayWriter(out.group, "confidence", shape, "uint8", seq.num_frames, StoreLayout(), 0,
+                                           dims)
+        self.distance = np.full(seq.num_frames, -1, dtype=DISTANCE_DTYPE)
+
+    def append(self, frame: OutputFrame) -> None:
+        self.labels.append(frame.labels)
+        self.confidence.append(frame.confidence)
+        self.distance[frame.t] = frame.distance
+
+    def publish(self) -> None:
+        self.labels.close()
+        self.confidence.close()
+        dist = self.out.group.create_array("distance", shape=(self.seq.num_frames,), chunks=(self.seq.num_frames,),
+                                           dtype=DISTANCE_DTYPE, fill_value=-1, overwrite=True,
+                                           dimension_names=("T",), config=WRITE_EVERY_CHUNK)
+        dist[:] = self.distance
+        relabelled = self.seq.num_frames if self.windows is None else sum(b - a - 1 for a, b in self.windows)
+        self.out.publish({"settings": self.settings, "reached": int((self.distance > 0).sum()),
+                          "annotations": {str(t): fp for t, fp in self.annotations.items()},
+                          "relabelled_frames": relabelled, "partial": self.windows is not None})
+
+
+def _due_results(seq: Sequence, config: PropagationConfig, out: StageOutput, inputs: StoreSequenceInputs,
+                 flow_name: str | None, refiner_sha256: str | None) -> _SequenceResults | None:
+    """The results ``config`` has to write now (with the windows to relabel after added keyframes),
+    or None when the stored ones have exactly these settings."""
+    settings = expected_settings(seq, config, flow_name, refiner_sha256)
+    previous = seq.stages.get(results_stage(config.method), {})
+    if previous.get("settings") == settings:
+        return None
+    annotations = {int(t): annotation_fingerprint(inputs.annotation(int(t))) for t in np.flatnonzero(inputs.annotated)}
+    windows = None
+    if {k: v for k, v in previous.get("settings", {}).items() if k != "keyframes"} == \
+            {k: v for k, v in settings.items() if k != "keyframes"} and "annotations" in previous:
+        windows = affected_windows({int(t): fp for t, fp in previous["annotations"].items()}, annotations,
+                                   seq.num_frames)
+    return _SequenceResults(seq, config, out, settings, annotations, windows)
+
+
+def propagate_methods(
+    store: SequenceStore,
+    seq_id: str,
+    configs: list[PropagationConfig],
+    flow_name: str | None,
+    *,
+    on_step: Callable[[], None] | None = None,
+    refiner: Refiner | None = None,
+    refiner_sha256: str | None = None,
+    feature_teacher: SemanticTeacher | None = None,
+) -> list[bool]:
+    """:func:`propagate_sequence` for several methods (same K) at once; per method, whether it computed.
+
+    Every method whose whole sequence is due runs in one pass
+    (:func:`~models.propagation.propagate_frames_together`: each step's inputs read once, one trust
+    check for warp-inpaint and warp-refine), with exactly the labels each gets alone; a method
+    relabelling only the windows around added keyframes runs on its own. Holds every method's
+    lease (taken in stage-name order, so concurrent runs cannot deadlock); each method's results
+    are published when all are written.
+    """
+    stages = [results_stage(c.method) for c in configs]
+    if len(set(stages)) != len(stages):
+        raise StoreError(f"sequence {seq_id!r}: a method is given twice in {[c.method for c in configs]}")
+    with ExitStack() as held:
+        outs = {stage: held.enter_context(store.writing(seq_id, stage)) for stage in sorted(stages)}
         seq = store.writable_sequence(seq_id)
-        method = create_method(config, refiner)
-        inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher,
-                                     feature_teacher if method.needs_refiner else None)
-        settings = expected_settings(seq, config, flow_name, refiner_sha256)
-        previous = seq.stages.get(stage, {})
-        if previous.get("settings") == settings:
-            return False
-        annotations = {int(t): annotation_fingerprint(inputs.annotation(int(t)))
-                       for t in np.flatnonzero(inputs.annotated)}
-        windows = None
-        if {k: v for k, v in previous.get("settings", {}).items() if k != "keyframes"} == \
-                {k: v for k, v in settings.items() if k != "keyframes"} and "annotations" in previous:
-            windows = affected_windows({int(t): fp for t, fp in previous["annotations"].items()}, annotations,
-                                       seq.num_frames)
-        shape = (seq.height, seq.width)
-        dims = ("T", "H", "W")
-        ignore = store.classes.ignore_index
-        labels_w = FrameArrayWriter(out.group, "labels", shape, "uint8", seq.num_frames, StoreLayout(), ignore, dims)
-        conf_w = FrameArrayWriter(out.group, "confidence", shape, "uint8", seq.num_frames, StoreLayout(), 0, dims)
-        distance = np.full(seq.num_frames, -1, dtype=DISTANCE_DTYPE)
-        if windows is None:
-            frames = propagate_frames(inputs, config, on_step, refiner, config.chains_per_batch())
-            relabelled = seq.num_frames
-        else:
-            frames = _partial_frames(seq, config, inputs, windows, on_step, refiner)
-            relabelled = sum(b - a - 1 for a, b in windows)
-        for out_frame in frames:
-            labels_w.append(out_frame.labels)
-            conf_w.append(out_frame.confidence)
-            distance[out_frame.t] = out_frame.distance
-        labels_w.close()
-        conf_w.close()
-        dist = out.group.create_array("distance", shape=(seq.num_frames,), chunks=(seq.num_frames,),
-                                      dtype=DISTANCE_DTYPE, fill_value=-1, overwrite=True, dimension_names=("T",),
-                                      config=WRITE_EVERY_CHUNK)
-        dist[:] = distance
-        out.publish({"settings": settings, "reached": int((distance > 0).sum()),
-                     "annotations": {str(t): fp for t, fp in annotations.items()},
-                     "relabelled_frames": relabelled, "partial": windows is not None})
-    return True
+        inputs = _inputs_for(seq, configs, flow_name, feature_teacher)
+        due = [_due_results(seq, config, outs[stage], inputs, flow_name, refiner_sha256)
+               for config, stage in zip(configs, stages)]
+        whole = [r for r in due if r is not None and r.windows is None]
+        if whole:
+            for frames in propagate_frames_together(inputs, [r.config for r in whole], on_step, refiner,
+                                                    whole[0].config.chains_per_batch()):
+                for results, frame in zip(whole, frames):
+                    results.append(frame)
+        for results in due:
+            if results is not None and results.windows is not None:
+                for frame in _partial_frames(seq, results.config, inputs, results.windows, on_step, refiner):
+                    results.append(frame)
+        for results in due:
+            if results is not None:
+                results.publish()
+    return [r is not None for r in due]
 
 
 def _partial_frames(seq: Sequence, config: PropagationConfig, inputs: StoreSequenceInputs,
@@ -265,38 +328,82 @@ def propagate_segment(
     the keyframes around it; ``models.segments``). Needs the drive's flow and teacher stages
     published. The job that writes the last segment publishes the stage.
     """
+    return propagate_segment_methods(store, seq_id, [config], flow_name, segment, plan_key, segments,
+                                     on_step=on_step, refiner=refiner, refiner_sha256=refiner_sha256,
+                                     feature_teacher=feature_teacher)[0]
+
+
+class _SegmentResults:
+    """One method's labels of the frames a segment owns, written into the drive's shared new version."""
+
+    def __init__(self, seq: Sequence, config: PropagationConfig, settings: dict[str, Any], shared: SegmentedStage,
+                 segment: Segment) -> None:
+        self.seq, self.config, self.settings, self.shared, self.segment = seq, config, settings, shared, segment
+        self.labels = RangeWriter(shared.group["labels"], segment.start)  # type: ignore[arg-type]
+        self.confidence = RangeWriter(shared.group["confidence"], segment.start)  # type: ignore[arg-type]
+        self.distance = np.full(segment.frames, -1, dtype=DISTANCE_DTYPE)
+
+    def append(self, frame: OutputFrame) -> None:
+        """``frame`` numbered within the segment's span."""
+        self.labels.append(frame.labels)
+        self.confidence.append(frame.confidence)
+        self.distance[frame.t + self.segment.span_start - self.segment.start] = frame.distance
+
+    def finish(self, keyframes: dict[str, str]) -> None:
+        segment, seq = self.segment, self.seq
+        if self.labels.close() != segment.frames or self.confidence.close() != segment.frames:
+            raise StoreError(f"sequence {seq.id!r}: segment {segment.index} produced {self.labels.count} of its "
+                             f"{segment.frames} frames")
+        self.shared.group["distance"].with_config(WRITE_EVERY_CHUNK)[segment.start:segment.stop] = \
+            self.distance  # type: ignore[union-attr]
+        settings = self.settings
+
+        def combine(infos: list[dict[str, Any]]) -> dict[str, Any]:
+            return {"settings": settings, "reached": sum(i["reached"] for i in infos),
+                    "annotations": {t: fp for i in infos for t, fp in i["annotations"].items()},
+                    "relabelled_frames": seq.num_frames, "partial": False}
+
+        self.shared.finish(segment.index, {"reached": int((self.distance > 0).sum()), "annotations": keyframes},
+                           combine)
+
+
+def propagate_segment_methods(
+    store: SequenceStore,
+    seq_id: str,
+    configs: list[PropagationConfig],
+    flow_name: str | None,
+    segment: Segment,
+    plan_key: str,
+    segments: int,
+    *,
+    on_step: Callable[[], None] | None = None,
+    refiner: Refiner | None = None,
+    refiner_sha256: str | None = None,
+    feature_teacher: SemanticTeacher | None = None,
+) -> list[bool]:
+    """:func:`propagate_segment` for several methods (same K) in one pass
+    (:func:`~models.propagation.propagate_frames_together`); per method, whether it computed."""
     seq = store.sequence(seq_id)
-    method = create_method(config, refiner)
-    inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher,
-                                 feature_teacher if method.needs_refiner else None)
-    settings = expected_settings(seq, config, flow_name, refiner_sha256)
-    if seq.stages.get(results_stage(config.method), {}).get("settings") == settings:
-        return False
-    shared = SegmentedStage.open(store, seq_id, results_stage(config.method), stage_key(plan_key, settings),
-                                 segments, lambda group: _result_arrays(group, seq))
-    if shared.is_done(segment.index):
-        return False
-    group = shared.group
-    labels_w = RangeWriter(group["labels"], segment.start)  # type: ignore[arg-type]
-    conf_w = RangeWriter(group["confidence"], segment.start)  # type: ignore[arg-type]
-    distance = np.full(segment.frames, -1, dtype=DISTANCE_DTYPE)
-    window = WindowInputs(inputs, segment.span_start, segment.span_stop)
-    owned = (segment.start - segment.span_start, segment.stop - segment.span_start)
-    for frame in propagate_frames(window, config, on_step, refiner, config.chains_per_batch(), frames=owned):
-        labels_w.append(frame.labels)
-        conf_w.append(frame.confidence)
-        distance[frame.t + segment.span_start - segment.start] = frame.distance
-    if labels_w.close() != segment.frames or conf_w.close() != segment.frames:
-        raise StoreError(f"sequence {seq_id!r}: segment {segment.index} produced {labels_w.count} of its "
-                         f"{segment.frames} frames")
-    group["distance"].with_config(WRITE_EVERY_CHUNK)[segment.start:segment.stop] = distance  # type: ignore[union-attr]
-    keyframes = {str(t): annotation_fingerprint(inputs.annotation(int(t)))
-                 for t in np.flatnonzero(inputs.annotated[segment.start:segment.stop]) + segment.start}
-
-    def combine(infos: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"settings": settings, "reached": sum(i["reached"] for i in infos),
-                "annotations": {t: fp for i in infos for t, fp in i["annotations"].items()},
-                "relabelled_frames": seq.num_frames, "partial": False}
-
-    shared.finish(segment.index, {"reached": int((distance > 0).sum()), "annotations": keyframes}, combine)
-    return True
+    inputs = _inputs_for(seq, configs, flow_name, feature_teacher)
+    due: list[_SegmentResults | None] = []
+    for config in configs:
+        settings = expected_settings(seq, config, flow_name, refiner_sha256)
+        if seq.stages.get(results_stage(config.method), {}).get("settings") == settings:
+            due.append(None)
+            continue
+        shared = SegmentedStage.open(store, seq_id, results_stage(config.method), stage_key(plan_key, settings),
+                                     segments, lambda group: _result_arrays(group, seq))
+        due.append(None if shared.is_done(segment.index) else _SegmentResults(seq, config, settings, shared, segment))
+    running = [r for r in due if r is not None]
+    if running:
+        window = WindowInputs(inputs, segment.span_start, segment.span_stop)
+        owned = (segment.start - segment.span_start, segment.stop - segment.span_start)
+        for frames in propagate_frames_together(window, [r.config for r in running], on_step, refiner,
+                                                running[0].config.chains_per_batch(), frames=owned):
+            for results, frame in zip(running, frames):
+                results.append(frame)
+        keyframes = {str(t): annotation_fingerprint(inputs.annotation(int(t)))
+                     for t in np.flatnonzero(inputs.annotated[segment.start:segment.stop]) + segment.start}
+        for results in running:
+            results.finish(keyframes)
+    return [r is not None for r in due]

@@ -107,8 +107,8 @@ def test_label_rerun_nightly_and_a_corrupt_drive(harness: None, checkpoints: tup
                                 DriveSource(inbox=request.inbox, annotation=WINDOW))
     assert [s["cached"] or not s["computed"] for s in again["stages"]] == [True] * 9
     assert [s["stage"] for s in again["stages"] if s["cached"]] == [
-        "flow/dis-fast", "teacher", "results/warp-inpaint", "estimate/warp-inpaint", "results/warp-refine",
-        "estimate/warp-refine", "evaluation", "export"]
+        "flow/dis-fast", "teacher", "results/warp-refine", "estimate/warp-refine", "results/warp-inpaint",
+        "estimate/warp-inpaint", "evaluation", "export"]
 
     # nightly: only the new drive; a drive with a corrupt frame fails alone and the summary lists it
     write_apollo_layout(tmp_path / "inbox", drive_configs(1, DRIVE.model_copy(update={"seed": 2})))

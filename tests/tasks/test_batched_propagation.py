@@ -19,6 +19,7 @@ from autolabel.models.propagation import (
     count_steps,
     gap_chains,
     propagate_frames,
+    propagate_frames_together,
 )
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.store import SequenceStore
@@ -112,3 +113,95 @@ def test_batched_labels_equal_unbatched_exactly(made: dict[str, Path], tmp_path:
                           teacher=str(made["teacher"]), refiner=str(made["refiner"]) if method == "warp-refine" else None,
                           compare_with_warp_inpaint=False, estimate={"enabled": False})
     assert [o.status for o in label_store(str(tmp_path / "b1.zarr"), again).outcomes] == ["skipped"] * 2
+
+
+class _CountingInputs(DriveInputs):
+    """Counts flow reads: one per step and chain when methods share a step, two when they do not."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.flow_reads = 0
+
+    def flow_to_next(self, t: int) -> np.ndarray:
+        self.flow_reads += 1
+        return super().flow_to_next(t)
+
+    def flow_to_prev(self, t: int) -> np.ndarray:
+        self.flow_reads += 1
+        return super().flow_to_prev(t)
+
+
+class TestPropagateTogether:
+    """Methods propagated in one pass give exactly what each gives alone, reading each step once."""
+
+    @pytest.mark.parametrize("methods", [["warp-inpaint", "motion-only"], ["motion-only", "semantic-only"]])
+    @pytest.mark.parametrize("window", [None, (6, 16)])
+    def test_each_method_gets_its_own_labels(self, methods: list[str], window: tuple[int, int] | None) -> None:
+        inputs = DriveInputs(SyntheticConfig(width=32, height=24, frames=30, seed=0), [4, 10, 25])
+        configs = [PropagationConfig(method=m, max_distance=3) for m in methods]
+        together = list(propagate_frames_together(inputs, configs, batch_size=2, frames=window))
+        for m, config in enumerate(configs):
+            alone = list(propagate_frames(inputs, config, batch_size=2, frames=window))
+            assert [f[m].t for f in together] == [f.t for f in alone]
+            for a, b in zip(together, alone):
+                assert a[m].distance == b.distance
+                np.testing.assert_array_equal(a[m].labels, b.labels, err_msg=config.method)
+                np.testing.assert_array_equal(a[m].confidence, b.confidence, err_msg=config.method)
+
+    @pytest.mark.parametrize("shared_by", ["prefetch", "trust check"])
+    def test_steps_read_their_inputs_once(self, shared_by: str) -> None:
+        """With prefetching, the step's reads are shared; without, warping methods still share one
+        trust check (here two warp-inpaint variants that differ only in when the teacher inpaints)."""
+        cfg = SyntheticConfig(width=32, height=24, frames=30, seed=0)
+        if shared_by == "prefetch":
+            configs = [PropagationConfig(method=m, max_distance=3) for m in ("warp-inpaint", "motion-only")]
+        else:
+            configs = [PropagationConfig(method="warp-inpaint", max_distance=3, prefetch=False, inpaint_confidence=c)
+                       for c in (0.0, 0.99)]
+        alone = _CountingInputs(cfg, [4, 10, 25])
+        for config in configs:
+            list(propagate_frames(alone, config))
+        together = _CountingInputs(cfg, [4, 10, 25])
+        steps: list[int] = []
+        frames = list(propagate_frames_together(together, configs, on_step=lambda: steps.append(1)))
+        assert together.flow_reads * 2 == alone.flow_reads > 0
+        assert len(steps) == 2 * count_steps(together.annotated, 3)  # progress: every method's steps
+        assert any((f[0].confidence != f[1].confidence).any() for f in frames)  # two methods, not one twice
+
+    def test_methods_need_the_same_k(self) -> None:
+        inputs = DriveInputs(SyntheticConfig(width=32, height=24, frames=10, seed=0), [4])
+        with pytest.raises(ConfigError, match="same K"):
+            list(propagate_frames_together(inputs, [PropagationConfig(method="motion-only", max_distance=3),
+                                                    PropagationConfig(method="warp-inpaint", max_distance=4)]))
+        with pytest.raises(ConfigError, match="at least one method"):
+            list(propagate_frames_together(inputs, []))
+
+
+def test_warp_refine_writes_warp_inpaint_in_the_same_pass(made: dict[str, Path], tmp_path: Path) -> None:
+    """`label --method warp-refine` (warp-inpaint stored for comparison): the warp-refine stage writes
+    both methods' results, equal to each labelled on its own; warp-inpaint's stage finds them current."""
+    common = {"flow": FlowConfig(backend="exact"), "teacher": str(made["teacher"]), "estimate": {"enabled": False}}
+    alone = {}
+    for method in ("warp-inpaint", "warp-refine"):
+        alone[method] = str(tmp_path / f"{method}.zarr")
+        shutil.copytree(made["store"], alone[method])
+        settings = LabelSettings(propagation=PropagationConfig(method=method), compare_with_warp_inpaint=False,
+                                 refiner=str(made["refiner"]) if method == "warp-refine" else None, **common)
+        assert not label_store(alone[method], settings).failed
+    both = str(tmp_path / "both.zarr")
+    shutil.copytree(made["store"], both)
+    report = label_store(both, LabelSettings(propagation=PropagationConfig(method="warp-refine"),
+                                             refiner=str(made["refiner"]), **common))
+    assert [o.status for o in report.outcomes] == ["labelled"] * 2, report.failed
+    stages = {s["stage"]: s for s in report.outcomes[0].result["stages"]}
+    assert stages["results/warp-refine"]["computed"] and stages["results/warp-refine"]["also_computed"]
+    assert not stages["results/warp-inpaint"]["computed"]
+    for seq_id in SequenceStore.open(both).sequence_ids():
+        got = SequenceStore.open(both).sequence(seq_id)
+        for method, url in alone.items():
+            want = SequenceStore.open(url).sequence(seq_id)
+            assert got.stages[f"results/{method}"]["settings"] == want.stages[f"results/{method}"]["settings"]
+            for name in ("labels", "confidence", "distance"):
+                np.testing.assert_array_equal(np.asarray(got.array(f"results/{method}/{name}")[:]),
+                                              np.asarray(want.array(f"results/{method}/{name}")[:]),
+                                              err_msg=f"{method} {seq_id} {name}")

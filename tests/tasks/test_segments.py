@@ -103,11 +103,15 @@ class TestSegmentedDrive:
         assert [p[0].phase for p in phases] == ["prepare", "propagate", "estimate", "evaluate"]
         assert len(phases[0]) >= 3  # 100 frames in segments of about 32
         assert len(phases[1]) == len(phases[3]) == len(phases[0])
-        # each method's estimate (warp-inpaint for the comparison, warp-refine) is split into one part per
-        # segment (8 probes: 4 keyframe pairs, both ways), each part reading the whole drive
+        # each method's estimate (warp-refine, then warp-inpaint for the comparison) is split into one part
+        # per segment (8 probes: 4 keyframe pairs, both ways), each part reading the whole drive
         n = len(phases[0])
         assert [(job.stages[0].output, job.segment[:3], job.segments) for job in phases[2]] == [
-            (f"estimate/{m}", (part, 0, 100), n) for m in ("warp-inpaint", "warp-refine") for part in range(n)]
+            (f"estimate/{m}", (part, 0, 100), n) for m in ("warp-refine", "warp-inpaint") for part in range(n)]
+        # a propagate job writes warp-refine and, in the same pass, warp-inpaint
+        assert [[s.output for s in job.stages] for job in phases[1]] == \
+            [["results/warp-refine", "results/warp-inpaint"]] * n
+        assert phases[1][0].stages[0].also is not None and phases[1][0].stages[1].also is None
         names = [job.name for p in phases for job in p]
         assert len(set(names)) == len(names) and "synth-0005-estimate-warp-refine-part1of" in " ".join(names)
         split_report = label_store(split, settings, jobs=2)  # two local worker processes take the jobs
