@@ -1,7 +1,8 @@
 """Flow ``label-sequence``: the per-sequence pipeline of ``autolabel.tasks.pipeline`` as Prefect tasks.
 
 ingest-drive (from the parent's inbox, if new or changed) -> flow-estimation -> teacher-inference
--> warp-inpaint / refine (or any method), each followed by its quality estimate -> evaluate -> export. Each stage is a task run (retries
+-> refine (writing warp-inpaint's results in the same pass) / warp-inpaint (or any method), each followed
+by its quality estimate -> evaluate -> export. Each stage is a task run (retries
 on I/O, store-aware cache keys, ``refresh_cache`` whenever the store lacks the stage's output), so
 a killed run resumes at the first unfinished stage and a re-run of a finished sequence is served
 from the cache. A long drive's flow is computed in pieces on dask (``estimate-flow``). The
