@@ -15,7 +15,6 @@ from autolabel.models.propagation import (
     WindowInputs,
     affected_windows,
     method_class,
-    propagate_frames,
     propagate_frames_together,
 )
 from autolabel.models.quality import annotation_fingerprint
@@ -245,10 +244,10 @@ def propagate_methods(
 ) -> list[bool]:
     """:func:`propagate_sequence` for several methods (same K) at once; per method, whether it computed.
 
-    Every method whose whole sequence is due runs in one pass
-    (:func:`~models.propagation.propagate_frames_together`: each step's inputs read once, one trust
-    check for warp-inpaint and warp-refine), with exactly the labels each gets alone; a method
-    relabelling only the windows around added keyframes runs on its own. Holds every method's
+    Methods that relabel the same frames (the whole sequence, or the same windows around added
+    keyframes) run in one pass (:func:`~models.propagation.propagate_frames_together`: each step's
+    inputs read once, one trust check for warp-inpaint and warp-refine), with exactly the labels
+    each gets alone. Holds every method's
     lease (taken in stage-name order, so concurrent runs cannot deadlock); each method's results
     are published when all are written.
     """
@@ -261,15 +260,19 @@ def propagate_methods(
         inputs = _inputs_for(seq, configs, flow_name, feature_teacher)
         due = [_due_results(seq, config, outs[stage], inputs, flow_name, refiner_sha256)
                for config, stage in zip(configs, stages)]
-        whole = [r for r in due if r is not None and r.windows is None]
-        if whole:
-            for frames in propagate_frames_together(inputs, [r.config for r in whole], on_step, refiner,
-                                                    whole[0].config.chains_per_batch()):
-                for results, frame in zip(whole, frames):
-                    results.append(frame)
+        # methods relabelling the same frames (all of them, or the same windows) run together
+        together: dict[tuple[tuple[int, int], ...] | None, list[_SequenceResults]] = {}
         for results in due:
-            if results is not None and results.windows is not None:
-                for frame in _partial_frames(seq, results.config, inputs, results.windows, on_step, refiner):
+            if results is not None:
+                together.setdefault(None if results.windows is None else tuple(results.windows), []).append(results)
+        for windows, group in together.items():
+            group_configs = [r.config for r in group]
+            frames = (propagate_frames_together(inputs, group_configs, on_step, refiner,
+                                                group_configs[0].chains_per_batch())
+                      if windows is None else _partial_frames(seq, group_configs, inputs, list(windows), on_step,
+                                                               refiner))
+            for outputs in frames:
+                for results, frame in zip(group, outputs):
                     results.append(frame)
         for results in due:
             if results is not None:
@@ -277,24 +280,31 @@ def propagate_methods(
     return [r is not None for r in due]
 
 
-def _partial_frames(seq: Sequence, config: PropagationConfig, inputs: StoreSequenceInputs,
+def _partial_frames(seq: Sequence, configs: list[PropagationConfig], inputs: StoreSequenceInputs,
                     windows: list[tuple[int, int]], on_step: Callable[[], None] | None,
-                    refiner: Refiner | None) -> Iterator[OutputFrame]:
-    """Every frame in time order: the stored results outside ``windows``, propagated again inside them."""
-    labels_name, conf_name, distance_name = result_array_names(config.method)
-    old_labels, old_conf = seq.array(labels_name), seq.array(conf_name)
-    old_distance = np.asarray(seq.array(distance_name)[:])
+                    refiner: Refiner | None) -> Iterator[list[OutputFrame]]:
+    """Every frame in time order, one output per method: its stored results outside ``windows``,
+    propagated again inside them (the methods together, :func:`propagate_frames_together`)."""
+    stored = []
+    for config in configs:
+        labels_name, conf_name, distance_name = result_array_names(config.method)
+        stored.append((seq.array(labels_name), seq.array(conf_name), np.asarray(seq.array(distance_name)[:])))
+
+    def kept(t: int) -> list[OutputFrame]:
+        return [OutputFrame(t, np.asarray(labels[t]), np.asarray(conf[t]), int(distance[t]))
+                for labels, conf, distance in stored]
+
     t = 0
     for a, b in windows:
         while t < a:
-            yield OutputFrame(t, np.asarray(old_labels[t]), np.asarray(old_conf[t]), int(old_distance[t]))
+            yield kept(t)
             t += 1
-        for frame in propagate_frames(WindowInputs(inputs, a, b + 1), config, on_step, refiner,
-                                      config.chains_per_batch()):
-            yield OutputFrame(frame.t + a, frame.labels, frame.confidence, frame.distance)
+        for frames in propagate_frames_together(WindowInputs(inputs, a, b + 1), configs, on_step, refiner,
+                                                configs[0].chains_per_batch()):
+            yield [OutputFrame(f.t + a, f.labels, f.confidence, f.distance) for f in frames]
         t = b + 1
     while t < seq.num_frames:
-        yield OutputFrame(t, np.asarray(old_labels[t]), np.asarray(old_conf[t]), int(old_distance[t]))
+        yield kept(t)
         t += 1
 
 

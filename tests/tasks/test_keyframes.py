@@ -123,3 +123,35 @@ def test_partial_relabel_equals_full_relabel(tmp_path: Path, teacher_path: Path)
         for a, b in zip(after, before[method]):
             np.testing.assert_array_equal(a[outside], b[outside])
         assert after[2][20] == 0 and before[method][2][20] == 10
+
+
+def test_methods_relabel_the_same_windows_together(tmp_path: Path, teacher_path: Path) -> None:
+    """After a keyframe is added, methods whose stored results share the keyframes relabel the same
+    window in one pass; each gets what labelling the whole drive again gives it."""
+    from autolabel.tasks.propagate import propagate_methods
+
+    methods = ("motion-only", "warp-inpaint")
+    urls = [str(tmp_path / f"{name}.zarr") for name in ("partial", "full")]
+    for url in urls:
+        write_synthetic_store(url, drive_configs(1, DRIVE), AnnotationPolicy(mode="window", n=21))
+    partial, full = (SequenceStore.open(u, mode="r+") for u in urls)
+    for method in methods:
+        label_store(urls[0], _settings(method, teacher_path))
+    for store in (partial, full):
+        store.add_keyframes("synth-0000", {20: store.sequence("synth-0000").ground_truth(20)})
+    for method in methods:
+        label_store(urls[1], _settings(method, teacher_path))
+    configs = [_settings(m, teacher_path).propagation for m in methods]
+    steps: list[int] = []
+    computed = propagate_methods(partial, "synth-0000", configs, "dis-fast", on_step=lambda: steps.append(1))
+    assert computed == [True, True]
+    from autolabel.models.propagation import count_steps
+
+    window = partial.sequence("synth-0000").annotated[10:32]  # keyframes 10, 20, 31
+    assert len(steps) == 2 * count_steps(window, 10) == 2 * 38  # both methods, frames 11..30 only
+    for method in methods:
+        record = partial.sequence("synth-0000").stages[f"results/{method}"]
+        assert record["partial"] and record["relabelled_frames"] == 20, method
+        for a, r in zip(_results(partial, method), _results(full, method)):
+            np.testing.assert_array_equal(a, r, err_msg=method)
+    assert propagate_methods(partial, "synth-0000", configs, "dis-fast") == [False, False]
