@@ -303,6 +303,14 @@ class StepMemo:
         self.value: tuple | None = None
 
 
+def share_trust(methods: list[PropagationMethod]) -> None:
+    """Let the warping methods among ``methods``, stepped together, make each step's trust check once."""
+    memo = StepMemo()
+    for method in methods:
+        if isinstance(method, WarpInpaint):
+            method.memo = memo
+
+
 @METHODS.register("warp-inpaint")
 class WarpInpaint(PropagationMethod):
     memo: StepMemo | None = None  # set by propagate_frames_together
@@ -585,11 +593,7 @@ def propagate_frames_together(inputs: SequenceInputs, configs: list[PropagationC
                           f"{[c.max_distance for c in configs]}")
     methods = [create_method(config, refiner if method_class(config.method).needs_refiner else None)
                for config in configs]
-    if len(methods) > 1:
-        memo = StepMemo()
-        for method in methods:
-            if isinstance(method, WarpInpaint):
-                method.memo = memo
+    share_trust(methods)
     if not inputs.annotated.any():
         raise ConfigError("the sequence has no annotated frame to propagate from")
     first, end = frames if frames is not None else (0, inputs.num_frames)

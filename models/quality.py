@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from autolabel.models.cycle import cycle_path
 from autolabel.models.metrics import confusion_matrix, mean_iou
-from autolabel.models.propagation import LabelState, PropagationMethod, SequenceInputs
+from autolabel.models.propagation import LabelState, PropagationMethod, SequenceInputs, share_trust
 from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.errors import ConfigError
@@ -312,13 +312,21 @@ def run_cycle(method: PropagationMethod, inputs: SequenceInputs, t: int, length:
 def run_path(method: PropagationMethod, inputs: SequenceInputs, path: list[int],
              on_step: Callable[[], None] | None = None) -> LabelState:
     """The method's steps along ``path`` (neighbouring frames), starting from the annotation of ``path[0]``."""
-    ann = method._tensor(inputs.annotation(path[0])).long()
-    state = LabelState(ann, torch.ones(ann.shape, device=method.device))
+    return run_path_together([method], inputs, path, on_step)[0]
+
+
+def run_path_together(methods: list[PropagationMethod], inputs: SequenceInputs, path: list[int],
+                      on_step: Callable[[], None] | None = None) -> list[LabelState]:
+    """:func:`run_path` of several methods stepped together (warping methods that share a
+    :class:`~models.propagation.StepMemo` make each step's trust check once); one state per method."""
+    ann = methods[0]._tensor(inputs.annotation(path[0])).long()
+    states = [LabelState(ann, torch.ones(ann.shape, device=method.device)) for method in methods]
     for src, dst in itertools.pairwise(path):
-        state = method.step(state, src, dst, inputs)
-        if on_step is not None:
-            on_step()
-    return state
+        for m, method in enumerate(methods):
+            states[m] = method.step(states[m], src, dst, inputs)
+            if on_step is not None:
+                on_step()
+    return states
 
 
 def calibration_keyframes(annotated: np.ndarray, max_keyframes: int) -> list[int]:
@@ -389,7 +397,11 @@ def probes_to_run(plan: list[Probe], inputs: SequenceInputs, skip: Iterable[str]
 def run_probe(method: PropagationMethod, inputs: SequenceInputs, probe: Probe,
               on_step: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The method's answer at the probe's target: labels uint8 (H, W) and confidence float32 (H, W)."""
-    state = run_path(method, inputs, probe_path(probe), on_step)
+    return _answer(run_path(method, inputs, probe_path(probe), on_step))
+
+
+def _answer(state: LabelState) -> tuple[np.ndarray, np.ndarray]:
+    """A probe's answer: labels uint8 (H, W) and confidence float32 (H, W)."""
     return state.labels.to(torch.uint8).cpu().numpy(), state.confidence.float().cpu().numpy()
 
 
@@ -464,10 +476,30 @@ def calibrate(method: PropagationMethod, inputs: SequenceInputs, config: Estimat
             trained on: probes that end on them are left out (their answer would flatter it).
         on_step: called after every propagation step (progress).
     """
-    plan = estimate_plan(inputs.annotated, config, method.config.max_distance)
-    kept, excluded = probes_to_run(plan, inputs, skip)
-    answers = {i: run_probe(method, inputs, plan[i], on_step) for i in kept}
-    return fit_probes(plan, answers, inputs, config, len(excluded))
+    return calibrate_together([method], inputs, config, [skip], on_step)[0]
+
+
+def calibrate_together(methods: list[PropagationMethod], inputs: SequenceInputs, config: EstimateConfig,
+                       skips: list[Iterable[str]], on_step: Callable[[], None] | None = None
+                       ) -> list[EstimateCalibration]:
+    """:func:`calibrate` of several methods (same K; ``skips``: one per method) with each probe run
+    by the methods that keep it stepped together, so warping methods share each step's trust check
+    (:func:`~models.propagation.share_trust`); each method's calibration is the one it gets alone."""
+    if len({m.config.max_distance for m in methods}) > 1:
+        raise ConfigError("methods calibrated together need the same K (max_distance), got "
+                          f"{[m.config.max_distance for m in methods]}")
+    share_trust(methods)
+    plan = estimate_plan(inputs.annotated, config, methods[0].config.max_distance)
+    chosen = [probes_to_run(plan, inputs, skip) for skip in skips]
+    answers: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in methods]
+    for i, probe in enumerate(plan):
+        running = [m for m, (kept, _) in enumerate(chosen) if i in kept]
+        if not running:
+            continue
+        states = run_path_together([methods[m] for m in running], inputs, probe_path(probe), on_step)
+        for m, state in zip(running, states):
+            answers[m][i] = _answer(state)
+    return [fit_probes(plan, answers[m], inputs, config, len(excluded)) for m, (_, excluded) in enumerate(chosen)]
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:

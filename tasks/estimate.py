@@ -13,6 +13,7 @@ version; the job finishing the last part fits them and publishes the very record
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from autolabel.models.quality import (
     EstimateCalibration,
     EstimateConfig,
     Probe,
-    calibrate,
+    calibrate_together,
     estimate_plan,
     fit_probes,
     probes_to_run,
@@ -36,7 +37,7 @@ from autolabel.models.teacher_runtime import SemanticTeacher
 from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.stages import estimate_stage, results_stage
 from autolabel.storage.store import WRITE_EVERY_CHUNK, Sequence, SequenceStore
-from autolabel.tasks.propagate import StoreSequenceInputs
+from autolabel.tasks.propagate import StoreSequenceInputs, inputs_for_methods
 
 
 def estimate_settings(seq: Sequence, method: str, config: EstimateConfig) -> dict[str, Any]:
@@ -72,27 +73,47 @@ def estimate_sequence(store: SequenceStore, seq_id: str, config: PropagationConf
     on a refiner's training keyframes (``train_info['keyframes']``, annotation fingerprints) are
     left out. A teacher adapted on this sequence's keyframes is noted in the record.
     """
-    stage = estimate_stage(config.method)
-    with store.lease(seq_id, stage):
+    return estimate_methods(store, seq_id, [config], flow_name, estimate, refiner=refiner,
+                            feature_teacher=feature_teacher, on_step=on_step)[0]
+
+
+def estimate_methods(store: SequenceStore, seq_id: str, configs: list[PropagationConfig], flow_name: str | None,
+                     estimate: EstimateConfig, *, refiner: Refiner | None = None,
+                     feature_teacher: SemanticTeacher | None = None,
+                     on_step: Callable[[], None] | None = None) -> list[bool]:
+    """:func:`estimate_sequence` for several methods (same K) with their probes stepped together
+    (:func:`~models.quality.calibrate_together`: one trust check per step for warp-inpaint and
+    warp-refine); each record is the one its method gets alone. Per method, whether it computed."""
+    stages = [estimate_stage(c.method) for c in configs]
+    with ExitStack() as held:
+        for stage in sorted(set(stages)):  # in name order: concurrent runs cannot deadlock
+            held.enter_context(store.lease(seq_id, stage))
         seq = store.writable_sequence(seq_id)
-        if estimate_is_current(seq, config.method, estimate):
-            return False
-        method, inputs, skip = _method_inputs(seq, config, flow_name, refiner, feature_teacher)
-        calibration = calibrate(method, inputs, estimate, skip=skip, on_step=on_step)
-        store.mark_stage_done(seq_id, stage, {"settings": estimate_settings(seq, config.method, estimate),
-                                              "calibration": calibration.record(),
-                                              "teacher_adapted": _teacher_adapted(seq, method.needs_teacher)})
-    return True
+        due = [not estimate_is_current(seq, c.method, estimate) for c in configs]
+        running = [c for c, d in zip(configs, due) if d]
+        if running:
+            inputs = inputs_for_methods(seq, running, flow_name, feature_teacher)
+            methods = [create_method(c, refiner) for c in running]
+            skips = [_refiner_keyframes(refiner, m) for m in methods]
+            calibrations = calibrate_together(methods, inputs, estimate, skips, on_step)
+            for config, method, calibration in zip(running, methods, calibrations):
+                store.mark_stage_done(seq_id, estimate_stage(config.method),
+                                      {"settings": estimate_settings(seq, config.method, estimate),
+                                       "calibration": calibration.record(),
+                                       "teacher_adapted": _teacher_adapted(seq, method.needs_teacher)})
+    return due
+
+
+def _refiner_keyframes(refiner: Refiner | None, method: Any) -> list[str]:
+    """Annotation fingerprints of the keyframes the refiner trained on (probes ending there are left out)."""
+    return refiner.train_info.get("keyframes", []) if (refiner is not None and method.needs_refiner) else []
 
 
 def _method_inputs(seq: Sequence, config: PropagationConfig, flow_name: str | None, refiner: Refiner | None,
                    feature_teacher: SemanticTeacher | None) -> tuple[Any, StoreSequenceInputs, list[str]]:
     """The method, its inputs from the store and the refiner's training keyframes (probes left out)."""
     method = create_method(config, refiner)
-    inputs = StoreSequenceInputs(seq, flow_name if method.needs_flow else None, method.needs_teacher,
-                                 feature_teacher if method.needs_refiner else None)
-    skip = refiner.train_info.get("keyframes", []) if (refiner is not None and method.needs_refiner) else []
-    return method, inputs, skip
+    return method, inputs_for_methods(seq, [config], flow_name, feature_teacher), _refiner_keyframes(refiner, method)
 
 
 def _teacher_adapted(seq: Sequence, needs_teacher: bool) -> bool:

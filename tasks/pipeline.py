@@ -54,7 +54,7 @@ from autolabel.tasks.evaluate import (
     evaluation_is_current,
 )
 from autolabel.tasks.flow_estimation import estimate_flow, estimate_flow_segment, flow_is_current
-from autolabel.tasks.estimate import estimate_is_current, estimate_part, estimate_parts, estimate_sequence
+from autolabel.tasks.estimate import estimate_is_current, estimate_part, estimate_parts, estimate_methods
 from autolabel.tasks.propagate import propagate_methods, propagate_segment_methods, results_are_current
 from autolabel.tasks.teacher_inference import infer_teacher, infer_teacher_segment, teacher_is_current
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -474,6 +474,7 @@ class EstimateStage(Stage):
 
     kind: Literal["estimate"] = "estimate"
     propagation: PropagationConfig
+    also: PropagationConfig | None = None
     estimate: EstimateConfig = EstimateConfig()
     flow_name: str | None = None
     teacher: str | None = None
@@ -501,20 +502,33 @@ class EstimateStage(Stage):
     def is_current(self, store: SequenceStore, seq_id: str) -> bool:
         return estimate_is_current(store.sequence(seq_id), self.propagation.method, self.estimate)
 
+    def _configs(self, store: SequenceStore, seq_id: str) -> list[PropagationConfig]:
+        """This stage's method, then ``also`` where its results are stored and its estimate is due."""
+        seq, also = store.sequence(seq_id), self.also
+        if also is None or estimate_is_current(seq, also.method, self.estimate) \
+                or not results_are_current(seq, also, self.flow_name, self._refiner_hash()):
+            return [self.propagation]
+        return [self.propagation, also]
+
+    def _refiner_hash(self) -> str | None:
+        return checkpoint_sha256(self.refiner) if self.refiner else None
+
     def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
         seq = store.sequence(seq_id)
         current = self.is_current(store, seq_id)
-        progress.start(seq_id, self.title,
-                       0 if current else probe_steps(estimate_plan(seq.annotated, self.estimate,
-                                                                      self.propagation.max_distance)))
+        configs = self._configs(store, seq_id)
+        due = [c for c in configs if not estimate_is_current(seq, c.method, self.estimate)]
+        progress.start(seq_id, "estimate " + " + ".join(c.method for c in configs),
+                       len(due) * probe_steps(estimate_plan(seq.annotated, self.estimate,
+                                                            self.propagation.max_distance)))
         refiner = feature_teacher = None
         if self.refiner is not None and self.teacher is not None and not current:
             refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
                                    self.teacher_map)
             feature_teacher = load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names)
-        computed = estimate_sequence(store, seq_id, self.propagation, self.flow_name, self.estimate, refiner=refiner,
-                                     feature_teacher=feature_teacher, on_step=progress.advance)
-        return {"computed": computed}
+        computed = estimate_methods(store, seq_id, configs, self.flow_name, self.estimate, refiner=refiner,
+                                    feature_teacher=feature_teacher, on_step=progress.advance)
+        return {"computed": computed[0], **({"also_computed": computed[1]} if len(computed) > 1 else {})}
 
     segmentable: ClassVar[bool] = True
     whole_drive: ClassVar[bool] = True  # its probes start at keyframes anywhere: jobs share probes, not frames
@@ -631,7 +645,7 @@ def sequence_stages(settings: LabelSettings, source: DriveSource | None = None) 
         also = others[0] if method == settings.method and len(others) == 1 else None
         stages.append(PropagateStage(also=also, **inputs))
         if settings.estimate.enabled:
-            stages.append(EstimateStage(estimate=settings.estimate, **inputs))
+            stages.append(EstimateStage(estimate=settings.estimate, also=also, **inputs))
     stages.append(EvaluateStage(methods=settings.methods, max_distance=settings.max_distance))
     if settings.export_dir:
         stages.append(ExportStage(method=settings.method, out_dir=settings.export_dir))

@@ -174,7 +174,7 @@ def propagate_sequence(
                              refiner_sha256=refiner_sha256, feature_teacher=feature_teacher)[0]
 
 
-def _inputs_for(seq: Sequence, configs: list[PropagationConfig], flow_name: str | None,
+def inputs_for_methods(seq: Sequence, configs: list[PropagationConfig], flow_name: str | None,
                 feature_teacher: SemanticTeacher | None) -> StoreSequenceInputs:
     """What the methods of ``configs`` read from ``seq`` (flow, teacher output, features as they need)."""
     classes = [method_class(c.method) for c in configs]
@@ -257,7 +257,7 @@ def propagate_methods(
     with ExitStack() as held:
         outs = {stage: held.enter_context(store.writing(seq_id, stage)) for stage in sorted(stages)}
         seq = store.writable_sequence(seq_id)
-        inputs = _inputs_for(seq, configs, flow_name, feature_teacher)
+        inputs = inputs_for_methods(seq, configs, flow_name, feature_teacher)
         due = [_due_results(seq, config, outs[stage], inputs, flow_name, refiner_sha256)
                for config, stage in zip(configs, stages)]
         # methods relabelling the same frames (all of them, or the same windows) run together
@@ -394,7 +394,7 @@ def propagate_segment_methods(
     """:func:`propagate_segment` for several methods (same K) in one pass
     (:func:`~models.propagation.propagate_frames_together`); per method, whether it computed."""
     seq = store.sequence(seq_id)
-    inputs = _inputs_for(seq, configs, flow_name, feature_teacher)
+    inputs = inputs_for_methods(seq, configs, flow_name, feature_teacher)
     due: list[_SegmentResults | None] = []
     for config in configs:
         settings = expected_settings(seq, config, flow_name, refiner_sha256)

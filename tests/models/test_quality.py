@@ -16,6 +16,7 @@ from autolabel.models.quality import (
     auroc,
     reliability,
     calibrate,
+    calibrate_together,
     calibration_keyframes,
     estimate_plan,
     fit_class_offsets,
@@ -125,6 +126,46 @@ class TestExpectedCounts:
     def test_shape_mismatch_is_an_error(self) -> None:
         with pytest.raises(ValueError, match="differ in shape"):
             expected_counts(np.zeros((4, 4)), np.zeros((4, 5)), 2, 255)
+
+
+class TestCalibrateTogether:
+    """Methods calibrated together: each gets its own calibration, each step's trust check made once."""
+
+    def test_each_method_gets_what_it_gets_alone(self) -> None:
+        inputs = DriveInputs(CFG, annotated=[1, 6, 11])
+        configs = [PropagationConfig(method="warp-inpaint", max_distance=10, inpaint_confidence=c) for c in (0.0, 0.99)]
+        configs.append(PropagationConfig(method="motion-only", max_distance=10))
+        skips = [[], [annotation_fingerprint(inputs.annotation(11))], []]  # the second leaves keyframe 11 out
+        steps: list[int] = []
+        together = calibrate_together([create_method(c) for c in configs], inputs, EstimateConfig(), skips,
+                                      on_step=lambda: steps.append(1))
+        alone = [calibrate(create_method(c), inputs, EstimateConfig(), skip=skip) for c, skip in zip(configs, skips)]
+        assert [t.record() for t in together] == [a.record() for a in alone]
+        assert together[1].excluded == 1 and together[1].probes == together[0].probes - 1
+        assert len(steps) == 3 * probe_steps(estimate_plan(inputs.annotated, EstimateConfig(), 10)) - 5
+        assert together[0].record() != together[1].record()
+
+    def test_the_trust_check_is_made_once_per_step(self) -> None:
+        class Counting(DriveInputs):
+            reads = 0
+
+            def flow_to_next(self, t: int) -> np.ndarray:
+                Counting.reads += 1
+                return super().flow_to_next(t)
+
+        inputs = Counting(CFG, annotated=[1, 6, 11])
+        configs = [PropagationConfig(method="warp-inpaint", max_distance=10, inpaint_confidence=c) for c in (0.0, 0.99)]
+        for config in configs:
+            calibrate(create_method(config), inputs, EstimateConfig())
+        alone, Counting.reads = Counting.reads, 0
+        calibrate_together([create_method(c) for c in configs], inputs, EstimateConfig(), [[], []])
+        assert Counting.reads * 2 == alone > 0
+
+    def test_methods_need_the_same_k(self) -> None:
+        inputs = DriveInputs(CFG, annotated=[1, 6, 11])
+        methods = [create_method(PropagationConfig(method="motion-only", max_distance=k)) for k in (3, 4)]
+        with pytest.raises(ConfigError, match="same K"):
+            calibrate_together(methods, inputs, EstimateConfig(), [[], []])
 
 
 class TestCycles:

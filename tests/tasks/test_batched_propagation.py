@@ -179,8 +179,9 @@ class TestPropagateTogether:
 
 def test_warp_refine_writes_warp_inpaint_in_the_same_pass(made: dict[str, Path], tmp_path: Path) -> None:
     """`label --method warp-refine` (warp-inpaint stored for comparison): the warp-refine stage writes
-    both methods' results, equal to each labelled on its own; warp-inpaint's stage finds them current."""
-    common = {"flow": FlowConfig(backend="exact"), "teacher": str(made["teacher"]), "estimate": {"enabled": False}}
+    both methods' results, and its estimate stage both estimates, equal to each labelled on its own;
+    warp-inpaint's stages find them current."""
+    common = {"flow": FlowConfig(backend="exact"), "teacher": str(made["teacher"])}
     alone = {}
     for method in ("warp-inpaint", "warp-refine"):
         alone[method] = str(tmp_path / f"{method}.zarr")
@@ -196,11 +197,14 @@ def test_warp_refine_writes_warp_inpaint_in_the_same_pass(made: dict[str, Path],
     stages = {s["stage"]: s for s in report.outcomes[0].result["stages"]}
     assert stages["results/warp-refine"]["computed"] and stages["results/warp-refine"]["also_computed"]
     assert not stages["results/warp-inpaint"]["computed"]
+    assert stages["estimate/warp-refine"]["computed"] and stages["estimate/warp-refine"]["also_computed"]
+    assert not stages["estimate/warp-inpaint"]["computed"]
     for seq_id in SequenceStore.open(both).sequence_ids():
         got = SequenceStore.open(both).sequence(seq_id)
         for method, url in alone.items():
             want = SequenceStore.open(url).sequence(seq_id)
             assert got.stages[f"results/{method}"]["settings"] == want.stages[f"results/{method}"]["settings"]
+            assert got.stages[f"estimate/{method}"]["calibration"] == want.stages[f"estimate/{method}"]["calibration"]
             for name in ("labels", "confidence", "distance"):
                 np.testing.assert_array_equal(np.asarray(got.array(f"results/{method}/{name}")[:]),
                                               np.asarray(want.array(f"results/{method}/{name}")[:]),
