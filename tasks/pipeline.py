@@ -386,12 +386,10 @@ class TeacherStage(Stage):
         return {"computed": computed}
 
 
-class PropagateStage(Stage):
-    """One method's results; with ``also``, another method's written in the same pass when both are
-    due (warp-inpaint beside warp-refine: each step's inputs read once, one trust check for both),
-    which that method's own stage then finds current."""
+class MethodStage(Stage, ABC):
+    """What a propagation method's stages share: the method, its inputs and checkpoints, and
+    ``also``, a second method run in the same pass where its output is due too."""
 
-    kind: Literal["propagate"] = "propagate"
     propagation: PropagationConfig
     also: PropagationConfig | None = None
     flow_name: str | None = None
@@ -399,6 +397,38 @@ class PropagateStage(Stage):
     teacher_map: str | None = None
     refiner: str | None = None
     uses_gpu: ClassVar[bool] = True
+
+    @property
+    def device(self) -> str:
+        return self.propagation.device
+
+    def checkpoints(self) -> list[str]:
+        return [*(teacher_files(self.teacher, self.teacher_map) if self.teacher else []),
+                *([self.refiner] if self.refiner else [])]
+
+    def _refiner_hash(self) -> str | None:
+        return checkpoint_sha256(self.refiner) if self.refiner else None
+
+    def _networks(self, store: SequenceStore, needed: bool = True) -> tuple[Any, Any]:
+        """(refiner, the teacher computing its features) for warp-refine when ``needed``, else (None, None)."""
+        if self.refiner is None or self.teacher is None or not needed:
+            return None, None
+        return (load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
+                             self.teacher_map),
+                load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names))
+
+    @staticmethod
+    def _outcome(computed: list[bool]) -> dict[str, Any]:
+        """Whether this stage's method computed, and ``also``'s where it ran."""
+        return {"computed": computed[0], **({"also_computed": computed[1]} if len(computed) > 1 else {})}
+
+
+class PropagateStage(MethodStage):
+    """One method's results; with ``also``, another method's written in the same pass when both are
+    due (warp-inpaint beside warp-refine: each step's inputs read once, one trust check for both),
+    which that method's own stage then finds current."""
+
+    kind: Literal["propagate"] = "propagate"
 
     @property
     def task_name(self) -> str:
@@ -412,17 +442,6 @@ class PropagateStage(Stage):
     def output(self) -> str:
         return results_stage(self.propagation.method)
 
-    @property
-    def device(self) -> str:
-        return self.propagation.device
-
-    def checkpoints(self) -> list[str]:
-        return [*(teacher_files(self.teacher, self.teacher_map) if self.teacher else []),
-                *([self.refiner] if self.refiner else [])]
-
-    def _refiner_hash(self) -> str | None:
-        return checkpoint_sha256(self.refiner) if self.refiner else None
-
     def is_current(self, store: SequenceStore, seq_id: str) -> bool:
         return results_are_current(store.sequence(seq_id), self.propagation, self.flow_name, self._refiner_hash())
 
@@ -433,14 +452,6 @@ class PropagateStage(Stage):
             return [self.propagation]
         return [self.propagation, also]
 
-    def _networks(self, store: SequenceStore) -> tuple[Any, Any]:
-        """(refiner, the teacher computing its features) for warp-refine, else (None, None)."""
-        if self.refiner is None or self.teacher is None:
-            return None, None
-        return (load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
-                             self.teacher_map),
-                load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names))
-
     def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
         seq = store.sequence(seq_id)
         configs = self._configs(store, seq_id)
@@ -450,7 +461,7 @@ class PropagateStage(Stage):
         computed = propagate_methods(store, seq_id, configs, self.flow_name, on_step=progress.advance,
                                      refiner=refiner, refiner_sha256=self._refiner_hash(),
                                      feature_teacher=feature_teacher)
-        return {"computed": computed[0], **({"also_computed": computed[1]} if len(computed) > 1 else {})}
+        return self._outcome(computed)
 
     segmentable: ClassVar[bool] = True
 
@@ -466,21 +477,15 @@ class PropagateStage(Stage):
         computed = propagate_segment_methods(store, seq_id, configs, self.flow_name, segment, plan_key, segments,
                                              on_step=progress.advance, refiner=refiner,
                                              refiner_sha256=self._refiner_hash(), feature_teacher=feature_teacher)
-        return {"computed": computed[0], **({"also_computed": computed[1]} if len(computed) > 1 else {})}
+        return self._outcome(computed)
 
 
-class EstimateStage(Stage):
-    """Calibrate a method's confidence on its keyframes' cycles (:mod:`tasks.estimate`)."""
+class EstimateStage(MethodStage):
+    """Calibrate a method's confidence on its keyframes' probes (:mod:`tasks.estimate`); with
+    ``also``, that method's too, its probes stepped beside these."""
 
     kind: Literal["estimate"] = "estimate"
-    propagation: PropagationConfig
-    also: PropagationConfig | None = None
     estimate: EstimateConfig = EstimateConfig()
-    flow_name: str | None = None
-    teacher: str | None = None
-    teacher_map: str | None = None
-    refiner: str | None = None
-    uses_gpu: ClassVar[bool] = True
     TASK: ClassVar[str] = "estimate"
 
     @property
@@ -490,14 +495,6 @@ class EstimateStage(Stage):
     @property
     def output(self) -> str:
         return estimate_stage(self.propagation.method)
-
-    @property
-    def device(self) -> str:
-        return self.propagation.device
-
-    def checkpoints(self) -> list[str]:
-        return [*(teacher_files(self.teacher, self.teacher_map) if self.teacher else []),
-                *([self.refiner] if self.refiner else [])]
 
     def is_current(self, store: SequenceStore, seq_id: str) -> bool:
         return estimate_is_current(store.sequence(seq_id), self.propagation.method, self.estimate)
@@ -510,9 +507,6 @@ class EstimateStage(Stage):
             return [self.propagation]
         return [self.propagation, also]
 
-    def _refiner_hash(self) -> str | None:
-        return checkpoint_sha256(self.refiner) if self.refiner else None
-
     def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
         seq = store.sequence(seq_id)
         current = self.is_current(store, seq_id)
@@ -521,14 +515,10 @@ class EstimateStage(Stage):
         progress.start(seq_id, "estimate " + " + ".join(c.method for c in configs),
                        len(due) * probe_steps(estimate_plan(seq.annotated, self.estimate,
                                                             self.propagation.max_distance)))
-        refiner = feature_teacher = None
-        if self.refiner is not None and self.teacher is not None and not current:
-            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
-                                   self.teacher_map)
-            feature_teacher = load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names)
+        refiner, feature_teacher = self._networks(store, needed=not current)
         computed = estimate_methods(store, seq_id, configs, self.flow_name, self.estimate, refiner=refiner,
                                     feature_teacher=feature_teacher, on_step=progress.advance)
-        return {"computed": computed[0], **({"also_computed": computed[1]} if len(computed) > 1 else {})}
+        return self._outcome(computed)
 
     segmentable: ClassVar[bool] = True
     whole_drive: ClassVar[bool] = True  # its probes start at keyframes anywhere: jobs share probes, not frames
@@ -545,11 +535,7 @@ class EstimateStage(Stage):
         mine = split_probes(plan, segments)[segment.index] if plan else []
         progress.start(seq_id, f"{self.title} [{segment.index + 1}/{segments}]",
                        0 if current else probe_steps([plan[i] for i in mine]))
-        refiner = feature_teacher = None
-        if self.refiner is not None and self.teacher is not None and not current:
-            refiner = load_refiner(self.refiner, self.device, store.classes.names, self.teacher, f"store {store.url!r}",
-                                   self.teacher_map)
-            feature_teacher = load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names)
+        refiner, feature_teacher = self._networks(store, needed=not current)
         computed = estimate_part(store, seq_id, self.propagation, self.flow_name, self.estimate, segment.index,
                                  segments, plan_key, refiner=refiner, feature_teacher=feature_teacher,
                                  on_step=progress.advance)
