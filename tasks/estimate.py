@@ -63,27 +63,19 @@ def estimate_is_current(seq: Sequence, method: str, config: EstimateConfig) -> b
     return record is not None and record.get("settings") == estimate_settings(seq, method, config)
 
 
-def estimate_sequence(store: SequenceStore, seq_id: str, config: PropagationConfig, flow_name: str | None,
-                      estimate: EstimateConfig, *, refiner: Refiner | None = None,
-                      feature_teacher: SemanticTeacher | None = None,
-                      on_step: Callable[[], None] | None = None) -> bool:
-    """Run the calibration cycles of ``config.method`` on ``seq_id`` and store them; False when current.
-
-    Needs the method's results (the estimate belongs to them) and its input stages. Probes ending
-    on a refiner's training keyframes (``train_info['keyframes']``, annotation fingerprints) are
-    left out. A teacher adapted on this sequence's keyframes is noted in the record.
-    """
-    return estimate_methods(store, seq_id, [config], flow_name, estimate, refiner=refiner,
-                            feature_teacher=feature_teacher, on_step=on_step)[0]
-
-
 def estimate_methods(store: SequenceStore, seq_id: str, configs: list[PropagationConfig], flow_name: str | None,
                      estimate: EstimateConfig, *, refiner: Refiner | None = None,
                      feature_teacher: SemanticTeacher | None = None,
                      on_step: Callable[[], None] | None = None) -> list[bool]:
-    """:func:`estimate_sequence` for several methods (same K) with their probes stepped together
-    (:func:`~models.quality.calibrate_together`: one trust check per step for warp-inpaint and
-    warp-refine); each record is the one its method gets alone. Per method, whether it computed."""
+    """Run the probes of each method of ``configs`` (same K) on ``seq_id`` and store its calibration;
+    per method, whether it computed (False: current already).
+
+    Needs each method's results (the estimate belongs to them) and their input stages. The probes
+    are stepped together (:func:`~models.quality.calibrate_together`: one trust check per step for
+    warp-inpaint and warp-refine); each record is the one its method gets alone. Probes ending on
+    a refiner's training keyframes (``train_info['keyframes']``, annotation fingerprints) are left
+    out of that method's. A teacher adapted on this sequence's keyframes is noted in the record.
+    """
     stages = [estimate_stage(c.method) for c in configs]
     with ExitStack() as held:
         for stage in sorted(set(stages)):  # in name order: concurrent runs cannot deadlock
@@ -140,7 +132,7 @@ def estimate_part(store: SequenceStore, seq_id: str, config: PropagationConfig, 
 
     The probes are dealt to the parts by :func:`~models.quality.split_probes`; this part stores
     its probes' answers in the stage's shared version, and the job finishing the last part fits
-    all of them and publishes the record :func:`estimate_sequence` would (the fit reads the
+    all of them and publishes the record :func:`estimate_methods` would (the fit reads the
     answers in plan order: which job ran a probe changes nothing). Returns whether it ran anything.
     """
     stage = estimate_stage(config.method)

@@ -318,31 +318,6 @@ def _result_arrays(group: Any, seq: Sequence) -> None:
                        overwrite=True, dimension_names=("T",), config=WRITE_EVERY_CHUNK)
 
 
-def propagate_segment(
-    store: SequenceStore,
-    seq_id: str,
-    config: PropagationConfig,
-    flow_name: str | None,
-    segment: Segment,
-    plan_key: str,
-    segments: int,
-    *,
-    on_step: Callable[[], None] | None = None,
-    refiner: Refiner | None = None,
-    refiner_sha256: str | None = None,
-    feature_teacher: SemanticTeacher | None = None,
-) -> bool:
-    """Labels of the frames ``segment`` owns, propagated over its span, into the drive's shared new version.
-
-    Gives exactly the labels :func:`propagate_sequence` gives those frames (a frame depends only on
-    the keyframes around it; ``models.segments``). Needs the drive's flow and teacher stages
-    published. The job that writes the last segment publishes the stage.
-    """
-    return propagate_segment_methods(store, seq_id, [config], flow_name, segment, plan_key, segments,
-                                     on_step=on_step, refiner=refiner, refiner_sha256=refiner_sha256,
-                                     feature_teacher=feature_teacher)[0]
-
-
 class _SegmentResults:
     """One method's labels of the frames a segment owns, written into the drive's shared new version."""
 
@@ -391,8 +366,14 @@ def propagate_segment_methods(
     refiner_sha256: str | None = None,
     feature_teacher: SemanticTeacher | None = None,
 ) -> list[bool]:
-    """:func:`propagate_segment` for several methods (same K) in one pass
-    (:func:`~models.propagation.propagate_frames_together`); per method, whether it computed."""
+    """Labels of the frames ``segment`` owns, propagated over its span, into the drive's shared new
+    version, for each method of ``configs`` (same K) in one pass
+    (:func:`~models.propagation.propagate_frames_together`); per method, whether it computed.
+
+    Gives exactly the labels :func:`propagate_methods` gives those frames (a frame depends only on
+    the keyframes around it; ``models.segments``). Needs the drive's flow and teacher stages
+    published. The job that writes a method's last segment publishes its stage.
+    """
     seq = store.sequence(seq_id)
     inputs = inputs_for_methods(seq, configs, flow_name, feature_teacher)
     due: list[_SegmentResults | None] = []

@@ -99,9 +99,10 @@ def teacher_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "teacher.pt"
 
 
-def test_partial_relabel_equals_full_relabel(tmp_path: Path, teacher_path: Path) -> None:
-    """A keyframe added at 20 (keyframes 10 and 31): frames 11..30 are propagated again, nothing else."""
-    methods = ("motion-only", "warp-inpaint")
+def _keyframe_added_at_20(tmp_path: Path, teacher_path: Path, methods: tuple[str, ...]) \
+        -> tuple[list[str], SequenceStore, SequenceStore, dict[str, tuple[np.ndarray, ...]]]:
+    """Two copies of a drive with keyframes 10 and 31, the first labelled with ``methods`` (its results
+    returned as they were), then keyframe 20 added to both."""
     urls = [str(tmp_path / f"{name}.zarr") for name in ("partial", "full")]
     for url in urls:
         write_synthetic_store(url, drive_configs(1, DRIVE), AnnotationPolicy(mode="window", n=21))
@@ -111,6 +112,13 @@ def test_partial_relabel_equals_full_relabel(tmp_path: Path, teacher_path: Path)
     before = {m: _results(partial, m) for m in methods}
     for store in (partial, full):
         store.add_keyframes("synth-0000", {20: store.sequence("synth-0000").ground_truth(20)})
+    return urls, partial, full, before
+
+
+def test_partial_relabel_equals_full_relabel(tmp_path: Path, teacher_path: Path) -> None:
+    """A keyframe added at 20 (keyframes 10 and 31): frames 11..30 are propagated again, nothing else."""
+    methods = ("motion-only", "warp-inpaint")
+    urls, partial, full, before = _keyframe_added_at_20(tmp_path, teacher_path, methods)
     for method in methods:
         assert [o.status for o in label_store(urls[0], _settings(method, teacher_path)).outcomes] == ["labelled"]
         label_store(urls[1], _settings(method, teacher_path))
@@ -131,14 +139,7 @@ def test_methods_relabel_the_same_windows_together(tmp_path: Path, teacher_path:
     from autolabel.tasks.propagate import propagate_methods
 
     methods = ("motion-only", "warp-inpaint")
-    urls = [str(tmp_path / f"{name}.zarr") for name in ("partial", "full")]
-    for url in urls:
-        write_synthetic_store(url, drive_configs(1, DRIVE), AnnotationPolicy(mode="window", n=21))
-    partial, full = (SequenceStore.open(u, mode="r+") for u in urls)
-    for method in methods:
-        label_store(urls[0], _settings(method, teacher_path))
-    for store in (partial, full):
-        store.add_keyframes("synth-0000", {20: store.sequence("synth-0000").ground_truth(20)})
+    urls, partial, full, _ = _keyframe_added_at_20(tmp_path, teacher_path, methods)
     for method in methods:
         label_store(urls[1], _settings(method, teacher_path))
     configs = [_settings(m, teacher_path).propagation for m in methods]
