@@ -60,7 +60,10 @@ def label_sequence_flow(store: str, seq_id: str, settings: LabelSettings,
     confine_paths(store, source.inbox if source else None, settings.export_dir)
     result = label_sequence(store, seq_id, settings, source, runner=_runner(settings),
                             marker={"flow_run": str(flow_run.id)})
-    computed = [s["stage"] for s in result["stages"] if s["computed"] and not s["cached"]]
+    here = [s for s in result["stages"] if not s["cached"]]
+    # a stage writing another method's output in its pass (warp-refine's writes warp-inpaint's) computed both
+    computed = [name for s in here
+                for name, done in ((s["stage"], s["computed"]), (s.get("also"), s.get("also_computed"))) if done]
     reused = [s["stage"] for s in result["stages"] if s["stage"] not in computed]
     get_run_logger().info("%s: stages computed %s, reused %s", seq_id, computed or "none", reused or "none")
     return result

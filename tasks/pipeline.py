@@ -417,10 +417,19 @@ class MethodStage(Stage, ABC):
                              self.teacher_map),
                 load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names))
 
-    @staticmethod
-    def _outcome(computed: list[bool]) -> dict[str, Any]:
-        """Whether this stage's method computed, and ``also``'s where it ran."""
-        return {"computed": computed[0], **({"also_computed": computed[1]} if len(computed) > 1 else {})}
+    @abstractmethod
+    def _output_of(self, method: str) -> str:
+        """The store stage this kind of stage writes for ``method``."""
+
+    @property
+    def output(self) -> str:
+        return self._output_of(self.propagation.method)
+
+    def _outcome(self, computed: list[bool]) -> dict[str, Any]:
+        """Whether this stage's method computed, and where ``also`` ran, whether its output did."""
+        if len(computed) < 2 or self.also is None:
+            return {"computed": computed[0]}
+        return {"computed": computed[0], "also": self._output_of(self.also.method), "also_computed": computed[1]}
 
 
 class PropagateStage(MethodStage):
@@ -438,9 +447,8 @@ class PropagateStage(MethodStage):
     def title(self) -> str:
         return self.propagation.method
 
-    @property
-    def output(self) -> str:
-        return results_stage(self.propagation.method)
+    def _output_of(self, method: str) -> str:
+        return results_stage(method)
 
     def is_current(self, store: SequenceStore, seq_id: str) -> bool:
         return results_are_current(store.sequence(seq_id), self.propagation, self.flow_name, self._refiner_hash())
@@ -492,9 +500,8 @@ class EstimateStage(MethodStage):
     def title(self) -> str:
         return f"estimate {self.propagation.method}"
 
-    @property
-    def output(self) -> str:
-        return estimate_stage(self.propagation.method)
+    def _output_of(self, method: str) -> str:
+        return estimate_stage(method)
 
     def is_current(self, store: SequenceStore, seq_id: str) -> bool:
         return estimate_is_current(store.sequence(seq_id), self.propagation.method, self.estimate)

@@ -198,6 +198,8 @@ def test_warp_refine_writes_warp_inpaint_in_the_same_pass(made: dict[str, Path],
     assert stages["results/warp-refine"]["computed"] and stages["results/warp-refine"]["also_computed"]
     assert not stages["results/warp-inpaint"]["computed"]
     assert stages["estimate/warp-refine"]["computed"] and stages["estimate/warp-refine"]["also_computed"]
+    assert (stages["results/warp-refine"]["also"], stages["estimate/warp-refine"]["also"]) == \
+        ("results/warp-inpaint", "estimate/warp-inpaint")
     assert not stages["estimate/warp-inpaint"]["computed"]
     for seq_id in SequenceStore.open(both).sequence_ids():
         got = SequenceStore.open(both).sequence(seq_id)
