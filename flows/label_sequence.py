@@ -61,9 +61,10 @@ def label_sequence_flow(store: str, seq_id: str, settings: LabelSettings,
     result = label_sequence(store, seq_id, settings, source, runner=_runner(settings),
                             marker={"flow_run": str(flow_run.id)})
     here = [s for s in result["stages"] if not s["cached"]]
-    # a stage writing another method's output in its pass (warp-refine's writes warp-inpaint's) computed both
+    # a stage writing other outputs in its pass (warp-refine's writes warp-inpaint's, and their estimates)
     computed = [name for s in here
-                for name, done in ((s["stage"], s["computed"]), (s.get("also"), s.get("also_computed"))) if done]
+                for name, done in ((s["stage"], s["computed"]), (s.get("also"), s.get("also_computed")),
+                                   *((e, True) for e in s.get("estimated", []))) if done]
     reused = [s["stage"] for s in result["stages"] if s["stage"] not in computed]
     get_run_logger().info("%s: stages computed %s, reused %s", seq_id, computed or "none", reused or "none")
     return result

@@ -491,10 +491,16 @@ def gap_chains(annotated: np.ndarray, max_distance: int) -> list[list[Chain]]:
     return gaps
 
 
+# told, after a group of chains ran: the methods, the inputs, the chains and per method each
+# chain's final state (a probe of the estimate resumes from them, models.quality.ProbeAnswers)
+OnChains = Callable[[list["PropagationMethod"], SequenceInputs, list[Chain], list[list[LabelState]]], None]
+
+
 def _run_chains(methods: list[PropagationMethod], inputs: SequenceInputs, chains: list[Chain],
-                on_step: Callable[[], None] | None) -> list[dict[tuple[int, int], Candidate]]:
+                on_step: Callable[[], None] | None
+                ) -> tuple[list[dict[tuple[int, int], Candidate]], list[list[LabelState]]]:
     """Step ``chains`` in lockstep (one batch per step) with each method; per method, candidates by
-    (frame, direction)."""
+    (frame, direction), and per method each chain's final state."""
     outs: list[dict[tuple[int, int], Candidate]] = [{} for _ in methods]
     states: list[list[LabelState]] = [[] for _ in methods]
     for chain in chains:
@@ -524,7 +530,7 @@ def _run_chains(methods: list[PropagationMethod], inputs: SequenceInputs, chains
                     state.labels.to(torch.uint8).cpu().numpy(), state.confidence.float().cpu().numpy(), i)
                 if on_step is not None:
                     on_step()
-    return outs
+    return outs, states
 
 
 @dataclass
@@ -575,14 +581,15 @@ def propagate_frames(inputs: SequenceInputs, config: PropagationConfig, on_step:
 
 def propagate_frames_together(inputs: SequenceInputs, configs: list[PropagationConfig],
                               on_step: Callable[[], None] | None = None, refiner: Refiner | None = None,
-                              batch_size: int = 1, frames: tuple[int, int] | None = None
-                              ) -> Iterator[list[OutputFrame]]:
+                              batch_size: int = 1, frames: tuple[int, int] | None = None,
+                              on_chains: OnChains | None = None) -> Iterator[list[OutputFrame]]:
     """:func:`propagate_frames` of several methods in one pass: per frame, one output per config.
 
     The methods step the same chains together, so each step's inputs are read once and the
     warping methods (warp-inpaint, warp-refine) share its trust check (a :class:`StepMemo`); each
     method's outputs are exactly what :func:`propagate_frames` gives it alone. The configs must
-    agree on K (``max_distance``): the chains are the same.
+    agree on K (``max_distance``): the chains are the same. ``on_chains`` is told each group of
+    chains with their final states once they ran (:data:`OnChains`; frame indices are ``inputs``').
     """
     if batch_size < 1:
         raise ConfigError(f"the propagation batch size must be >= 1, got {batch_size}")
@@ -601,15 +608,15 @@ def propagate_frames_together(inputs: SequenceInputs, configs: list[PropagationC
         raise ConfigError(f"frames {first}..{end} are outside the sequence of {inputs.num_frames} frames")
     gaps = _chains_for(gap_chains(inputs.annotated, configs[0].max_distance), first, end)
     if not all(config.prefetch for config in configs):
-        yield from _fused_frames(methods, inputs, gaps, batch_size, first, end, on_step)
+        yield from _fused_frames(methods, inputs, gaps, batch_size, first, end, on_step, on_chains)
         return
     with PrefetchingInputs(inputs) as reading:
-        yield from _fused_frames(methods, reading, gaps, batch_size, first, end, on_step)
+        yield from _fused_frames(methods, reading, gaps, batch_size, first, end, on_step, on_chains)
 
 
 def _fused_frames(methods: list[PropagationMethod], inputs: SequenceInputs, gaps: list[list[Chain]],
-                  batch_size: int, first: int, end: int,
-                  on_step: Callable[[], None] | None) -> Iterator[list[OutputFrame]]:
+                  batch_size: int, first: int, end: int, on_step: Callable[[], None] | None,
+                  on_chains: OnChains | None) -> Iterator[list[OutputFrame]]:
     """:func:`propagate_frames_together`' loop: groups of gaps stepped as batches, frames ``first..end-1``
     fused, one output per method."""
     keys = [int(k) for k in np.flatnonzero(inputs.annotated)]
@@ -620,7 +627,10 @@ def _fused_frames(methods: list[PropagationMethod], inputs: SequenceInputs, gaps
         while (g + len(group) < len(gaps)
                and sum(len(gaps[x]) for x in group) + len(gaps[g + len(group)]) <= batch_size):
             group.append(g + len(group))
-        candidates = _run_chains(methods, inputs, [c for x in group for c in gaps[x]], on_step)
+        chains = [c for x in group for c in gaps[x]]
+        candidates, states = _run_chains(methods, inputs, chains, on_step)
+        if on_chains is not None:
+            on_chains(methods, inputs, chains, states)
         last = group[-1]
         stop = keys[last] if last < len(keys) else inputs.num_frames - 1  # up to the group's closing keyframe
         while t <= stop:

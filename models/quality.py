@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from autolabel.models.cycle import cycle_path
 from autolabel.models.metrics import confusion_matrix, mean_iou
-from autolabel.models.propagation import LabelState, PropagationMethod, SequenceInputs, share_trust
+from autolabel.models.propagation import Chain, LabelState, PropagationMethod, SequenceInputs, share_trust
 from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.errors import ConfigError
@@ -316,11 +316,17 @@ def run_path(method: PropagationMethod, inputs: SequenceInputs, path: list[int],
 
 
 def run_path_together(methods: list[PropagationMethod], inputs: SequenceInputs, path: list[int],
-                      on_step: Callable[[], None] | None = None) -> list[LabelState]:
+                      on_step: Callable[[], None] | None = None,
+                      states: list[LabelState] | None = None) -> list[LabelState]:
     """:func:`run_path` of several methods stepped together (warping methods that share a
-    :class:`~models.propagation.StepMemo` make each step's trust check once); one state per method."""
-    ann = methods[0]._tensor(inputs.annotation(path[0])).long()
-    states = [LabelState(ann, torch.ones(ann.shape, device=method.device)) for method in methods]
+    :class:`~models.propagation.StepMemo` make each step's trust check once); one state per method.
+
+    ``states``: where each method stands at ``path[0]`` (default: that frame's annotation, confidence 1).
+    """
+    if states is None:
+        ann = methods[0]._tensor(inputs.annotation(path[0])).long()
+        states = [LabelState(ann, torch.ones(ann.shape, device=method.device)) for method in methods]
+    states = list(states)
     for src, dst in itertools.pairwise(path):
         for m, method in enumerate(methods):
             states[m] = method.step(states[m], src, dst, inputs)
@@ -489,17 +495,81 @@ def calibrate_together(methods: list[PropagationMethod], inputs: SequenceInputs,
         raise ConfigError("methods calibrated together need the same K (max_distance), got "
                           f"{[m.config.max_distance for m in methods]}")
     share_trust(methods)
-    plan = estimate_plan(inputs.annotated, config, methods[0].config.max_distance)
-    chosen = [probes_to_run(plan, inputs, skip) for skip in skips]
-    answers: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in methods]
-    for i, probe in enumerate(plan):
-        running = [m for m, (kept, _) in enumerate(chosen) if i in kept]
-        if not running:
-            continue
-        states = run_path_together([methods[m] for m in running], inputs, probe_path(probe), on_step)
-        for m, state in zip(running, states):
-            answers[m][i] = _answer(state)
-    return [fit_probes(plan, answers[m], inputs, config, len(excluded)) for m, (_, excluded) in enumerate(chosen)]
+    probes = ProbeAnswers(inputs, config, methods[0].config.max_distance, list(skips), on_step)
+    return [c for c in probes.calibrations(methods, inputs) if c is not None]
+
+
+class ProbeAnswers:
+    """The answers of a sequence's probes for several methods (same K), and their calibrations.
+
+    A held-out probe ``a -> b`` takes its first steps exactly as the propagation's chain from ``a``
+    towards ``b`` does (same method, inputs and steps; the chain stops K frames out, or one frame
+    before ``b``). Given to :func:`~models.propagation.propagate_frames_together` as ``on_chains``
+    on a whole sequence, each such probe resumes from its chain's final state and steps only the
+    rest of the way: at K = 10 and keyframes 21 apart, about half of the estimate's steps.
+    :meth:`calibrations` runs whole the probes no chain started (cycles, or no propagation pass)
+    and fits each method. Either way a method's answers are those it gets alone (tests check the
+    records bit for bit on CPU).
+
+    Args:
+        inputs: the sequence (whole: frame indices are the sequence's).
+        skips: per method, annotation fingerprints of keyframes its probes must not end on
+            (:func:`probes_to_run`); None for a method whose estimate is not wanted.
+        on_step: called after each step of each method (progress).
+    """
+
+    def __init__(self, inputs: SequenceInputs, config: EstimateConfig, max_distance: int,
+                 skips: list[Iterable[str] | None], on_step: Callable[[], None] | None = None) -> None:
+        self.config, self.max_distance, self.on_step = config, max_distance, on_step
+        self.plan = estimate_plan(inputs.annotated, config, max_distance)
+        self.chosen = [probes_to_run(self.plan, inputs, skip) if skip is not None else None for skip in skips]
+        self.answers: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in skips]
+        self._resumable = {(p.source, p.direction): i for i, p in enumerate(self.plan) if p.kind == "held-out"}
+        self._done: set[int] = set()
+
+    def _running(self, i: int) -> list[int]:
+        return [m for m, chosen in enumerate(self.chosen) if chosen is not None and i in chosen[0]]
+
+    def _chain_length(self, probe: Probe) -> int:
+        """Steps the propagation's chain from the probe's source takes towards its target (0: none)."""
+        return min(self.max_distance, probe.length - 1) if probe.kind == "held-out" else 0
+
+    def steps(self, resumed: bool) -> int:
+        """Steps still to run (progress): with ``resumed``, the held-out probes from their chains' ends."""
+        return sum(len(self._running(i)) * (probe_steps([p]) - (self._chain_length(p) if resumed else 0))
+                   for i, p in enumerate(self.plan))
+
+    def __call__(self, methods: list[PropagationMethod], inputs: SequenceInputs, chains: list[Chain],
+                 states: list[list[LabelState]]) -> None:
+        """:data:`~models.propagation.OnChains`: resume the probes these chains start (``methods`` and
+        ``states`` in the order of ``skips``)."""
+        for j, chain in enumerate(chains):
+            i = self._resumable.get((chain.key, chain.direction))
+            if i is None or i in self._done or not 0 < chain.length < self.plan[i].length:
+                continue
+            running = self._running(i)
+            if running:
+                finals = run_path_together([methods[m] for m in running], inputs,
+                                           probe_path(self.plan[i])[chain.length:], self.on_step,
+                                           [states[m][j] for m in running])
+                for m, state in zip(running, finals):
+                    self.answers[m][i] = _answer(state)
+            self._done.add(i)
+
+    def calibrations(self, methods: list[PropagationMethod], inputs: SequenceInputs
+                     ) -> list[EstimateCalibration | None]:
+        """Run the probes not answered yet, then fit each wanted method (None for the others)."""
+        for i, probe in enumerate(self.plan):
+            running = self._running(i)
+            if i in self._done or not running:
+                continue
+            finals = run_path_together([methods[m] for m in running], inputs, probe_path(probe), self.on_step)
+            for m, state in zip(running, finals):
+                self.answers[m][i] = _answer(state)
+            self._done.add(i)
+        return [None if chosen is None else fit_probes(self.plan, self.answers[m], inputs, self.config,
+                                                       len(chosen[1]))
+                for m, chosen in enumerate(self.chosen)]
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -12,18 +12,19 @@ version; the job finishing the last part fits them and publishes the very record
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
 
-from autolabel.models.propagation import PropagationConfig, create_method
+from autolabel.models.propagation import PropagationConfig, create_method, method_class, share_trust
 from autolabel.models.quality import (
     ESTIMATE_VERSION,
     EstimateCalibration,
     EstimateConfig,
     Probe,
+    ProbeAnswers,
     calibrate_together,
     estimate_plan,
     fit_probes,
@@ -37,7 +38,7 @@ from autolabel.models.teacher_runtime import SemanticTeacher
 from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.stages import estimate_stage, results_stage
 from autolabel.storage.store import WRITE_EVERY_CHUNK, Sequence, SequenceStore
-from autolabel.tasks.propagate import StoreSequenceInputs, inputs_for_methods
+from autolabel.tasks.propagate import StoreSequenceInputs, inputs_for_methods, propagate_methods, propagates_whole
 
 
 def estimate_settings(seq: Sequence, method: str, config: EstimateConfig) -> dict[str, Any]:
@@ -89,11 +90,68 @@ def estimate_methods(store: SequenceStore, seq_id: str, configs: list[Propagatio
             skips = [_refiner_keyframes(refiner, m) for m in methods]
             calibrations = calibrate_together(methods, inputs, estimate, skips, on_step)
             for config, method, calibration in zip(running, methods, calibrations):
-                store.mark_stage_done(seq_id, estimate_stage(config.method),
-                                      {"settings": estimate_settings(seq, config.method, estimate),
-                                       "calibration": calibration.record(),
-                                       "teacher_adapted": _teacher_adapted(seq, method.needs_teacher)})
+                _publish(store, seq, config.method, estimate, calibration, method.needs_teacher)
     return due
+
+
+def _publish(store: SequenceStore, seq: Sequence, method: str, estimate: EstimateConfig,
+             calibration: EstimateCalibration, needs_teacher: bool) -> None:
+    """Store ``method``'s estimate record (``seq``: as it stands after its results were published)."""
+    store.mark_stage_done(seq.id, estimate_stage(method),
+                          {"settings": estimate_settings(seq, method, estimate), "calibration": calibration.record(),
+                           "teacher_adapted": _teacher_adapted(seq, needs_teacher)})
+
+
+def resumed_steps(seq: Sequence, configs: list[PropagationConfig], flow_name: str | None, estimate: EstimateConfig,
+                  refiner: Refiner | None = None, refiner_sha256: str | None = None) -> int:
+    """The probe steps :func:`propagate_and_estimate` adds to the propagation's (progress)."""
+    group = [c for c in configs if propagates_whole(seq, c, flow_name, refiner_sha256)]
+    if not group:
+        return 0
+    skips: list[Iterable[str] | None] = [_refiner_keyframes(refiner, method_class(c.method)) for c in group]
+    return ProbeAnswers(seq, estimate, group[0].max_distance, skips).steps(resumed=True)
+
+
+def propagate_and_estimate(store: SequenceStore, seq_id: str, configs: list[PropagationConfig],
+                           flow_name: str | None, estimate: EstimateConfig, *,
+                           on_step: Callable[[], None] | None = None, refiner: Refiner | None = None,
+                           refiner_sha256: str | None = None, feature_teacher: SemanticTeacher | None = None
+                           ) -> tuple[list[bool], list[bool]]:
+    """:func:`~tasks.propagate.propagate_methods`, and the estimate of each method it propagates over
+    the whole sequence in the same pass; per method, whether its results and whether its estimate
+    were computed.
+
+    A held-out probe starts exactly as the propagation's chain from its keyframe, so it resumes
+    from that chain's final state (:class:`~models.quality.ProbeAnswers`): at K = 10 and keyframes
+    21 apart about half the estimate's steps, and each step's inputs already at hand. The records
+    are the ones :func:`estimate_methods` writes (tests check them equal), so the estimate stage
+    then finds them current; after added keyframes (windows relabelled) it runs on its own as
+    before. Holds the estimate leases, taken before the results' (stage-name order).
+    """
+    fused: list[tuple[list[PropagationConfig], StoreSequenceInputs, ProbeAnswers]] = []
+
+    def resume(group: list[PropagationConfig], inputs: StoreSequenceInputs) -> ProbeAnswers:
+        skips: list[Iterable[str] | None] = [_refiner_keyframes(refiner, method_class(c.method)) for c in group]
+        answers = ProbeAnswers(inputs, estimate, group[0].max_distance, skips, on_step)
+        fused.append((group, inputs, answers))
+        return answers
+
+    estimated = [False] * len(configs)
+    with ExitStack() as held:
+        for stage in sorted({estimate_stage(c.method) for c in configs}):
+            held.enter_context(store.lease(seq_id, stage))
+        computed = propagate_methods(store, seq_id, configs, flow_name, on_step=on_step, refiner=refiner,
+                                     refiner_sha256=refiner_sha256, feature_teacher=feature_teacher,
+                                     whole_drive=resume)
+        seq = store.writable_sequence(seq_id)  # with the results just published: the records name them
+        for group, inputs, answers in fused:
+            methods = [create_method(c, refiner) for c in group]
+            share_trust(methods)
+            for config, method, calibration in zip(group, methods, answers.calibrations(methods, inputs)):
+                assert calibration is not None  # every method of the group wanted its estimate
+                _publish(store, seq, config.method, estimate, calibration, method.needs_teacher)
+                estimated[configs.index(config)] = True
+    return computed, estimated
 
 
 def _refiner_keyframes(refiner: Refiner | None, method: Any) -> list[str]:

@@ -54,7 +54,14 @@ from autolabel.tasks.evaluate import (
     evaluation_is_current,
 )
 from autolabel.tasks.flow_estimation import estimate_flow, estimate_flow_segment, flow_is_current
-from autolabel.tasks.estimate import estimate_is_current, estimate_part, estimate_parts, estimate_methods
+from autolabel.tasks.estimate import (
+    estimate_is_current,
+    estimate_methods,
+    estimate_part,
+    estimate_parts,
+    propagate_and_estimate,
+    resumed_steps,
+)
 from autolabel.tasks.propagate import propagate_methods, propagate_segment_methods, results_are_current
 from autolabel.tasks.teacher_inference import infer_teacher, infer_teacher_segment, teacher_is_current
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -438,6 +445,9 @@ class PropagateStage(MethodStage):
     which that method's own stage then finds current."""
 
     kind: Literal["propagate"] = "propagate"
+    # where set, the estimate of each method propagated over the whole drive is made in the same pass
+    # (its held-out probes resume from the propagation's chains); the estimate stage then finds it current
+    estimate: EstimateConfig | None = None
 
     @property
     def task_name(self) -> str:
@@ -463,13 +473,22 @@ class PropagateStage(MethodStage):
     def run(self, store: SequenceStore, seq_id: str, progress: Progress) -> dict[str, Any]:
         seq = store.sequence(seq_id)
         configs = self._configs(store, seq_id)
-        progress.start(seq_id, " + ".join(c.method for c in configs),
-                       count_steps(seq.annotated, self.propagation.max_distance) * len(configs))
         refiner, feature_teacher = self._networks(store)
-        computed = propagate_methods(store, seq_id, configs, self.flow_name, on_step=progress.advance,
-                                     refiner=refiner, refiner_sha256=self._refiner_hash(),
-                                     feature_teacher=feature_teacher)
-        return self._outcome(computed)
+        probing = resumed_steps(seq, configs, self.flow_name, self.estimate, refiner, self._refiner_hash()) \
+            if self.estimate is not None else 0
+        progress.start(seq_id, " + ".join(c.method for c in configs) + (" + estimate" if probing else ""),
+                       count_steps(seq.annotated, self.propagation.max_distance) * len(configs) + probing)
+        if self.estimate is None:
+            computed = propagate_methods(store, seq_id, configs, self.flow_name, on_step=progress.advance,
+                                         refiner=refiner, refiner_sha256=self._refiner_hash(),
+                                         feature_teacher=feature_teacher)
+            return self._outcome(computed)
+        computed, estimated = propagate_and_estimate(store, seq_id, configs, self.flow_name, self.estimate,
+                                                     on_step=progress.advance, refiner=refiner,
+                                                     refiner_sha256=self._refiner_hash(),
+                                                     feature_teacher=feature_teacher)
+        return {**self._outcome(computed),
+                "estimated": [estimate_stage(c.method) for c, done in zip(configs, estimated) if done]}
 
     segmentable: ClassVar[bool] = True
 
@@ -636,7 +655,8 @@ def sequence_stages(settings: LabelSettings, source: DriveSource | None = None) 
                   "refiner": settings.refiner if cls.needs_refiner else None}
         others = [settings.propagation.model_copy(update={"method": m}) for m in settings.methods if m != method]
         also = others[0] if method == settings.method and len(others) == 1 else None
-        stages.append(PropagateStage(also=also, **inputs))
+        stages.append(PropagateStage(also=also, estimate=settings.estimate if settings.estimate.enabled else None,
+                                     **inputs))
         if settings.estimate.enabled:
             stages.append(EstimateStage(estimate=settings.estimate, also=also, **inputs))
     stages.append(EvaluateStage(methods=settings.methods, max_distance=settings.max_distance))

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from autolabel.models.propagation import (
+    OnChains,
     OutputFrame,
     PropagationConfig,
     WindowInputs,
@@ -222,13 +223,36 @@ def _due_results(seq: Sequence, config: PropagationConfig, out: StageOutput, inp
     previous = seq.stages.get(results_stage(config.method), {})
     if previous.get("settings") == settings:
         return None
-    annotations = {int(t): annotation_fingerprint(inputs.annotation(int(t))) for t in np.flatnonzero(inputs.annotated)}
-    windows = None
+    annotations = _annotations(seq)
+    return _SequenceResults(seq, config, out, settings, annotations,
+                            _relabel_windows(seq, previous, settings, annotations))
+
+
+def _annotations(seq: Sequence) -> dict[int, str]:
+    """Annotated frame -> fingerprint of its annotation."""
+    return {int(t): annotation_fingerprint(seq.annotation(int(t))) for t in np.flatnonzero(seq.annotated)}
+
+
+def _relabel_windows(seq: Sequence, previous: dict[str, Any], settings: dict[str, Any],
+                     annotations: dict[int, str]) -> list[tuple[int, int]] | None:
+    """Where the stored results ``previous`` differ from ``settings`` only by added keyframes, the
+    windows around them to propagate again (:func:`~models.propagation.affected_windows`); else None
+    (the whole sequence)."""
     if {k: v for k, v in previous.get("settings", {}).items() if k != "keyframes"} == \
             {k: v for k, v in settings.items() if k != "keyframes"} and "annotations" in previous:
-        windows = affected_windows({int(t): fp for t, fp in previous["annotations"].items()}, annotations,
-                                   seq.num_frames)
-    return _SequenceResults(seq, config, out, settings, annotations, windows)
+        return affected_windows({int(t): fp for t, fp in previous["annotations"].items()}, annotations,
+                                seq.num_frames)
+    return None
+
+
+def propagates_whole(seq: Sequence, config: PropagationConfig, flow_name: str | None,
+                     refiner_sha256: str | None = None) -> bool:
+    """True when labelling ``seq`` with ``config`` now propagates the whole sequence (its results are
+    due, and not just in windows around added keyframes)."""
+    settings = expected_settings(seq, config, flow_name, refiner_sha256)
+    previous = seq.stages.get(results_stage(config.method), {})
+    return previous.get("settings") != settings and \
+        _relabel_windows(seq, previous, settings, _annotations(seq)) is None
 
 
 def propagate_methods(
@@ -241,6 +265,7 @@ def propagate_methods(
     refiner: Refiner | None = None,
     refiner_sha256: str | None = None,
     feature_teacher: SemanticTeacher | None = None,
+    whole_drive: Callable[[list[PropagationConfig], StoreSequenceInputs], OnChains | None] | None = None,
 ) -> list[bool]:
     """:func:`propagate_sequence` for several methods (same K) at once; per method, whether it computed.
 
@@ -249,7 +274,9 @@ def propagate_methods(
     inputs read once, one trust check for warp-inpaint and warp-refine), with exactly the labels
     each gets alone. Holds every method's
     lease (taken in stage-name order, so concurrent runs cannot deadlock); each method's results
-    are published when all are written.
+    are published when all are written. ``whole_drive``, given the methods propagated over the whole
+    sequence and their inputs, may return an ``on_chains`` for that pass (the estimate's probes
+    resume from its chains: :func:`tasks.estimate.propagate_and_estimate`).
     """
     stages = [results_stage(c.method) for c in configs]
     if len(set(stages)) != len(stages):
@@ -268,7 +295,8 @@ def propagate_methods(
         for windows, group in together.items():
             group_configs = [r.config for r in group]
             frames = (propagate_frames_together(inputs, group_configs, on_step, refiner,
-                                                group_configs[0].chains_per_batch())
+                                                group_configs[0].chains_per_batch(),
+                                                on_chains=whole_drive(group_configs, inputs) if whole_drive else None)
                       if windows is None else _partial_frames(seq, group_configs, inputs, list(windows), on_step,
                                                                refiner))
             for outputs in frames:

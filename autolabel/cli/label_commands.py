@@ -87,8 +87,9 @@ def label(
     in_jobs: dict[str, float] = {}
     for outcome in report.outcomes:
         for stage in (outcome.result or {}).get("stages", []):
-            if stage["computed"]:
-                spent[stage["stage"]] = spent.get(stage["stage"], 0.0) + stage["seconds"]
+            if stage["computed"]:  # a pass that also made the estimates says so
+                name = stage["stage"] + (" + estimate" if stage.get("estimated") else "")
+                spent[name] = spent.get(name, 0.0) + stage["seconds"]
         for job in (outcome.result or {}).get("segments", []):
             for stage in job["stages"]:
                 if stage["computed"]:

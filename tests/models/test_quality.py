@@ -7,11 +7,12 @@ import pytest
 
 from autolabel.errors import ConfigError
 from autolabel.models.metrics import confusion_matrix, iou_per_class
-from autolabel.models.propagation import PropagationConfig, create_method
+from autolabel.models.propagation import PropagationConfig, create_method, propagate, propagate_frames_together
 from autolabel.models.quality import (
     Calibration,
     EstimateCalibration,
     EstimateConfig,
+    ProbeAnswers,
     annotation_fingerprint,
     auroc,
     reliability,
@@ -166,6 +167,45 @@ class TestCalibrateTogether:
         methods = [create_method(PropagationConfig(method="motion-only", max_distance=k)) for k in (3, 4)]
         with pytest.raises(ConfigError, match="same K"):
             calibrate_together(methods, inputs, EstimateConfig(), [[], []])
+
+
+class TestProbeAnswers:
+    """Held-out probes resumed from the propagation's own chains (:class:`ProbeAnswers` as ``on_chains``)."""
+
+    @pytest.mark.parametrize("k", [2, 10])  # chains stopping K out, and one frame before the next keyframe
+    def test_resumed_probes_give_the_calibrations_of_whole_probes(self, k: int) -> None:
+        inputs = DriveInputs(CFG, annotated=[1, 6, 11])
+        configs = [PropagationConfig(method="warp-inpaint", max_distance=k, inpaint_confidence=c) for c in (0.0, 0.99)]
+        configs.append(PropagationConfig(method="motion-only", max_distance=k))
+        skips = [[], [annotation_fingerprint(inputs.annotation(11))], None]  # motion-only: no estimate wanted
+        steps: list[int] = []
+        probes = ProbeAnswers(inputs, EstimateConfig(), k, skips, on_step=lambda: steps.append(1))
+        planned = probes.steps(resumed=True)
+        frames = list(propagate_frames_together(inputs, configs, on_chains=probes))
+        assert len(steps) == planned > 0  # only the rest of each probe ran during the pass
+        methods = [create_method(c) for c in configs]
+        resumed = probes.calibrations(methods, inputs)
+        assert len(steps) == planned and resumed[2] is None  # nothing was left to run whole
+        alone = [calibrate(create_method(c), inputs, EstimateConfig(), skip=skip)
+                 for c, skip in zip(configs[:2], skips[:2])]
+        assert [r.record() for r in resumed[:2]] == [a.record() for a in alone]
+        for outputs, t in zip(frames, range(CFG.frames)):  # the labels are the pass's own
+            for output, config in zip(outputs, configs):
+                np.testing.assert_array_equal(output.labels, propagate(inputs, config)[t].labels)
+
+    def test_fewer_steps_than_whole_probes(self) -> None:
+        inputs = DriveInputs(CFG, annotated=[1, 6, 11])
+        probes = ProbeAnswers(inputs, EstimateConfig(), 2, [[]])
+        whole = probe_steps(estimate_plan(inputs.annotated, EstimateConfig(), 2))
+        assert probes.steps(resumed=False) == whole and probes.steps(resumed=True) == whole - 4 * 2
+
+    def test_probes_no_chain_started_run_whole(self) -> None:
+        inputs = DriveInputs(CFG, annotated=[1, 6, 11])
+        config = PropagationConfig(method="warp-inpaint", max_distance=3)
+        probes = ProbeAnswers(inputs, EstimateConfig(), 3, [[]])
+        calibration = probes.calibrations([create_method(config)], inputs)[0]
+        assert calibration is not None
+        assert calibration.record() == calibrate(create_method(config), inputs, EstimateConfig()).record()
 
 
 class TestCycles:

@@ -25,7 +25,8 @@ from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
-from autolabel.tasks.pipeline import LabelSettings, label_store
+from autolabel.models.quality import EstimateConfig
+from autolabel.tasks.pipeline import EstimateStage, LabelSettings, label_store, run_stage
 from tests.conftest import DriveInputs, tiny_checkpoints
 
 METHODS = ["motion-only", "semantic-only", "warp-inpaint", "warp-refine"]
@@ -179,16 +180,22 @@ class TestPropagateTogether:
 
 def test_warp_refine_writes_warp_inpaint_in_the_same_pass(made: dict[str, Path], tmp_path: Path) -> None:
     """`label --method warp-refine` (warp-inpaint stored for comparison): the warp-refine stage writes
-    both methods' results, and its estimate stage both estimates, equal to each labelled on its own;
-    warp-inpaint's stages find them current."""
+    both methods' results and both estimates (the probes resumed from its chains), equal to each
+    method labelled on its own and estimated by the estimate stage alone (whole probes); the other
+    stages find them current."""
     common = {"flow": FlowConfig(backend="exact"), "teacher": str(made["teacher"])}
     alone = {}
     for method in ("warp-inpaint", "warp-refine"):
         alone[method] = str(tmp_path / f"{method}.zarr")
         shutil.copytree(made["store"], alone[method])
         settings = LabelSettings(propagation=PropagationConfig(method=method), compare_with_warp_inpaint=False,
-                                 refiner=str(made["refiner"]) if method == "warp-refine" else None, **common)
+                                 refiner=str(made["refiner"]) if method == "warp-refine" else None,
+                                 estimate=EstimateConfig(enabled=False), **common)
         assert not label_store(alone[method], settings).failed
+        stage = EstimateStage(propagation=settings.propagation, flow_name="exact", teacher=str(made["teacher"]),
+                              refiner=settings.refiner)
+        for seq_id in SequenceStore.open(alone[method]).sequence_ids():
+            assert run_stage(alone[method], seq_id, stage)["computed"]
     both = str(tmp_path / "both.zarr")
     shutil.copytree(made["store"], both)
     report = label_store(both, LabelSettings(propagation=PropagationConfig(method="warp-refine"),
@@ -197,10 +204,9 @@ def test_warp_refine_writes_warp_inpaint_in_the_same_pass(made: dict[str, Path],
     stages = {s["stage"]: s for s in report.outcomes[0].result["stages"]}
     assert stages["results/warp-refine"]["computed"] and stages["results/warp-refine"]["also_computed"]
     assert not stages["results/warp-inpaint"]["computed"]
-    assert stages["estimate/warp-refine"]["computed"] and stages["estimate/warp-refine"]["also_computed"]
-    assert (stages["results/warp-refine"]["also"], stages["estimate/warp-refine"]["also"]) == \
-        ("results/warp-inpaint", "estimate/warp-inpaint")
-    assert not stages["estimate/warp-inpaint"]["computed"]
+    assert stages["results/warp-refine"]["estimated"] == ["estimate/warp-refine", "estimate/warp-inpaint"]
+    assert stages["results/warp-refine"]["also"] == "results/warp-inpaint"
+    assert not stages["estimate/warp-refine"]["computed"] and not stages["estimate/warp-inpaint"]["computed"]
     for seq_id in SequenceStore.open(both).sequence_ids():
         got = SequenceStore.open(both).sequence(seq_id)
         for method, url in alone.items():
