@@ -322,12 +322,24 @@ def run_path_together(methods: list[PropagationMethod], inputs: SequenceInputs, 
     :class:`~models.propagation.StepMemo` make each step's trust check once); one state per method.
 
     ``states``: where each method stands at ``path[0]`` (default: that frame's annotation, confidence 1).
+    Inputs with a ``prefetch`` (:class:`~models.prefetch.PrefetchingInputs`) read each next step's
+    meanwhile.
     """
     if states is None:
         ann = methods[0]._tensor(inputs.annotation(path[0])).long()
         states = [LabelState(ann, torch.ones(ann.shape, device=method.device)) for method in methods]
     states = list(states)
-    for src, dst in itertools.pairwise(path):
+    prefetch = getattr(inputs, "prefetch", None)
+
+    def reads(k: int) -> list[tuple[str, int]]:  # step k: path[k] -> path[k + 1]
+        wanted = [r for method in methods for r in method.step_reads(path[k], path[k + 1])] if k + 1 < len(path) else []
+        return list(dict.fromkeys(wanted))
+
+    if prefetch is not None:
+        prefetch(reads(0))
+    for k, (src, dst) in enumerate(itertools.pairwise(path)):
+        if prefetch is not None:
+            prefetch(reads(k + 1))
         for m, method in enumerate(methods):
             states[m] = method.step(states[m], src, dst, inputs)
             if on_step is not None:

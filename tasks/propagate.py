@@ -47,6 +47,9 @@ from autolabel.errors import StageNotDoneError, StoreError
 
 
 FRAME_CACHE = 48  # decoded frames kept (two per chain of a batch of 16, with room)
+# teacher features kept (warp-refine): a frame's are asked for again when the estimate's probes pass
+# it after the propagation's chain did, or a probe after the one the other way (2.8 MB a frame at 480x360)
+FEATURE_CACHE_BYTES = 256 * 2**20
 
 
 class StoreSequenceInputs:
@@ -73,6 +76,8 @@ class StoreSequenceInputs:
         self._frames: dict[int, np.ndarray] = {}
         self._frames_lock = threading.Lock()
         self._feature_teacher = feature_teacher
+        self._features_kept: dict[int, torch.Tensor] = {}  # frame -> (1, F, h, w), oldest first
+        self._features_bytes = 0
         self.teacher_features = self._features if feature_teacher is not None else None
         self.teacher_features_batch = self._features_batch if feature_teacher is not None else None
 
@@ -105,10 +110,30 @@ class StoreSequenceInputs:
         return self._features_batch([t])[0]
 
     def _features_batch(self, ts: list[int]) -> torch.Tensor:
-        """float (B, F, h, w) teacher features of frames ``ts``, one batched forward pass; left where
-        and as the teacher made them (its device, channels_last), which is where the refiner wants them."""
+        """float (B, F, h, w) teacher features of frames ``ts``, one batched forward pass for those not
+        kept from an earlier call (up to ``FEATURE_CACHE_BYTES``, the most recent); left where and as
+        the teacher made them (its device, channels_last), which is where the refiner wants them."""
         assert self._feature_teacher is not None
-        return self._feature_teacher.predict_features(np.stack([self.frame(t) for t in ts]))
+        missing = [t for t in dict.fromkeys(ts) if t not in self._features_kept]
+        if not missing:
+            return torch.cat([self._features_kept[t] for t in ts])
+        computed = self._feature_teacher.predict_features(np.stack([self.frame(t) for t in missing]))
+        for i, t in enumerate(missing):
+            self._keep_features(t, computed[i:i + 1].clone())
+        if missing == ts:
+            return computed
+        return torch.cat([self._features_kept[t] if t in self._features_kept else computed[missing.index(t)][None]
+                          for t in ts])
+
+    def _keep_features(self, t: int, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        while self._features_kept and self._features_bytes + size > FEATURE_CACHE_BYTES:
+            oldest = next(iter(self._features_kept))
+            self._features_bytes -= self._features_kept[oldest].numel() * self._features_kept[oldest].element_size()
+            del self._features_kept[oldest]
+        if size <= FEATURE_CACHE_BYTES:
+            self._features_kept[t] = features
+            self._features_bytes += size
 
     def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         assert self._teacher_labels is not None and self._teacher_conf is not None

@@ -7,9 +7,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from autolabel.models.prefetch import PrefetchingInputs
-from autolabel.models.propagation import PropagationConfig, propagate_frames
+from autolabel.models.propagation import PropagationConfig, create_method, propagate_frames
+from autolabel.models.quality import run_path_together
 from autolabel.storage.synthetic import SyntheticConfig
 from tests.conftest import DriveInputs
 
@@ -112,3 +114,20 @@ def test_a_read_error_stops_propagation_with_that_error() -> None:
     with pytest.raises(OSError, match="frame 12: chunk is corrupt"):
         list(propagate_frames(inputs, PropagationConfig(method="warp-inpaint", max_distance=4)))
     assert not any(t.name.startswith("autolabel-prefetch") for t in threading.enumerate())
+
+
+def test_a_probe_reads_ahead_once_and_gives_the_same_answer() -> None:
+    """The estimate's probes resumed in the propagation's pass read their next step ahead too."""
+    inputs = CountingInputs(CFG, KEYS)
+    method = create_method(PropagationConfig(method="warp-inpaint", max_distance=4))
+    path = list(range(10, 26))  # keyframe 10 to keyframe 25
+    plain = run_path_together([method], inputs, path)[0]
+    assert inputs.threads == {threading.current_thread().name}
+    reads = Counter(inputs.reads)
+    inputs.reads.clear()
+    with PrefetchingInputs(inputs) as reading:
+        ahead = run_path_together([method], reading, path)[0]
+    assert any(name.startswith("autolabel-prefetch") for name in inputs.threads)
+    assert set(inputs.reads) == set(reads)  # the same reads, none twice for being read ahead
+    assert all(inputs.reads[k] <= reads[k] for k in reads)
+    assert torch.equal(ahead.labels, plain.labels) and torch.equal(ahead.confidence, plain.confidence)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from autolabel.errors import ConfigError
 from autolabel.models.optical_flow import FlowConfig
@@ -26,7 +27,10 @@ from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
 from autolabel.models.quality import EstimateConfig
+from autolabel.models.teacher import Teacher
 from autolabel.tasks.pipeline import EstimateStage, LabelSettings, label_store, run_stage
+from autolabel.tasks import propagate as propagate_task
+from autolabel.tasks.propagate import StoreSequenceInputs
 from tests.conftest import DriveInputs, tiny_checkpoints
 
 METHODS = ["motion-only", "semantic-only", "warp-inpaint", "warp-refine"]
@@ -217,3 +221,46 @@ def test_warp_refine_writes_warp_inpaint_in_the_same_pass(made: dict[str, Path],
                 np.testing.assert_array_equal(np.asarray(got.array(f"results/{method}/{name}")[:]),
                                               np.asarray(want.array(f"results/{method}/{name}")[:]),
                                               err_msg=f"{method} {seq_id} {name}")
+
+
+class _CountingTeacher:
+    """A teacher that counts the frames it computes features for."""
+
+    def __init__(self, teacher: Teacher) -> None:
+        self.teacher, self.frames = teacher, 0
+
+    def predict_features(self, frames: np.ndarray) -> torch.Tensor:
+        self.frames += len(frames)
+        return self.teacher.predict_features(frames)
+
+
+class TestFeatureCache:
+    """warp-refine's teacher features, kept so a frame passed again (the estimate's probes) is not recomputed."""
+
+    def test_each_frame_once_and_the_same_features(self, made: dict[str, Path]) -> None:
+        teacher = Teacher.load(made["teacher"], "cpu")
+        counting = _CountingTeacher(teacher)
+        seq = SequenceStore.open(str(made["store"])).sequence(SequenceStore.open(str(made["store"])).sequence_ids()[0])
+        inputs = StoreSequenceInputs(seq, None, False, counting)  # type: ignore[arg-type]
+        first = inputs.teacher_features_batch([3, 4])
+        again = inputs.teacher_features_batch([4, 5])
+        assert counting.frames == 3  # frame 4 was kept
+        fresh = teacher.predict_features(np.stack([seq.frame(4), seq.frame(5)]))
+        assert torch.equal(again, fresh) and torch.equal(again[0], first[1])
+        assert again.is_contiguous(memory_format=torch.channels_last) == fresh.is_contiguous(
+            memory_format=torch.channels_last)
+        assert torch.equal(inputs.teacher_features(5), fresh[1]) and counting.frames == 3
+
+    def test_memory_is_bounded(self, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        counting = _CountingTeacher(Teacher.load(made["teacher"], "cpu"))
+        seq = SequenceStore.open(str(made["store"])).sequence(SequenceStore.open(str(made["store"])).sequence_ids()[0])
+        inputs = StoreSequenceInputs(seq, None, False, counting)  # type: ignore[arg-type]
+        one = inputs.teacher_features_batch([0])
+        monkeypatch.setattr(propagate_task, "FEATURE_CACHE_BYTES", 2 * one.numel() * one.element_size())
+        for t in (1, 2, 3):
+            inputs.teacher_features_batch([t])
+        assert counting.frames == 4
+        inputs.teacher_features_batch([2, 3])  # the two most recent are kept
+        assert counting.frames == 4
+        inputs.teacher_features_batch([1])  # frame 1 was let go
+        assert counting.frames == 5
