@@ -118,8 +118,8 @@ class StoreSequenceInputs:
         if not missing:
             return torch.cat([self._features_kept[t] for t in ts])
         computed = self._feature_teacher.predict_features(np.stack([self.frame(t) for t in missing]))
-        for i, t in enumerate(missing):
-            self._keep_features(t, computed[i:i + 1].clone())
+        for i, t in enumerate(missing):  # views, no copy: a batch's memory goes when its last frame does
+            self._keep_features(t, computed[i:i + 1])
         if missing == ts:
             return computed
         return torch.cat([self._features_kept[t] if t in self._features_kept else computed[missing.index(t)][None]
