@@ -34,6 +34,7 @@ from benchmarks._report import machine, print_table, write_json  # noqa: E402
 from autolabel.models.optical_flow import FlowConfig  # noqa: E402
 from autolabel.models.cycle import cycle_plan, cycle_sample  # noqa: E402
 from autolabel.models.propagation import PropagationConfig, WarpInpaint  # noqa: E402
+from autolabel.models.quality import EstimateConfig  # noqa: E402
 from autolabel.models.refiner import Refiner  # noqa: E402
 from autolabel.models.refiner_training import RefinerTrainConfig, train_refiner  # noqa: E402
 from autolabel.models.teacher import Teacher, file_sha256  # noqa: E402
@@ -56,7 +57,8 @@ def run(store_url: str, teacher: Path, flow: FlowConfig, device: str, method: st
     store = SequenceStore.open(store_url, mode="r+")
     settings = LabelSettings(propagation=PropagationConfig(method=method), flow=flow, teacher=str(teacher),
                              refiner=str(refiner) if refiner else None, device=device,
-                             compare_with_warp_inpaint=False)
+                             compare_with_warp_inpaint=False,
+                             estimate=EstimateConfig(enabled=False))  # the propagation alone, no probes
     stages = [s for s in sequence_stages(settings) if s.kind in ("flow", "teacher")]
     times = {s.kind: 0.0 for s in stages}
     frames = sum(store.sequence(seq_id).num_frames for seq_id in store.sequence_ids())

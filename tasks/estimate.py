@@ -85,7 +85,7 @@ def estimate_methods(store: SequenceStore, seq_id: str, configs: list[Propagatio
         due = [not estimate_is_current(seq, c.method, estimate) for c in configs]
         running = [c for c, d in zip(configs, due) if d]
         if running:
-            inputs = inputs_for_methods(seq, running, flow_name, feature_teacher)
+            inputs = inputs_for_methods(seq, running, flow_name, feature_teacher, probes=True)
             methods = [create_method(c, refiner) for c in running]
             skips = [_refiner_keyframes(refiner, m) for m in methods]
             calibrations = calibrate_together(methods, inputs, estimate, skips, on_step)
@@ -163,7 +163,8 @@ def _method_inputs(seq: Sequence, config: PropagationConfig, flow_name: str | No
                    feature_teacher: SemanticTeacher | None) -> tuple[Any, StoreSequenceInputs, list[str]]:
     """The method, its inputs from the store and the refiner's training keyframes (probes left out)."""
     method = create_method(config, refiner)
-    return method, inputs_for_methods(seq, [config], flow_name, feature_teacher), _refiner_keyframes(refiner, method)
+    return (method, inputs_for_methods(seq, [config], flow_name, feature_teacher, probes=True),
+            _refiner_keyframes(refiner, method))
 
 
 def _teacher_adapted(seq: Sequence, needs_teacher: bool) -> bool:

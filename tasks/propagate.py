@@ -47,17 +47,25 @@ from autolabel.errors import StageNotDoneError, StoreError
 
 
 FRAME_CACHE = 48  # decoded frames kept (two per chain of a batch of 16, with room)
-# teacher features kept (warp-refine): a frame's are asked for again when the estimate's probes pass
-# it after the propagation's chain did, or a probe after the one the other way (2.8 MB a frame at 480x360)
-FEATURE_CACHE_BYTES = 256 * 2**20
+FEATURE_CACHE_BYTES = 256 * 2**20  # at most, for the teacher features kept (2.8 MB a frame at 480x360)
+
+
+def features_to_keep(config: PropagationConfig) -> int:
+    """Frames whose teacher features warp-refine keeps while the estimate's probes run: about a
+    keyframe gap's worth (2K + 2 frames) per gap stepped together. A probe resumed from a chain
+    passes the frames the other direction's chain has just passed, and a probe the frames of the
+    one the other way; a fixed count keeps memory independent of the drive's length."""
+    return (2 * config.max_distance + 2) * max(1, config.chains_per_batch() // 2)
 
 
 class StoreSequenceInputs:
     """:class:`models.propagation.SequenceInputs` read lazily from a stored sequence."""
 
     def __init__(self, seq: Sequence, flow_name: str | None, need_teacher: bool,
-                 feature_teacher: SemanticTeacher | None = None) -> None:
-        """``feature_teacher``: computes the teacher features of a frame on demand (warp-refine)."""
+                 feature_teacher: SemanticTeacher | None = None, keep_features: int = 0) -> None:
+        """``feature_teacher``: computes the teacher features of a frame on demand (warp-refine);
+        the last ``keep_features`` frames' are kept (up to ``FEATURE_CACHE_BYTES``) for frames asked
+        for again (:func:`features_to_keep`)."""
         self.seq = seq
         self.num_frames, self.height, self.width = seq.num_frames, seq.height, seq.width
         self.annotated = seq.annotated
@@ -76,6 +84,7 @@ class StoreSequenceInputs:
         self._frames: dict[int, np.ndarray] = {}
         self._frames_lock = threading.Lock()
         self._feature_teacher = feature_teacher
+        self._keep_frames = keep_features
         self._features_kept: dict[int, torch.Tensor] = {}  # frame -> (1, F, h, w), oldest first
         self._features_bytes = 0
         self.teacher_features = self._features if feature_teacher is not None else None
@@ -111,8 +120,8 @@ class StoreSequenceInputs:
 
     def _features_batch(self, ts: list[int]) -> torch.Tensor:
         """float (B, F, h, w) teacher features of frames ``ts``, one batched forward pass for those not
-        kept from an earlier call (up to ``FEATURE_CACHE_BYTES``, the most recent); left where and as
-        the teacher made them (its device, channels_last), which is where the refiner wants them."""
+        kept from an earlier call (the most recent ``keep_features`` frames'); left where and as the
+        teacher made them (its device, channels_last), which is where the refiner wants them."""
         assert self._feature_teacher is not None
         missing = [t for t in dict.fromkeys(ts) if t not in self._features_kept]
         if not missing:
@@ -127,13 +136,14 @@ class StoreSequenceInputs:
 
     def _keep_features(self, t: int, features: torch.Tensor) -> None:
         size = features.numel() * features.element_size()
-        while self._features_kept and self._features_bytes + size > FEATURE_CACHE_BYTES:
-            oldest = next(iter(self._features_kept))
-            self._features_bytes -= self._features_kept[oldest].numel() * self._features_kept[oldest].element_size()
-            del self._features_kept[oldest]
-        if size <= FEATURE_CACHE_BYTES:
-            self._features_kept[t] = features
-            self._features_bytes += size
+        if self._keep_frames < 1 or size > FEATURE_CACHE_BYTES:
+            return
+        while self._features_kept and (len(self._features_kept) >= self._keep_frames
+                                       or self._features_bytes + size > FEATURE_CACHE_BYTES):
+            oldest = self._features_kept.pop(next(iter(self._features_kept)))
+            self._features_bytes -= oldest.numel() * oldest.element_size()
+        self._features_kept[t] = features
+        self._features_bytes += size
 
     def teacher(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         assert self._teacher_labels is not None and self._teacher_conf is not None
@@ -201,12 +211,14 @@ def propagate_sequence(
 
 
 def inputs_for_methods(seq: Sequence, configs: list[PropagationConfig], flow_name: str | None,
-                feature_teacher: SemanticTeacher | None) -> StoreSequenceInputs:
-    """What the methods of ``configs`` read from ``seq`` (flow, teacher output, features as they need)."""
+                       feature_teacher: SemanticTeacher | None, probes: bool = False) -> StoreSequenceInputs:
+    """What the methods of ``configs`` read from ``seq`` (flow, teacher output, features as they need);
+    with ``probes`` (the estimate's run on them), recent teacher features are kept for reuse."""
     classes = [method_class(c.method) for c in configs]
     return StoreSequenceInputs(seq, flow_name if any(c.needs_flow for c in classes) else None,
                                any(c.needs_teacher for c in classes),
-                               feature_teacher if any(c.needs_refiner for c in classes) else None)
+                               feature_teacher if any(c.needs_refiner for c in classes) else None,
+                               features_to_keep(configs[0]) if probes else 0)
 
 
 class _SequenceResults:
@@ -309,7 +321,7 @@ def propagate_methods(
     with ExitStack() as held:
         outs = {stage: held.enter_context(store.writing(seq_id, stage)) for stage in sorted(stages)}
         seq = store.writable_sequence(seq_id)
-        inputs = inputs_for_methods(seq, configs, flow_name, feature_teacher)
+        inputs = inputs_for_methods(seq, configs, flow_name, feature_teacher, probes=whole_drive is not None)
         due = [_due_results(seq, config, outs[stage], inputs, flow_name, refiner_sha256)
                for config, stage in zip(configs, stages)]
         # methods relabelling the same frames (all of them, or the same windows) run together

@@ -30,7 +30,7 @@ from autolabel.models.quality import EstimateConfig
 from autolabel.models.teacher import Teacher
 from autolabel.tasks.pipeline import EstimateStage, LabelSettings, label_store, run_stage
 from autolabel.tasks import propagate as propagate_task
-from autolabel.tasks.propagate import StoreSequenceInputs
+from autolabel.tasks.propagate import StoreSequenceInputs, features_to_keep
 from tests.conftest import DriveInputs, tiny_checkpoints
 
 METHODS = ["motion-only", "semantic-only", "warp-inpaint", "warp-refine"]
@@ -235,32 +235,47 @@ class _CountingTeacher:
 
 
 class TestFeatureCache:
-    """warp-refine's teacher features, kept so a frame passed again (the estimate's probes) is not recomputed."""
+    """warp-refine's teacher features, kept while the estimate's probes run so a frame passed again is
+    not computed again; a fixed number of frames, so memory does not grow with the drive."""
+
+    @staticmethod
+    def _inputs(made: dict[str, Path], keep: int) -> tuple[StoreSequenceInputs, _CountingTeacher]:
+        counting = _CountingTeacher(Teacher.load(made["teacher"], "cpu"))
+        store = SequenceStore.open(str(made["store"]))
+        seq = store.sequence(store.sequence_ids()[0])
+        return StoreSequenceInputs(seq, None, False, counting, keep_features=keep), counting  # type: ignore[arg-type]
 
     def test_each_frame_once_and_the_same_features(self, made: dict[str, Path]) -> None:
-        teacher = Teacher.load(made["teacher"], "cpu")
-        counting = _CountingTeacher(teacher)
-        seq = SequenceStore.open(str(made["store"])).sequence(SequenceStore.open(str(made["store"])).sequence_ids()[0])
-        inputs = StoreSequenceInputs(seq, None, False, counting)  # type: ignore[arg-type]
+        inputs, counting = self._inputs(made, keep=8)
         first = inputs.teacher_features_batch([3, 4])
         again = inputs.teacher_features_batch([4, 5])
         assert counting.frames == 3  # frame 4 was kept
-        fresh = teacher.predict_features(np.stack([seq.frame(4), seq.frame(5)]))
+        fresh = counting.teacher.predict_features(np.stack([inputs.frame(4), inputs.frame(5)]))
         assert torch.equal(again, fresh) and torch.equal(again[0], first[1])
         assert again.is_contiguous(memory_format=torch.channels_last) == fresh.is_contiguous(
             memory_format=torch.channels_last)
         assert torch.equal(inputs.teacher_features(5), fresh[1]) and counting.frames == 3
 
-    def test_memory_is_bounded(self, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-        counting = _CountingTeacher(Teacher.load(made["teacher"], "cpu"))
-        seq = SequenceStore.open(str(made["store"])).sequence(SequenceStore.open(str(made["store"])).sequence_ids()[0])
-        inputs = StoreSequenceInputs(seq, None, False, counting)  # type: ignore[arg-type]
-        one = inputs.teacher_features_batch([0])
-        monkeypatch.setattr(propagate_task, "FEATURE_CACHE_BYTES", 2 * one.numel() * one.element_size())
-        for t in (1, 2, 3):
+    def test_a_fixed_number_of_frames_and_bytes(self, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        inputs, counting = self._inputs(made, keep=2)
+        for t in (0, 1, 2, 3):
             inputs.teacher_features_batch([t])
-        assert counting.frames == 4
         inputs.teacher_features_batch([2, 3])  # the two most recent are kept
         assert counting.frames == 4
         inputs.teacher_features_batch([1])  # frame 1 was let go
         assert counting.frames == 5
+        one = inputs.teacher_features(1)
+        monkeypatch.setattr(propagate_task, "FEATURE_CACHE_BYTES", one.numel() * one.element_size())
+        inputs, counting = self._inputs(made, keep=4)
+        for t in (0, 1, 0):  # room for one frame's
+            inputs.teacher_features_batch([t])
+        assert counting.frames == 3
+
+    def test_none_kept_without_probes(self, made: dict[str, Path]) -> None:
+        inputs, counting = self._inputs(made, keep=0)
+        inputs.teacher_features_batch([3])
+        inputs.teacher_features_batch([3])
+        assert counting.frames == 2
+        config = PropagationConfig(method="warp-refine", max_distance=10)
+        assert features_to_keep(config) == 22  # one gap of two chains at a time on CPU
+        assert features_to_keep(config.model_copy(update={"device": "cuda"})) == 22 * 8
