@@ -4,7 +4,8 @@
                                  [--method warp-refine] [--parts memory workers] [--out ...]
 
 For each length, one synthetic drive (21-frame windows) is written to a fresh store, then
-``autolabel label STORE --method M --flow dis-fast --no-estimate`` runs as a user runs it, in a
+``autolabel label STORE --method M --flow dis-fast --no-estimate`` (``--estimate``: without
+``--no-estimate``, the estimate made in the propagation's pass) runs as a user runs it, in a
 new process; its high-water resident memory (the kernel's ``ru_maxrss``), the sampled peak of its
 process tree (every 0.1 s with psutil: a short run is sampled less often, so this one is biased
 towards long runs) and its wall time are recorded, ``--repeat`` times on fresh copies (medians: the
@@ -169,7 +170,7 @@ def main() -> None:
     parser.add_argument("--inbox-frames", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3, help="runs per drive length (medians reported)")
     parser.add_argument("--estimate", action="store_true",
-                        help="workers: label with the quality estimate (the default of `label`; off otherwise)")
+                        help="label with the quality estimate (the default of `label`; off otherwise)")
     parser.add_argument("--equal-threads", action="store_true",
                         help="workers: one worker gets the threads each of the most workers gets (cores / max "
                              "--workers), not every core: the speed-up of splitting alone, as on workers that "
@@ -191,7 +192,7 @@ def main() -> None:
             for r in range(args.repeat):  # each run on a fresh copy: the high-water mark varies run to run
                 copy = f"{tmp}/drive-{frames}-run{r}.zarr"
                 shutil.copytree(store, copy)
-                high, peak, seconds, rc = peak_rss(label_cmd(copy, tmp, args.method))
+                high, peak, seconds, rc = peak_rss(label_cmd(copy, tmp, args.method, estimate=args.estimate))
                 if rc != 0:
                     raise SystemExit(f"autolabel label failed on {frames} frames")
                 repeats.append((high, peak, seconds))
@@ -208,7 +209,8 @@ def main() -> None:
                          f"{frames / seconds:.2f}"])
         scaling = workers_part(args, tmp, w, h) if "workers" in args.parts else []
     if runs:
-        print_table("memory of `autolabel label`: high-water RSS (median, range), sampled peak of the tree",
+        print_table("memory of `autolabel label`: high-water RSS (median, range), sampled peak of the tree, "
+                    f"estimate {'on' if args.estimate else 'off'}",
                     ["frames", "size", "method", "max MB", "range", "sampled MB", "seconds", "frames/s"], rows)
     if len(runs) > 1:
         growth = runs[-1]["max_rss_mb"] / runs[0]["max_rss_mb"] - 1
@@ -220,7 +222,7 @@ def main() -> None:
                     [[r["case"], r["workers"], r["threads_each"], r["seconds"], r["speedup"],
                       "" if r["same_labels"] is None else "yes" if r["same_labels"] else "NO"] for r in scaling])
     write_json("scaling", {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()} | {
-                               "flow": "dis-fast", "estimate": args.estimate and "workers" in args.parts},
+                               "flow": "dis-fast", "estimate": args.estimate},
                            "runs": runs, "workers": scaling}, args.out)
 
 
