@@ -322,28 +322,49 @@ def run_path_together(methods: list[PropagationMethod], inputs: SequenceInputs, 
     :class:`~models.propagation.StepMemo` make each step's trust check once); one state per method.
 
     ``states``: where each method stands at ``path[0]`` (default: that frame's annotation, confidence 1).
-    Inputs with a ``prefetch`` (:class:`~models.prefetch.PrefetchingInputs`) read each next step's
-    meanwhile.
+    """
+    finals = run_paths_together(methods, inputs, [path], on_step, None if states is None else [[s] for s in states])
+    return [f[0] for f in finals]
+
+
+def run_paths_together(methods: list[PropagationMethod], inputs: SequenceInputs, paths: list[list[int]],
+                       on_step: Callable[[], None] | None = None,
+                       states: list[list[LabelState]] | None = None) -> list[list[LabelState]]:
+    """:func:`run_path_together` along several paths at once: each step, the paths still going are one
+    batch (:meth:`~models.propagation.PropagationMethod.step_batch`; shorter paths stop first).
+
+    Args:
+        states: per method, where it stands at each path's first frame (default: that frame's
+            annotation, confidence 1).
+        on_step: called after each step of each path and method (progress).
+
+    Returns:
+        per method, the final state of each path. Inputs with a ``prefetch``
+        (:class:`~models.prefetch.PrefetchingInputs`) read each next step's meanwhile.
     """
     if states is None:
-        ann = methods[0]._tensor(inputs.annotation(path[0])).long()
-        states = [LabelState(ann, torch.ones(ann.shape, device=method.device)) for method in methods]
-    states = list(states)
+        anns = [methods[0]._tensor(inputs.annotation(path[0])).long() for path in paths]
+        states = [[LabelState(ann, torch.ones(ann.shape, device=method.device)) for ann in anns] for method in methods]
+    states = [list(s) for s in states]
     prefetch = getattr(inputs, "prefetch", None)
 
     def reads(k: int) -> list[tuple[str, int]]:  # step k: path[k] -> path[k + 1]
-        wanted = [r for method in methods for r in method.step_reads(path[k], path[k + 1])] if k + 1 < len(path) else []
+        wanted = [r for path in paths if k + 1 < len(path) for method in methods
+                  for r in method.step_reads(path[k], path[k + 1])]
         return list(dict.fromkeys(wanted))
 
     if prefetch is not None:
         prefetch(reads(0))
-    for k, (src, dst) in enumerate(itertools.pairwise(path)):
+    for k in range(max((len(path) - 1 for path in paths), default=0)):
         if prefetch is not None:
             prefetch(reads(k + 1))
+        active = [j for j, path in enumerate(paths) if k + 1 < len(path)]
+        srcs, dsts = [paths[j][k] for j in active], [paths[j][k + 1] for j in active]
         for m, method in enumerate(methods):
-            states[m] = method.step(states[m], src, dst, inputs)
-            if on_step is not None:
-                on_step()
+            for j, state in zip(active, method.step_batch([states[m][j] for j in active], srcs, dsts, inputs)):
+                states[m][j] = state
+                if on_step is not None:
+                    on_step()
     return states
 
 
@@ -528,11 +549,15 @@ class ProbeAnswers:
         skips: per method, annotation fingerprints of keyframes its probes must not end on
             (:func:`probes_to_run`); None for a method whose estimate is not wanted.
         on_step: called after each step of each method (progress).
+        batch: resumed probes stepped together at most (a gap's two on CPU, as its chains are).
     """
 
     def __init__(self, inputs: SequenceInputs, config: EstimateConfig, max_distance: int,
-                 skips: list[Iterable[str] | None], on_step: Callable[[], None] | None = None) -> None:
-        self.config, self.max_distance, self.on_step = config, max_distance, on_step
+                 skips: list[Iterable[str] | None], on_step: Callable[[], None] | None = None,
+                 batch: int = 2) -> None:
+        if batch < 1:
+            raise ConfigError(f"probes are stepped in batches of at least one, got {batch}")
+        self.config, self.max_distance, self.on_step, self.batch = config, max_distance, on_step, batch
         self.plan = estimate_plan(inputs.annotated, config, max_distance)
         self.chosen = [probes_to_run(self.plan, inputs, skip) if skip is not None else None for skip in skips]
         self.answers: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in skips]
@@ -554,19 +579,25 @@ class ProbeAnswers:
     def __call__(self, methods: list[PropagationMethod], inputs: SequenceInputs, chains: list[Chain],
                  states: list[list[LabelState]]) -> None:
         """:data:`~models.propagation.OnChains`: resume the probes these chains start (``methods`` and
-        ``states`` in the order of ``skips``)."""
+        ``states`` in the order of ``skips``), up to ``batch`` of them stepped as one batch (those
+        run by the same methods)."""
+        resumed: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}  # methods -> (probe, chain, steps done)
         for j, chain in enumerate(chains):
             i = self._resumable.get((chain.key, chain.direction))
             if i is None or i in self._done or not 0 < chain.length < self.plan[i].length:
                 continue
-            running = self._running(i)
-            if running:
-                finals = run_path_together([methods[m] for m in running], inputs,
-                                           probe_path(self.plan[i])[chain.length:], self.on_step,
-                                           [states[m][j] for m in running])
-                for m, state in zip(running, finals):
-                    self.answers[m][i] = _answer(state)
             self._done.add(i)
+            if running := tuple(self._running(i)):
+                resumed.setdefault(running, []).append((i, j, chain.length))
+        for running, probes in resumed.items():
+            for b in range(0, len(probes), self.batch):
+                part = probes[b:b + self.batch]
+                finals = run_paths_together([methods[m] for m in running], inputs,
+                                            [probe_path(self.plan[i])[done:] for i, _, done in part], self.on_step,
+                                            [[states[m][j] for _, j, _ in part] for m in running])
+                for m, method_finals in zip(running, finals):
+                    for (i, _, _), state in zip(part, method_finals):
+                        self.answers[m][i] = _answer(state)
 
     def calibrations(self, methods: list[PropagationMethod], inputs: SequenceInputs
                      ) -> list[EstimateCalibration | None]:

@@ -132,7 +132,9 @@ def propagate_and_estimate(store: SequenceStore, seq_id: str, configs: list[Prop
 
     def resume(group: list[PropagationConfig], inputs: StoreSequenceInputs) -> ProbeAnswers:
         skips: list[Iterable[str] | None] = [_refiner_keyframes(refiner, method_class(c.method)) for c in group]
-        answers = ProbeAnswers(inputs, estimate, group[0].max_distance, skips, on_step)
+        # resumed probes stepped as the chains are: a gap's two at a time on CPU, a batch's worth on CUDA
+        answers = ProbeAnswers(inputs, estimate, group[0].max_distance, skips, on_step,
+                               batch=max(2, group[0].chains_per_batch()))
         fused.append((group, inputs, answers))
         return answers
 

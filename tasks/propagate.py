@@ -123,16 +123,15 @@ class StoreSequenceInputs:
         kept from an earlier call (the most recent ``keep_features`` frames'); left where and as the
         teacher made them (its device, channels_last), which is where the refiner wants them."""
         assert self._feature_teacher is not None
-        missing = [t for t in dict.fromkeys(ts) if t not in self._features_kept]
+        found = {t: self._features_kept[t] for t in ts if t in self._features_kept}  # before new ones push them out
+        missing = [t for t in dict.fromkeys(ts) if t not in found]
         if not missing:
-            return torch.cat([self._features_kept[t] for t in ts])
+            return torch.cat([found[t] for t in ts])
         computed = self._feature_teacher.predict_features(np.stack([self.frame(t) for t in missing]))
         for i, t in enumerate(missing):  # views, no copy: a batch's memory goes when its last frame does
-            self._keep_features(t, computed[i:i + 1])
-        if missing == ts:
-            return computed
-        return torch.cat([self._features_kept[t] if t in self._features_kept else computed[missing.index(t)][None]
-                          for t in ts])
+            found[t] = computed[i:i + 1]
+            self._keep_features(t, found[t])
+        return computed if missing == ts else torch.cat([found[t] for t in ts])
 
     def _keep_features(self, t: int, features: torch.Tensor) -> None:
         size = features.numel() * features.element_size()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from autolabel.errors import ConfigError
 from autolabel.models.metrics import confusion_matrix, iou_per_class
@@ -29,6 +30,8 @@ from autolabel.models.quality import (
     fit_probes,
     probes_to_run,
     run_cycle,
+    run_path_together,
+    run_paths_together,
     run_probe,
     split_probes,
 )
@@ -172,14 +175,15 @@ class TestCalibrateTogether:
 class TestProbeAnswers:
     """Held-out probes resumed from the propagation's own chains (:class:`ProbeAnswers` as ``on_chains``)."""
 
-    @pytest.mark.parametrize("k", [2, 10])  # chains stopping K out, and one frame before the next keyframe
-    def test_resumed_probes_give_the_calibrations_of_whole_probes(self, k: int) -> None:
+    # chains stopping K out, or one frame before the next keyframe; resumed probes one, two or all at a time
+    @pytest.mark.parametrize(("k", "batch"), [(2, 1), (2, 2), (10, 2), (10, 8)])
+    def test_resumed_probes_give_the_calibrations_of_whole_probes(self, k: int, batch: int) -> None:
         inputs = DriveInputs(CFG, annotated=[1, 6, 11])
         configs = [PropagationConfig(method="warp-inpaint", max_distance=k, inpaint_confidence=c) for c in (0.0, 0.99)]
         configs.append(PropagationConfig(method="motion-only", max_distance=k))
         skips = [[], [annotation_fingerprint(inputs.annotation(11))], None]  # motion-only: no estimate wanted
         steps: list[int] = []
-        probes = ProbeAnswers(inputs, EstimateConfig(), k, skips, on_step=lambda: steps.append(1))
+        probes = ProbeAnswers(inputs, EstimateConfig(), k, skips, on_step=lambda: steps.append(1), batch=batch)
         planned = probes.steps(resumed=True)
         frames = list(propagate_frames_together(inputs, configs, on_chains=probes))
         assert len(steps) == planned > 0  # only the rest of each probe ran during the pass
@@ -192,6 +196,24 @@ class TestProbeAnswers:
         for outputs, t in zip(frames, range(CFG.frames)):  # the labels are the pass's own
             for output, config in zip(outputs, configs):
                 np.testing.assert_array_equal(output.labels, propagate(inputs, config)[t].labels)
+
+    def test_paths_stepped_together_end_where_each_alone_does(self) -> None:
+        inputs = DriveInputs(CFG, annotated=[1, 6, 11])
+        methods = [create_method(PropagationConfig(method="warp-inpaint", max_distance=10, inpaint_confidence=c))
+                   for c in (0.0, 0.99)]
+        paths = [[1, 2, 3, 4, 5, 6], [11, 10, 9], [6, 7, 8, 9]]  # different lengths and directions
+        steps: list[int] = []
+        together = run_paths_together(methods, inputs, paths, on_step=lambda: steps.append(1))
+        assert len(steps) == 2 * (5 + 2 + 3)
+        for p, path in enumerate(paths):
+            alone = run_path_together(methods, inputs, path)
+            for m in range(2):
+                assert torch.equal(together[m][p].labels, alone[m].labels)
+                assert torch.equal(together[m][p].confidence, alone[m].confidence)
+
+    def test_batch_must_be_positive(self) -> None:
+        with pytest.raises(ConfigError, match="batches of at least one"):
+            ProbeAnswers(DriveInputs(CFG, annotated=[1, 6, 11]), EstimateConfig(), 2, [[]], batch=0)
 
     def test_fewer_steps_than_whole_probes(self) -> None:
         inputs = DriveInputs(CFG, annotated=[1, 6, 11])

@@ -250,11 +250,13 @@ class TestFeatureCache:
         first = inputs.teacher_features_batch([3, 4])
         again = inputs.teacher_features_batch([4, 5])
         assert counting.frames == 3  # frame 4 was kept
-        fresh = counting.teacher.predict_features(np.stack([inputs.frame(4), inputs.frame(5)]))
-        assert torch.equal(again, fresh) and torch.equal(again[0], first[1])
-        assert again.is_contiguous(memory_format=torch.channels_last) == fresh.is_contiguous(
+        # what a batch computes for a frame can differ from a lone call in the last bits (CPU kernels
+        # by batch size), so: the kept frame exactly as first computed, the new one as computed alone
+        alone = counting.teacher.predict_features(inputs.frame(5)[None])
+        assert torch.equal(again[0], first[1]) and torch.equal(again[1], alone[0])
+        assert again.is_contiguous(memory_format=torch.channels_last) == alone.is_contiguous(
             memory_format=torch.channels_last)
-        assert torch.equal(inputs.teacher_features(5), fresh[1]) and counting.frames == 3
+        assert torch.equal(inputs.teacher_features(5), again[1]) and counting.frames == 3
 
     def test_a_fixed_number_of_frames_and_bytes(self, made: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
         inputs, counting = self._inputs(made, keep=2)
@@ -270,6 +272,15 @@ class TestFeatureCache:
         for t in (0, 1, 0):  # room for one frame's
             inputs.teacher_features_batch([t])
         assert counting.frames == 3
+
+    def test_a_kept_frame_let_go_for_the_new_ones_of_the_same_call(self, made: dict[str, Path]) -> None:
+        inputs, counting = self._inputs(made, keep=1)
+        first = inputs.teacher_features_batch([0])
+        both = inputs.teacher_features_batch([0, 1])  # 0 found, 1 computed; keeping 1 lets 0 go
+        alone = counting.teacher.predict_features(inputs.frame(1)[None])
+        assert counting.frames == 2 and torch.equal(both[0], first[0]) and torch.equal(both[1], alone[0])
+        assert both.is_contiguous(memory_format=torch.channels_last) == alone.is_contiguous(
+            memory_format=torch.channels_last)
 
     def test_none_kept_without_probes(self, made: dict[str, Path]) -> None:
         inputs, counting = self._inputs(made, keep=0)
