@@ -542,7 +542,7 @@ class ProbeAnswers:
     rest of the way: at K = 10 and keyframes 21 apart, about half of the estimate's steps.
     :meth:`calibrations` runs whole the probes no chain started (cycles, or no propagation pass)
     and fits each method. Either way a method's answers are those it gets alone (tests check the
-    records bit for bit on CPU).
+    records are equal on CPU; batches can differ from lone calls in the last bits).
 
     Args:
         inputs: the sequence (whole: frame indices are the sequence's).
