@@ -1,4 +1,5 @@
-"""Process set-up every entry point shares: the C allocator's arenas and the compute threads.
+"""Process set-up every entry point shares: OpenMP's wait policy, the C allocator's arenas and the
+compute threads.
 
 Labelling runs torch's threads, OpenCV's, zarr's event-loop thread and the prefetching reader;
 glibc gives each thread its own malloc arena (up to 8 per core), and the freed space of many
@@ -7,6 +8,15 @@ arenas does not go back to the system: the high-water RSS of a 2000-frame drive 
 README "Scale"). :func:`configure_process` caps the arenas (unless ``MALLOC_ARENA_MAX`` is set,
 which glibc then applies itself) and sets the threads; the CLI, the Prefect flows and the local
 worker processes call it first.
+
+Several labelling processes on one machine are normal (two users' ``label`` runs, several pool
+workers on one host, the local segment jobs): each starts torch with a thread per core, and
+OpenMP's threads spin while they wait for work by default, taking the cores the other process
+computes on. Two ``label`` runs at once on 2 cores (a fresh 105-frame 480x360 drive each,
+warp-refine) took 71 s with spinning threads and 40 s with sleeping ones (one run alone: ~24 s
+either way; README "Scale"). :func:`prefer_passive_waits`, called when the ``autolabel`` package is
+imported, so before torch loads its OpenMP runtime (which reads the policy once), makes waiting
+threads sleep unless ``OMP_WAIT_POLICY`` is set.
 """
 
 from __future__ import annotations
@@ -19,6 +29,19 @@ from autolabel.errors import ConfigError
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
 MALLOC_ARENAS = 2
+OMP_WAIT_POLICY = "PASSIVE"
+
+
+def prefer_passive_waits(policy: str = OMP_WAIT_POLICY) -> bool:
+    """Set ``$OMP_WAIT_POLICY`` to ``policy`` unless the environment sets it; True where it did.
+
+    Takes effect only where the OpenMP runtime is not loaded yet (``import torch`` loads it) and in
+    every child process; the ``autolabel`` package calls it on import.
+    """
+    if os.environ.get("OMP_WAIT_POLICY"):
+        return False
+    os.environ["OMP_WAIT_POLICY"] = policy
+    return True
 
 
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:

@@ -1,7 +1,8 @@
 """Peak memory of labelling against drive length, and wall time against the number of workers.
 
     python benchmarks/scaling.py [--frames 100 2000] [--repeat 3] [--workers 1 2 4] [--size 320x240]
-                                 [--method warp-refine] [--parts memory workers] [--out ...]
+                                 [--method warp-refine] [--parts memory workers concurrent]
+                                 [--concurrent 2] [--out ...]
 
 For each length, one synthetic drive (21-frame windows) is written to a fresh store, then
 ``autolabel label STORE --method M --flow dis-fast --no-estimate`` (``--estimate``: without
@@ -24,6 +25,12 @@ the long drive's labels are checked to be identical for every N. Wall time and s
 worker are reported. One worker gets every core unless ``--equal-threads`` gives it only what each
 of the most workers gets: on a small machine a lone worker already uses all cores through torch's
 threads, which is not what splitting a drive across separate worker machines is about.
+
+Concurrent (``--parts concurrent``): ``--concurrent`` fresh drives of ``--inbox-frames`` frames
+labelled at once by separate processes that each take every core (two users' runs on one machine,
+several pool workers on one host), against one drive alone, with OpenMP's waiting threads spinning
+(``OMP_WAIT_POLICY=ACTIVE``, OpenMP's default) and sleeping (``PASSIVE``, autolabel's default);
+``--repeat`` rounds, the two policies alternating.
 """
 
 from __future__ import annotations
@@ -90,9 +97,14 @@ def label_cmd(store: str, tmp: str, method: str, *extra: str, estimate: bool = F
     return cmd
 
 
-def run_all(cmds: list[list[str]], at_once: int, threads: int) -> float:
-    """Wall seconds to run ``cmds``, ``at_once`` processes at a time, each with ``threads`` threads."""
-    env = {**os.environ, "AUTOLABEL_THREADS": str(threads), "COLUMNS": "100"}
+def run_all(cmds: list[list[str]], at_once: int, threads: int | None, wait_policy: str | None = None) -> float:
+    """Wall seconds to run ``cmds``, ``at_once`` processes at a time, each with ``threads`` threads
+    (None: every core, as a user's run gets) and OpenMP's ``wait_policy`` (None: autolabel's default)."""
+    env = {**os.environ, "COLUMNS": "100"}
+    env.pop("AUTOLABEL_THREADS", None)
+    env.pop("OMP_WAIT_POLICY", None)
+    env.update({"AUTOLABEL_THREADS": str(threads)} if threads else {})
+    env.update({"OMP_WAIT_POLICY": wait_policy} if wait_policy else {})
     start = time.perf_counter()
     pending, running = list(cmds), []
     while pending or running:
@@ -153,6 +165,29 @@ def workers_part(args: argparse.Namespace, tmp: str, w: int, h: int) -> list[dic
     return results
 
 
+def concurrent_part(args: argparse.Namespace, tmp: str, w: int, h: int) -> list[dict]:
+    """Wall time of ``--concurrent`` fresh drives labelled at once by separate processes that each take
+    every core (two users' runs, several workers on one host), against one drive alone, with OpenMP's
+    waiting threads spinning (``ACTIVE``, OpenMP's default) and sleeping (``PASSIVE``, autolabel's)."""
+    src = f"{tmp}/concurrent.zarr"
+    write_synthetic_store(src, drive_configs(1, SyntheticConfig(width=w, height=h, frames=args.inbox_frames,
+                                                                seed=7)), AnnotationPolicy(mode="window", n=21))
+    results = []
+    for repeat in range(args.repeat):
+        for policy in ("ACTIVE", "PASSIVE"):  # alternating: a shared machine's speed drifts
+            for n in (1, args.concurrent):
+                stores = [f"{tmp}/concurrent-{policy}-{n}-{i}.zarr" for i in range(n)]
+                for store in stores:
+                    shutil.copytree(src, store)
+                seconds = run_all([label_cmd(s, tmp, args.method, estimate=args.estimate) for s in stores], n,
+                                  None, policy)
+                for store in stores:
+                    shutil.rmtree(store, ignore_errors=True)
+                results.append({"wait_policy": policy, "processes": n, "repeat": repeat, "seconds": round(seconds, 1)})
+                log(f"{n} at once, OMP_WAIT_POLICY={policy}: {seconds:.1f} s")
+    return results
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -162,7 +197,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[100, 2000])
     parser.add_argument("--size", default="320x240")
     parser.add_argument("--method", default="warp-refine")
-    parser.add_argument("--parts", nargs="+", default=["memory", "workers"], choices=["memory", "workers"])
+    parser.add_argument("--parts", nargs="+", default=["memory", "workers"],
+                        choices=["memory", "workers", "concurrent"])
+    parser.add_argument("--concurrent", type=int, default=2,
+                        help="concurrent: drives labelled at once by processes that each take every core")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--long-frames", type=int, default=400)
     parser.add_argument("--segment-frames", type=int, default=64)
@@ -208,6 +246,7 @@ def main() -> None:
             rows.append([frames, args.size, args.method, f"{high:.0f}", spread, f"{peak:.0f}", f"{seconds:.0f}",
                          f"{frames / seconds:.2f}"])
         scaling = workers_part(args, tmp, w, h) if "workers" in args.parts else []
+        concurrent = concurrent_part(args, tmp, w, h) if "concurrent" in args.parts else []
     if runs:
         print_table("memory of `autolabel label`: high-water RSS (median, range), sampled peak of the tree, "
                     f"estimate {'on' if args.estimate else 'off'}",
@@ -221,9 +260,20 @@ def main() -> None:
                     ["case", "workers", "threads", "seconds", "speed-up", "same labels"],
                     [[r["case"], r["workers"], r["threads_each"], r["seconds"], r["speedup"],
                       "" if r["same_labels"] is None else "yes" if r["same_labels"] else "NO"] for r in scaling])
+    if concurrent:
+        rows = []
+        for policy in ("ACTIVE", "PASSIVE"):
+            alone = [r["seconds"] for r in concurrent if r["wait_policy"] == policy and r["processes"] == 1]
+            many = [r["seconds"] for r in concurrent if r["wait_policy"] == policy and r["processes"] > 1]
+            rows.append([policy, f"{statistics.median(alone):.1f}", args.concurrent, f"{statistics.median(many):.1f}",
+                         f"{args.concurrent * statistics.median(alone) / statistics.median(many):.2f}",
+                         " / ".join(f"{s:.0f}" for s in many)])
+        print_table(f"{args.concurrent} processes at once, every core each ({args.inbox_frames} x {args.size}):"
+                    f" wall s, median of {args.repeat}",
+                    ["OMP_WAIT_POLICY", "one alone", "at once", "all of them", "vs one by one", "runs"], rows)
     write_json("scaling", {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()} | {
                                "flow": "dis-fast", "estimate": args.estimate},
-                           "runs": runs, "workers": scaling}, args.out)
+                           "runs": runs, "workers": scaling, "concurrent": concurrent}, args.out)
 
 
 if __name__ == "__main__":

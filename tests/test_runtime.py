@@ -1,4 +1,4 @@
-"""Process set-up: glibc malloc arenas capped, thread counts from $AUTOLABEL_THREADS."""
+"""Process set-up: glibc malloc arenas capped, thread counts from $AUTOLABEL_THREADS, sleeping OpenMP waits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from autolabel.errors import ConfigError
-from autolabel.runtime import compute_threads
+from autolabel.runtime import compute_threads, prefer_passive_waits
 
 # counts glibc's heaps (one per arena) after 8 threads allocated, via malloc_info's XML
 HEAPS_AFTER_THREADS = textwrap.dedent("""
@@ -77,3 +77,45 @@ class TestThreads:
         monkeypatch.setenv("AUTOLABEL_THREADS", "two")
         with pytest.raises(ConfigError, match="AUTOLABEL_THREADS must be a number of threads, not 'two'"):
             compute_threads()
+
+
+# records $OMP_WAIT_POLICY at the moment torch is first imported (OpenMP reads it once, on loading)
+POLICY_WHEN_TORCH_LOADS = textwrap.dedent("""
+    import importlib, os, sys
+    seen = []
+    class Watch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" and not seen:
+                seen.append(os.environ.get("OMP_WAIT_POLICY"))
+            return None
+    sys.meta_path.insert(0, Watch())
+    importlib.import_module(sys.argv[1])
+    import torch  # where the entry point did not load it itself
+    print(seen[0])
+""")
+
+
+class TestWaitPolicy:
+    def test_set_where_the_environment_is_silent(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        assert prefer_passive_waits() is True
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+    def test_the_environment_wins(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+        assert prefer_passive_waits() is False
+        assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+    @pytest.mark.parametrize("entry", ["autolabel.cli.app", "autolabel.flows.label_sequence",
+                                       "autolabel.flows.label_segment", "autolabel.models.teacher"])
+    @pytest.mark.parametrize("preset", [None, "ACTIVE"])
+    def test_in_place_before_torch_loads(self, entry: str, preset: str | None) -> None:
+        """Every entry point (the CLI, the flows a worker runs, the models alone) has the policy in the
+        environment before torch loads OpenMP; a user's own setting is kept."""
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if preset:
+            env["OMP_WAIT_POLICY"] = preset
+        done = subprocess.run([sys.executable, "-c", POLICY_WHEN_TORCH_LOADS, entry], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == (preset or "PASSIVE")
