@@ -2,7 +2,7 @@
 
     python benchmarks/scaling.py [--frames 100 2000] [--repeat 3] [--workers 1 2 4] [--size 320x240]
                                  [--method warp-refine] [--parts memory workers concurrent]
-                                 [--concurrent 2] [--out ...]
+                                 [--concurrent 2] [--wait-policy ACTIVE|PASSIVE] [--out ...]
 
 For each length, one synthetic drive (21-frame windows) is written to a fresh store, then
 ``autolabel label STORE --method M --flow dis-fast --no-estimate`` (``--estimate``: without
@@ -144,7 +144,7 @@ def workers_part(args: argparse.Namespace, tmp: str, w: int, h: int) -> list[dic
         shutil.copytree(long_src, store)
         seconds = run_all([label_cmd(store, tmp, args.method, "--segment-frames", str(args.segment_frames),
                                      "--jobs", str(n), estimate=args.estimate)], 1,
-                          cores if n == 1 and not fewest else threads)
+                          cores if n == 1 and not fewest else threads, args.wait_policy)
         seq = SequenceStore.open(store).sequence(SequenceStore.open(store).sequence_ids()[0])
         labels = np.asarray(seq.array(f"results/{args.method}/labels")[:])
         same = reference is None or bool(np.array_equal(labels, reference))
@@ -155,7 +155,7 @@ def workers_part(args: argparse.Namespace, tmp: str, w: int, h: int) -> list[dic
         store = f"{tmp}/inbox-{n}.zarr"
         shutil.copytree(inbox_src, store)
         seconds = run_all([label_cmd(store, tmp, args.method, "--sequence", d, estimate=args.estimate)
-                           for d in drives], n, threads)
+                           for d in drives], n, threads, args.wait_policy)
         results.append({"case": f"{len(drives)} drives of {args.inbox_frames} frames", "workers": n,
                         "threads_each": threads, "seconds": round(seconds, 1), "same_labels": None})
         log(f"inbox, {n} workers: {seconds:.1f} s")
@@ -213,6 +213,8 @@ def main() -> None:
                         help="workers: one worker gets the threads each of the most workers gets (cores / max "
                              "--workers), not every core: the speed-up of splitting alone, as on workers that "
                              "are separate machines")
+    parser.add_argument("--wait-policy", choices=["ACTIVE", "PASSIVE"], default=None,
+                        help="workers: OMP_WAIT_POLICY of the labelling processes (default: autolabel's, PASSIVE)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     w, h = (int(v) for v in args.size.split("x"))
