@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from autolabel.cli.app import COMMAND_MODULES, CommandTable, module_commands
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
@@ -190,3 +194,70 @@ def test_run_refuses_warp_refine_without_a_refiner(tmp_path: Path) -> None:
     done = run_cli("run", str(tmp_path / "s.zarr"), "--teacher", str(tmp_path / "t.pt"), "--method", "warp-refine")
     assert done.returncode == 2
     assert "needs a refiner checkpoint" in done.stderr.replace("\n", "") and "Traceback" not in done.stderr
+
+
+# runs the CLI in this process and prints which heavy packages it loaded
+LOADED_BY = """
+import sys
+from autolabel.cli import main
+sys.argv = ["autolabel", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code
+else:
+    code = 0
+print("LOADED", code, sorted(m for m in ("torch", "prefect") if m in sys.modules))
+"""
+
+
+def _loaded_by(*args: str) -> tuple[int, list[str]]:
+    done = subprocess.run([sys.executable, "-c", LOADED_BY, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "100", "NO_COLOR": "1"})
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("LOADED")]
+    _, code, loaded = line.split(" ", 2)
+    return int(code), json.loads(loaded.replace("'", '"'))
+
+
+class TestCommandTable:
+    """Each command's module is imported when that command runs (``autolabel.cli.app.CommandTable``)."""
+
+    def test_every_module_registers_exactly_its_commands(self) -> None:
+        modules = set(COMMAND_MODULES.values())
+        registered = {name: module for module in modules for name in module_commands(module)}
+        assert registered == COMMAND_MODULES
+
+    @pytest.mark.parametrize("command", ["ingest", "info", "synth", "export", "verify"])
+    def test_data_commands_start_without_torch(self, command: str) -> None:
+        assert _loaded_by(command, "--help") == (0, [])
+
+    def test_a_data_command_runs_without_torch(self, tmp_path: Path) -> None:
+        store = str(tmp_path / "s.zarr")
+        write_synthetic_store(store, drive_configs(1, SyntheticConfig(width=32, height=32, frames=4)))
+        assert _loaded_by("info", store) == (0, [])
+        assert _loaded_by("verify", store) == (0, [])
+
+    def test_a_labelling_command_loads_what_it_needs(self) -> None:
+        assert _loaded_by("label", "--help") == (0, ["torch"])
+
+    def test_help_lists_every_command_in_order(self) -> None:
+        done = run_cli("--help")
+        assert done.returncode == 0
+        listed = [line.split()[1] for line in done.stdout.splitlines()
+                  if line.startswith("│ ") and len(line.split()) > 1 and line.split()[1] in COMMAND_MODULES]
+        assert listed == list(COMMAND_MODULES)
+
+    def test_a_misspelt_command_is_answered_with_a_suggestion(self) -> None:
+        done = run_cli("lable", "x")
+        assert done.returncode == 2 and "No such command 'lable'. Did you mean 'label'?" in done.stderr
+
+    def test_table_behaves_as_a_mapping(self) -> None:
+        table = CommandTable({"info": "data_commands"})
+        assert list(table) == ["info"] and "info" in table and "label" not in table
+        with pytest.raises(KeyError):
+            table["label"]
+        assert table["info"].name == "info"
+        table["extra"] = table["info"]
+        assert list(table) == ["info", "extra"] and len(table) == 2
+        del table["info"]
+        assert list(table) == ["extra"]

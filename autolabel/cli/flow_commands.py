@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from autolabel.cli import label_options as lopt
 from autolabel.cli import options as opt
 from autolabel.cli.console import console
 from autolabel.cli.options import default
@@ -23,21 +24,21 @@ def run(
     store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
     method: Annotated[str, typer.Option(help="motion-only, semantic-only, warp-inpaint, warp-refine")]
     = default(LabelSettings, "propagation").method,
-    teacher: opt.Teacher = None,
-    teacher_map: opt.TeacherMap = None,
-    refiner: opt.Refiner = None,
-    max_distance: opt.MaxDistance = default(PropagationConfig, "max_distance"),
-    tau: opt.Tau = default(PropagationConfig, "tau"),
-    inpaint_confidence: opt.InpaintConfidence = default(PropagationConfig, "inpaint_confidence"),
-    override_confidence: opt.OverrideConfidence = default(PropagationConfig, "override_confidence"),
-    flow_backend: opt.FlowBackend = default(FlowConfig, "backend"),
-    workers: opt.FlowWorkers = default(FlowConfig, "workers"),
-    adapt_steps: opt.AdaptSteps = default(LabelSettings, "adapt_steps"),
-    device: opt.Device = default(LabelSettings, "device"),
-    compare: opt.Compare = default(LabelSettings, "compare_with_warp_inpaint"),
-    export: opt.Export = None,
-    estimate: opt.Estimate = True,
-    segment_frames: opt.SegmentFrames = default(LabelSettings, "segment_frames"),
+    teacher: lopt.Teacher = None,
+    teacher_map: lopt.TeacherMap = None,
+    refiner: lopt.Refiner = None,
+    max_distance: lopt.MaxDistance = default(PropagationConfig, "max_distance"),
+    tau: lopt.Tau = default(PropagationConfig, "tau"),
+    inpaint_confidence: lopt.InpaintConfidence = default(PropagationConfig, "inpaint_confidence"),
+    override_confidence: lopt.OverrideConfidence = default(PropagationConfig, "override_confidence"),
+    flow_backend: lopt.FlowBackend = default(FlowConfig, "backend"),
+    workers: lopt.FlowWorkers = default(FlowConfig, "workers"),
+    adapt_steps: lopt.AdaptSteps = default(LabelSettings, "adapt_steps"),
+    device: lopt.Device = default(LabelSettings, "device"),
+    compare: lopt.Compare = default(LabelSettings, "compare_with_warp_inpaint"),
+    export: lopt.Export = None,
+    estimate: lopt.Estimate = True,
+    segment_frames: lopt.SegmentFrames = default(LabelSettings, "segment_frames"),
     inbox: Annotated[Path | None, typer.Option(help="ingest new or changed drives from this folder first")] = None,
     layout: Annotated[str, typer.Option(help="the inbox's layout: apollo, camvid, davis, cityscapes, folder")]
     = "apollo",
@@ -52,7 +53,7 @@ def run(
     """The whole job through the Prefect flows: ingest -> label every sequence -> evaluate -> dashboard."""
     opt.set_threads()
     # the settings first: a mistyped option is reported before Prefect and the flows load (~3 s)
-    settings = opt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
+    settings = lopt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
                                   override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
                                   estimate, teacher_map, segment_frames)
     from autolabel.flows.autolabel_flow import autolabel_flow

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from autolabel.cli import label_options as lopt
 from autolabel.cli import options as opt
 from autolabel.cli.console import StageBar, console, err_console, progress_display
 from autolabel.cli.options import default, describe
@@ -20,11 +21,11 @@ from autolabel.tasks.pipeline import LabelSettings
 
 def flow(
     store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
-    backend: opt.FlowBackend = default(FlowConfig, "backend"),
+    backend: lopt.FlowBackend = default(FlowConfig, "backend"),
     variational_refinement: Annotated[bool, typer.Option(help=describe(FlowConfig, "variational_refinement"))]
     = default(FlowConfig, "variational_refinement"),
     raft_weights: Annotated[Path | None, typer.Option(help=describe(FlowConfig, "raft_weights"))] = None,
-    workers: opt.FlowWorkers = default(FlowConfig, "workers"),
+    workers: lopt.FlowWorkers = default(FlowConfig, "workers"),
     sequence: opt.Sequences = None,
 ) -> None:
     """Compute and store forward and backward optical flow of every frame pair (the pipeline's flow stage)."""
@@ -44,21 +45,21 @@ def flow(
 def label(
     store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
     method: Annotated[str, typer.Option(help="motion-only, semantic-only, warp-inpaint, warp-refine")],
-    teacher: opt.Teacher = None,
-    teacher_map: opt.TeacherMap = None,
-    refiner: opt.Refiner = None,
-    max_distance: opt.MaxDistance = default(PropagationConfig, "max_distance"),
-    tau: opt.Tau = default(PropagationConfig, "tau"),
-    inpaint_confidence: opt.InpaintConfidence = default(PropagationConfig, "inpaint_confidence"),
-    override_confidence: opt.OverrideConfidence = default(PropagationConfig, "override_confidence"),
-    flow_backend: opt.FlowBackend = default(FlowConfig, "backend"),
-    workers: opt.FlowWorkers = default(FlowConfig, "workers"),
-    adapt_steps: opt.AdaptSteps = default(LabelSettings, "adapt_steps"),
-    device: opt.Device = default(LabelSettings, "device"),
-    compare: opt.Compare = default(LabelSettings, "compare_with_warp_inpaint"),
-    export: opt.Export = None,
-    estimate: opt.Estimate = True,
-    segment_frames: opt.SegmentFrames = default(LabelSettings, "segment_frames"),
+    teacher: lopt.Teacher = None,
+    teacher_map: lopt.TeacherMap = None,
+    refiner: lopt.Refiner = None,
+    max_distance: lopt.MaxDistance = default(PropagationConfig, "max_distance"),
+    tau: lopt.Tau = default(PropagationConfig, "tau"),
+    inpaint_confidence: lopt.InpaintConfidence = default(PropagationConfig, "inpaint_confidence"),
+    override_confidence: lopt.OverrideConfidence = default(PropagationConfig, "override_confidence"),
+    flow_backend: lopt.FlowBackend = default(FlowConfig, "backend"),
+    workers: lopt.FlowWorkers = default(FlowConfig, "workers"),
+    adapt_steps: lopt.AdaptSteps = default(LabelSettings, "adapt_steps"),
+    device: lopt.Device = default(LabelSettings, "device"),
+    compare: lopt.Compare = default(LabelSettings, "compare_with_warp_inpaint"),
+    export: lopt.Export = None,
+    estimate: lopt.Estimate = True,
+    segment_frames: lopt.SegmentFrames = default(LabelSettings, "segment_frames"),
     jobs: Annotated[int, typer.Option(help="local worker processes for the segments of long drives "
                                            "(with --segment-frames)")] = 1,
     sequence: opt.Sequences = None,
@@ -72,7 +73,7 @@ def label(
     opt.set_threads()
     from autolabel.tasks.pipeline import label_store
 
-    settings = opt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
+    settings = lopt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
                                   override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
                                   estimate, teacher_map, segment_frames)
     if jobs < 1:

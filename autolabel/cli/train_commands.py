@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from autolabel.cli import label_options as lopt
 from autolabel.cli import options as opt
 from autolabel.cli.console import StageBar, console, progress_display
 from autolabel.cli.options import default, describe
@@ -28,7 +29,7 @@ def train_teacher(
     crop: Annotated[int, typer.Option(help=describe(T, "crop"))] = default(T, "crop"),
     lr: Annotated[float, typer.Option(help=describe(T, "lr"))] = default(T, "lr"),
     sequence: opt.Sequences = None,
-    device: Annotated[str, typer.Option(help=describe(T, "device"), callback=opt.device_here)] = default(T, "device"),
+    device: Annotated[str, typer.Option(help=describe(T, "device"), callback=lopt.device_here)] = default(T, "device"),
     seed: Annotated[int, typer.Option(help=describe(T, "seed"))] = default(T, "seed"),
 ) -> None:
     """Train the semantic teacher on the annotated frames of one or more stores."""
@@ -68,12 +69,12 @@ def train_refiner(
     lr: Annotated[float, typer.Option(help=describe(R, "lr"))] = default(R, "lr"),
     rmi_weight: Annotated[float, typer.Option(help=describe(R, "rmi_weight"))] = default(R, "rmi_weight"),
     arch: Annotated[str, typer.Option(help=describe(R, "arch"))] = default(R, "arch"),
-    flow_backend: opt.FlowBackend = default(FlowConfig, "backend"),
+    flow_backend: lopt.FlowBackend = default(FlowConfig, "backend"),
     adapt_steps: Annotated[int, typer.Option(help=describe(RefinerRequest, "adapt_steps"))]
     = default(RefinerRequest, "adapt_steps"),
     max_samples: Annotated[int | None, typer.Option(help=describe(RefinerRequest, "max_samples"))] = None,
     sequence: opt.Sequences = None,
-    device: Annotated[str, typer.Option(help=describe(R, "device"), callback=opt.device_here)] = default(R, "device"),
+    device: Annotated[str, typer.Option(help=describe(R, "device"), callback=lopt.device_here)] = default(R, "device"),
     seed: Annotated[int, typer.Option(help=describe(R, "seed"))] = default(R, "seed"),
 ) -> None:
     """Train the refinement network on forward-backward cycles from the annotated frames (no extra labels)."""
