@@ -436,7 +436,15 @@ def probes_to_run(plan: list[Probe], inputs: SequenceInputs, skip: Iterable[str]
 def run_probe(method: PropagationMethod, inputs: SequenceInputs, probe: Probe,
               on_step: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The method's answer at the probe's target: labels uint8 (H, W) and confidence float32 (H, W)."""
-    return _answer(run_path(method, inputs, probe_path(probe), on_step))
+    return run_probe_together([method], inputs, probe, on_step)[0]
+
+
+def run_probe_together(methods: list[PropagationMethod], inputs: SequenceInputs, probe: Probe,
+                       on_step: Callable[[], None] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`run_probe` of several methods stepped together (:func:`run_path_together`: warping
+    methods that share trust make each step's check once); one answer per method, each the one
+    it gets alone."""
+    return [_answer(state) for state in run_path_together(methods, inputs, probe_path(probe), on_step)]
 
 
 def _answer(state: LabelState) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from autolabel.errors import ConfigError
 from autolabel.models.propagation import PropagationConfig, create_method, method_class, share_trust
 from autolabel.models.quality import (
     ESTIMATE_VERSION,
@@ -29,7 +30,7 @@ from autolabel.models.quality import (
     estimate_plan,
     fit_probes,
     probes_to_run,
-    run_probe,
+    run_probe_together,
     split_probes,
 )
 from autolabel.models.segments import stage_key
@@ -161,14 +162,6 @@ def _refiner_keyframes(refiner: Refiner | None, method: Any) -> list[str]:
     return refiner.train_info.get("keyframes", []) if (refiner is not None and method.needs_refiner) else []
 
 
-def _method_inputs(seq: Sequence, config: PropagationConfig, flow_name: str | None, refiner: Refiner | None,
-                   feature_teacher: SemanticTeacher | None) -> tuple[Any, StoreSequenceInputs, list[str]]:
-    """The method, its inputs from the store and the refiner's training keyframes (probes left out)."""
-    method = create_method(config, refiner)
-    return (method, inputs_for_methods(seq, [config], flow_name, feature_teacher, probes=True),
-            _refiner_keyframes(refiner, method))
-
-
 def _teacher_adapted(seq: Sequence, needs_teacher: bool) -> bool:
     return needs_teacher and seq.stages.get("teacher", {}).get("settings", {}).get("adapt_steps", 0) > 0
 
@@ -185,36 +178,64 @@ def _answer_arrays(group: Any, plan: list[Probe], height: int, width: int) -> No
                            dtype=dtype, fill_value=0, overwrite=True, config=WRITE_EVERY_CHUNK)
 
 
-def estimate_part(store: SequenceStore, seq_id: str, config: PropagationConfig, flow_name: str | None,
+def estimate_part(store: SequenceStore, seq_id: str, configs: list[PropagationConfig], flow_name: str | None,
                   estimate: EstimateConfig, part: int, parts: int, plan_key: str, *,
                   refiner: Refiner | None = None, feature_teacher: SemanticTeacher | None = None,
-                  on_step: Callable[[], None] | None = None) -> bool:
-    """Run part ``part`` of ``parts`` of the probes of ``config.method`` on ``seq_id`` (a long drive's job).
+                  on_step: Callable[[], None] | None = None) -> list[bool]:
+    """Run part ``part`` of ``parts`` of the probes of each method of ``configs`` (same K) on ``seq_id``
+    (a long drive's job); per method, whether it ran anything.
 
     The probes are dealt to the parts by :func:`~models.quality.split_probes`; this part stores
-    its probes' answers in the stage's shared version, and the job finishing the last part fits
-    all of them and publishes the record :func:`estimate_methods` would (the fit reads the
-    answers in plan order: which job ran a probe changes nothing). Returns whether it ran anything.
+    its probes' answers in each method's shared version of its stage, and the job finishing a
+    method's last part fits all of them and publishes the record :func:`estimate_methods` would
+    (the fit reads the answers in plan order: which job ran a probe changes nothing). The methods
+    whose part is due step each probe together (:func:`~models.quality.run_probe_together`: one
+    trust check per step for warp-inpaint and warp-refine), as :func:`estimate_methods` does.
     """
-    stage = estimate_stage(config.method)
+    if len({c.max_distance for c in configs}) > 1:
+        raise ConfigError("methods estimated together need the same K (max_distance), got "
+                          f"{[c.max_distance for c in configs]}")
     seq = store.sequence(seq_id)
-    if estimate_is_current(seq, config.method, estimate):
-        return False
-    settings = estimate_settings(seq, config.method, estimate)
-    plan = estimate_plan(seq.annotated, estimate, config.max_distance)
-    shared = SegmentedStage.open(store, seq_id, stage, stage_key(plan_key, {**settings, "parts": parts}), parts,
-                                 lambda group: _answer_arrays(group, plan, seq.height, seq.width))
-    if shared.is_done(part):
-        return False
-    method, inputs, skip = _method_inputs(seq, config, flow_name, refiner, feature_teacher)
-    kept, excluded = probes_to_run(plan, inputs, skip)
-    mine = [i for i in split_probes(plan, parts)[part] if i in kept]
-    group = shared.group
+    plan = estimate_plan(seq.annotated, estimate, configs[0].max_distance)
+    due: list[tuple[int, PropagationConfig, dict[str, Any], SegmentedStage]] = []
+    for index, config in enumerate(configs):
+        if estimate_is_current(seq, config.method, estimate):
+            continue
+        settings = estimate_settings(seq, config.method, estimate)
+        shared = SegmentedStage.open(store, seq_id, estimate_stage(config.method),
+                                     stage_key(plan_key, {**settings, "parts": parts}), parts,
+                                     lambda group: _answer_arrays(group, plan, seq.height, seq.width))
+        if not shared.is_done(part):
+            due.append((index, config, settings, shared))
+    ran = [False] * len(configs)
+    if not due:
+        return ran
+    inputs = inputs_for_methods(seq, [config for _, config, _, _ in due], flow_name, feature_teacher, probes=True)
+    methods = [create_method(config, refiner) for _, config, _, _ in due]
+    share_trust(methods)
+    kept_excluded = [probes_to_run(plan, inputs, _refiner_keyframes(refiner, method)) for method in methods]
+    mine = split_probes(plan, parts)[part]
     for i in mine:
-        labels, conf = run_probe(method, inputs, plan[i], on_step)
-        group["labels"].with_config(WRITE_EVERY_CHUNK)[i] = labels  # type: ignore[union-attr]
-        group["confidence"].with_config(WRITE_EVERY_CHUNK)[i] = conf  # type: ignore[union-attr]
-    adapted = _teacher_adapted(seq, method.needs_teacher)
+        who = [k for k, (kept, _) in enumerate(kept_excluded) if i in kept]
+        if not who:
+            continue
+        answers = run_probe_together([methods[k] for k in who], inputs, plan[i], on_step)
+        for k, (labels, conf) in zip(who, answers):
+            group = due[k][3].group
+            group["labels"].with_config(WRITE_EVERY_CHUNK)[i] = labels  # type: ignore[union-attr]
+            group["confidence"].with_config(WRITE_EVERY_CHUNK)[i] = conf  # type: ignore[union-attr]
+    for (index, _, settings, shared), method, (kept, excluded) in zip(due, methods, kept_excluded):
+        shared.finish(part, {"probes": [i for i in mine if i in kept]},
+                      _fit_parts(shared.group, plan, inputs, estimate, excluded, settings,
+                                 _teacher_adapted(seq, method.needs_teacher)))
+        ran[index] = True
+    return ran
+
+
+def _fit_parts(group: Any, plan: list[Probe], inputs: StoreSequenceInputs, estimate: EstimateConfig,
+               excluded: set[int], settings: dict[str, Any], adapted: bool
+               ) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """The record of a method's estimate from every part's answers (``infos``: each part's probes)."""
 
     def combine(infos: list[dict[str, Any]]) -> dict[str, Any]:
         answers = {i: (np.asarray(group["labels"][i]), np.asarray(group["confidence"][i]))
@@ -222,6 +243,4 @@ def estimate_part(store: SequenceStore, seq_id: str, config: PropagationConfig, 
         calibration = fit_probes(plan, answers, inputs, estimate, len(excluded))
         return {"settings": settings, "calibration": calibration.record(), "teacher_adapted": adapted}
 
-    shared.finish(part, {"probes": mine}, combine)
-    return True
-
+    return combine

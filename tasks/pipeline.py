@@ -554,18 +554,21 @@ class EstimateStage(MethodStage):
 
     def run_segment(self, store: SequenceStore, seq_id: str, segment: Segment, plan_key: str, segments: int,
                     progress: Progress) -> dict[str, Any]:
-        """Part ``segment.index`` of ``segments`` of the probes (:func:`~tasks.estimate.estimate_part`)."""
+        """Part ``segment.index`` of ``segments`` of the probes (:func:`~tasks.estimate.estimate_part`);
+        with ``also``, that method's part too, its probes stepped beside these."""
         seq = store.sequence(seq_id)
         current = self.is_current(store, seq_id)
+        configs = self._configs(store, seq_id)
+        due = [c for c in configs if not estimate_is_current(seq, c.method, self.estimate)]
         plan = estimate_plan(seq.annotated, self.estimate, self.propagation.max_distance)
         mine = split_probes(plan, segments)[segment.index] if plan else []
-        progress.start(seq_id, f"{self.title} [{segment.index + 1}/{segments}]",
-                       0 if current else probe_steps([plan[i] for i in mine]))
+        progress.start(seq_id, f"estimate {' + '.join(c.method for c in configs)} [{segment.index + 1}/{segments}]",
+                       len(due) * probe_steps([plan[i] for i in mine]))
         refiner, feature_teacher = self._networks(store, needed=not current)
-        computed = estimate_part(store, seq_id, self.propagation, self.flow_name, self.estimate, segment.index,
+        computed = estimate_part(store, seq_id, configs, self.flow_name, self.estimate, segment.index,
                                  segments, plan_key, refiner=refiner, feature_teacher=feature_teacher,
                                  on_step=progress.advance)
-        return {"computed": computed}
+        return self._outcome(computed)
 
 
 class EvaluateStage(Stage):

@@ -3,9 +3,10 @@
 :func:`segment_phases` turns a drive and :class:`~autolabel.tasks.pipeline.LabelSettings` into
 jobs (:class:`SegmentJob`), phase by phase: every segment's flow and teacher output (*prepare*);
 every segment's propagation for each method (*propagate*, which reads the flow and teacher output
-around its frames, some of them its neighbours'); each method's quality estimate, its probes
-dealt to up to one job per segment (*estimate*: probes start at keyframes anywhere in the drive,
-so its jobs share probes, not frames); every segment's evaluation of its frames (*evaluate*). Jobs of one phase are independent and may run anywhere at
+around its frames, some of them its neighbours'); the methods' quality estimates, their probes
+dealt to up to one job per segment, each job stepping its part of every method's probes together
+(*estimate*: probes start at keyframes anywhere in the drive, so its jobs share probes, not
+frames); every segment's evaluation of its frames (*evaluate*). Jobs of one phase are independent and may run anywhere at
 once (:func:`run_segment_job`); each writes only its segment's frames (or its evaluation row), and
 the last to finish a stage publishes it (``storage.segmented``). Then the drive's own pipeline runs
 (:func:`~autolabel.tasks.pipeline.label_sequence`): every stage before the export is current and
@@ -97,12 +98,16 @@ def segment_phases(store_url: str, seq_id: str, settings: LabelSettings,
                            stages=per_segment, segment=(s.index, s.start, s.stop, s.span_start, s.span_stop))
                 for s in segments] if per_segment else []
         # a whole-drive stage (the estimate of one method) is split into parts of its work, not into
-        # frames (up to one per segment); the parts of several methods' stages run at once
+        # frames (up to one per segment); stages split alike share their jobs: part k of warp-refine's
+        # estimate steps warp-inpaint's part k beside it (EstimateStage.also), and warp-inpaint's own
+        # stage, next in the job, finds its part done
+        by_parts: dict[int, list[AnyStage]] = {}
         for stage in (s for s in chosen if s.whole_drive):
-            parts = stage.parts(store, seq_id, min(len(segments), workers or len(segments)))
-            jobs += [SegmentJob(store=store_url, seq_id=seq_id, phase=phase, segments=parts, plan_key=key,
-                                stages=[stage], segment=(part, 0, seq.num_frames, 0, seq.num_frames))
-                     for part in range(parts)]
+            by_parts.setdefault(stage.parts(store, seq_id, min(len(segments), workers or len(segments))),
+                                []).append(stage)
+        jobs += [SegmentJob(store=store_url, seq_id=seq_id, phase=phase, segments=parts, plan_key=key,
+                            stages=together, segment=(part, 0, seq.num_frames, 0, seq.num_frames))
+                 for parts, together in by_parts.items() for part in range(parts)]
         if jobs:
             phases.append(jobs)
     return phases

@@ -8,7 +8,7 @@ import torch
 
 from autolabel.errors import ConfigError
 from autolabel.models.metrics import confusion_matrix, iou_per_class
-from autolabel.models.propagation import PropagationConfig, create_method, propagate, propagate_frames_together
+from autolabel.models.propagation import PropagationConfig, create_method, propagate, propagate_frames_together, share_trust
 from autolabel.models.quality import (
     Calibration,
     EstimateCalibration,
@@ -33,6 +33,7 @@ from autolabel.models.quality import (
     run_path_together,
     run_paths_together,
     run_probe,
+    run_probe_together,
     split_probes,
 )
 
@@ -170,6 +171,21 @@ class TestCalibrateTogether:
         methods = [create_method(PropagationConfig(method="motion-only", max_distance=k)) for k in (3, 4)]
         with pytest.raises(ConfigError, match="same K"):
             calibrate_together(methods, inputs, EstimateConfig(), [[], []])
+
+    def test_a_probe_run_together_answers_as_each_method_alone(self) -> None:
+        """What a segment job of the estimate runs: one probe, several methods, one trust check a step."""
+        inputs = DriveInputs(CFG, annotated=[1, 6, 11])
+        configs = [PropagationConfig(method="warp-inpaint", max_distance=10, inpaint_confidence=c) for c in (0.0, 0.99)]
+        plan = estimate_plan(inputs.annotated, EstimateConfig(), 10)
+        for probe in plan:
+            methods = [create_method(c) for c in configs]
+            share_trust(methods)
+            together = run_probe_together(methods, inputs, probe)
+            alone = [run_probe(create_method(c), inputs, probe) for c in configs]
+            for (labels, conf), (labels_alone, conf_alone) in zip(together, alone):
+                np.testing.assert_array_equal(labels, labels_alone)
+                np.testing.assert_array_equal(conf, conf_alone)
+        assert not np.array_equal(together[0][1], together[1][1])  # the two settings answer differently
 
 
 class TestProbeAnswers:

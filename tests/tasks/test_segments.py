@@ -103,22 +103,27 @@ class TestSegmentedDrive:
         assert [p[0].phase for p in phases] == ["prepare", "propagate", "estimate", "evaluate"]
         assert len(phases[0]) >= 3  # 100 frames in segments of about 32
         assert len(phases[1]) == len(phases[3]) == len(phases[0])
-        # each method's estimate (warp-refine, then warp-inpaint for the comparison) is split into one part
-        # per segment (8 probes: 4 keyframe pairs, both ways), each part reading the whole drive
+        # the estimate is split into one part per segment (8 probes: 4 keyframe pairs, both ways), each
+        # part reading the whole drive; a job runs part k of warp-refine's and of warp-inpaint's
         n = len(phases[0])
-        assert [(job.stages[0].output, job.segment[:3], job.segments) for job in phases[2]] == [
-            (f"estimate/{m}", (part, 0, 100), n) for m in ("warp-refine", "warp-inpaint") for part in range(n)]
+        assert [([s.output for s in job.stages], job.segment[:3], job.segments) for job in phases[2]] == [
+            (["estimate/warp-refine", "estimate/warp-inpaint"], (part, 0, 100), n) for part in range(n)]
         # a propagate job writes warp-refine and, in the same pass, warp-inpaint
         assert [[s.output for s in job.stages] for job in phases[1]] == \
             [["results/warp-refine", "results/warp-inpaint"]] * n
         assert phases[1][0].stages[0].also is not None and phases[1][0].stages[1].also is None
         names = [job.name for p in phases for job in p]
-        assert len(set(names)) == len(names) and "synth-0005-estimate-warp-refine-part1of" in " ".join(names)
+        assert len(set(names)) == len(names)
+        assert "synth-0005-estimate-warp-refine+estimate-warp-inpaint-part1of" in " ".join(names)
         split_report = label_store(split, settings, jobs=2)  # two local worker processes take the jobs
         assert [o.status for o in split_report.outcomes] == ["labelled"], split_report.failed
         result = split_report.outcomes[0].result
-        # two workers: each method's estimate in two parts
-        assert len(result["segments"]) == sum(map(len, phases)) - len(phases[2]) + 4
+        # two workers: the estimate in two parts, warp-refine's stage stepping warp-inpaint's probes beside
+        # its own (its own stage, next in the job, finds its part done)
+        assert len(result["segments"]) == sum(map(len, phases)) - len(phases[2]) + 2
+        estimates = [r["stages"] for r in result["segments"] if "-estimate-" in r["job"]]
+        assert [[(s["stage"], s["computed"], s.get("also_computed")) for s in stages] for stages in estimates] == \
+            [[("estimate/warp-refine", True, True), ("estimate/warp-inpaint", False, None)]] * 2
         assert all(r["worker"] for r in result["segments"])
         # the drive's own pipeline afterwards finds every stage current: nothing recomputed
         assert [s["stage"] for s in result["stages"] if s["computed"]] == []
