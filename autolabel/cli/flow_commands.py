@@ -54,8 +54,8 @@ def run(
     opt.set_threads()
     # the settings first: a mistyped option is reported before Prefect and the flows load (~3 s)
     settings = lopt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
-                                  override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
-                                  estimate, teacher_map, segment_frames)
+                                   override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
+                                   estimate, teacher_map, segment_frames)
     from autolabel.flows.autolabel_flow import autolabel_flow
     from autolabel.flows.run_requests import AutolabelRequest
 

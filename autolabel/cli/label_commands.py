@@ -74,8 +74,8 @@ def label(
     from autolabel.tasks.pipeline import label_store
 
     settings = lopt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
-                                  override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
-                                  estimate, teacher_map, segment_frames)
+                                   override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
+                                   estimate, teacher_map, segment_frames)
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     start = time.perf_counter()
