@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import typer
+import typer.testing
 import zarr
+from autolabel.cli import label_options
 from autolabel.cli.app import COMMAND_MODULES, CommandTable, module_commands
 from autolabel.storage.store import SequenceStore
+from autolabel.tasks.pipeline import LabelSettings
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
 from PIL import Image
@@ -261,3 +267,35 @@ class TestCommandTable:
         assert list(table) == ["info", "extra"] and len(table) == 2
         del table["info"]
         assert list(table) == ["extra"]
+
+
+class TestSharedLabelOptions:
+    """``label`` and ``run`` take one list of options that make their LabelSettings."""
+
+    def test_label_and_run_offer_the_same_options_after_method(self) -> None:
+        shared = list(inspect.signature(label_options._label_options).parameters)
+        for name in ("label", "run"):
+            params = [p.name for p in module_commands(COMMAND_MODULES[name])[name].params]
+            at = params.index("method") + 1
+            assert params[at:at + len(shared)] == shared and "settings" not in params, name
+
+    def test_the_command_gets_the_settings_the_options_make(self) -> None:
+        seen: list[Any] = []
+
+        @label_options.takes_label_settings
+        def command(store: str, method: str = "warp-inpaint", *, settings: LabelSettings) -> None:
+            seen.append((store, method, settings))
+
+        app = typer.Typer(add_completion=False)
+        app.command()(command)
+        app.command("other")(lambda: None)
+        result = typer.testing.CliRunner().invoke(app, ["command", "s.zarr", "--teacher", "t.pt", "--tau", "12",
+                                                        "--max-distance", "5", "--no-estimate"])
+        assert result.exit_code == 0, result.output
+        ((store, method, settings),) = seen
+        assert (store, method, settings.teacher, settings.max_distance) == ("s.zarr", "warp-inpaint", "t.pt", 5)
+        assert settings.propagation.tau == 12 and not settings.estimate.enabled
+
+    def test_a_command_without_method_and_settings_is_refused(self) -> None:
+        with pytest.raises(TypeError, match="needs 'method' and 'settings'"):
+            label_options.takes_label_settings(lambda store: None)

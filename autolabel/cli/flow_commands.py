@@ -15,30 +15,15 @@ from autolabel.cli.console import console
 from autolabel.cli.options import default
 from autolabel.cli.reports import print_flow_result, print_store_summary
 from autolabel.models.optical_flow import FlowConfig
-from autolabel.models.propagation import PropagationConfig
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.tasks.pipeline import LabelSettings
 
 
+@lopt.takes_label_settings
 def run(
     store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
     method: Annotated[str, typer.Option(help="motion-only, semantic-only, warp-inpaint, warp-refine")]
     = default(LabelSettings, "propagation").method,
-    teacher: lopt.Teacher = None,
-    teacher_map: lopt.TeacherMap = None,
-    refiner: lopt.Refiner = None,
-    max_distance: lopt.MaxDistance = default(PropagationConfig, "max_distance"),
-    tau: lopt.Tau = default(PropagationConfig, "tau"),
-    inpaint_confidence: lopt.InpaintConfidence = default(PropagationConfig, "inpaint_confidence"),
-    override_confidence: lopt.OverrideConfidence = default(PropagationConfig, "override_confidence"),
-    flow_backend: lopt.FlowBackend = default(FlowConfig, "backend"),
-    workers: lopt.FlowWorkers = default(FlowConfig, "workers"),
-    adapt_steps: lopt.AdaptSteps = default(LabelSettings, "adapt_steps"),
-    device: lopt.Device = default(LabelSettings, "device"),
-    compare: lopt.Compare = default(LabelSettings, "compare_with_warp_inpaint"),
-    export: lopt.Export = None,
-    estimate: lopt.Estimate = True,
-    segment_frames: lopt.SegmentFrames = default(LabelSettings, "segment_frames"),
     inbox: Annotated[Path | None, typer.Option(help="ingest new or changed drives from this folder first")] = None,
     layout: Annotated[str, typer.Option(help="the inbox's layout: apollo, camvid, davis, cityscapes, folder")]
     = "apollo",
@@ -49,13 +34,13 @@ def run(
     only_stale: Annotated[bool, typer.Option(help="only drives that are new, changed or labelled with other "
                                                   "settings or checkpoints")] = False,
     sequence: opt.Sequences = None,
+    *,
+    settings: LabelSettings,
 ) -> None:
     """The whole job through the Prefect flows: ingest -> label every sequence -> evaluate -> dashboard."""
     opt.set_threads()
-    # the settings first: a mistyped option is reported before Prefect and the flows load (~3 s)
-    settings = lopt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
-                                   override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
-                                   estimate, teacher_map, segment_frames)
+    # the settings were built first (takes_label_settings): a mistyped option is reported before Prefect
+    # and the flows load (~3 s)
     from autolabel.flows.autolabel_flow import autolabel_flow
     from autolabel.flows.run_requests import AutolabelRequest
 

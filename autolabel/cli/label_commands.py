@@ -15,7 +15,6 @@ from autolabel.cli.options import default, describe
 from autolabel.cli.reports import print_evaluation
 from autolabel.errors import ConfigError
 from autolabel.models.optical_flow import FlowConfig
-from autolabel.models.propagation import PropagationConfig
 from autolabel.tasks.pipeline import LabelSettings
 
 
@@ -42,27 +41,15 @@ def flow(
                   highlight=False)
 
 
+@lopt.takes_label_settings
 def label(
     store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
     method: Annotated[str, typer.Option(help="motion-only, semantic-only, warp-inpaint, warp-refine")],
-    teacher: lopt.Teacher = None,
-    teacher_map: lopt.TeacherMap = None,
-    refiner: lopt.Refiner = None,
-    max_distance: lopt.MaxDistance = default(PropagationConfig, "max_distance"),
-    tau: lopt.Tau = default(PropagationConfig, "tau"),
-    inpaint_confidence: lopt.InpaintConfidence = default(PropagationConfig, "inpaint_confidence"),
-    override_confidence: lopt.OverrideConfidence = default(PropagationConfig, "override_confidence"),
-    flow_backend: lopt.FlowBackend = default(FlowConfig, "backend"),
-    workers: lopt.FlowWorkers = default(FlowConfig, "workers"),
-    adapt_steps: lopt.AdaptSteps = default(LabelSettings, "adapt_steps"),
-    device: lopt.Device = default(LabelSettings, "device"),
-    compare: lopt.Compare = default(LabelSettings, "compare_with_warp_inpaint"),
-    export: lopt.Export = None,
-    estimate: lopt.Estimate = True,
-    segment_frames: lopt.SegmentFrames = default(LabelSettings, "segment_frames"),
     jobs: Annotated[int, typer.Option(help="local worker processes for the segments of long drives "
                                            "(with --segment-frames)")] = 1,
     sequence: opt.Sequences = None,
+    *,
+    settings: LabelSettings,
 ) -> None:
     """Label sequences with a method: flow -> teacher -> propagate -> evaluate (-> export), on this machine.
 
@@ -73,9 +60,6 @@ def label(
     opt.set_threads()
     from autolabel.tasks.pipeline import label_store
 
-    settings = lopt.label_settings(method, teacher, refiner, max_distance, tau, inpaint_confidence,
-                                   override_confidence, flow_backend, workers, adapt_steps, device, compare, export,
-                                   estimate, teacher_map, segment_frames)
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     start = time.perf_counter()
