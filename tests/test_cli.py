@@ -15,9 +15,10 @@ import pytest
 import typer
 import typer.testing
 import zarr
+import autolabel
 from autolabel.cli import label_options
 from autolabel.cli.app import COMMAND_MODULES, CommandTable, module_commands
-from autolabel.storage.store import SequenceStore
+from autolabel.storage.store import SCHEMA_VERSION, SequenceStore
 from autolabel.tasks.pipeline import LabelSettings
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
@@ -252,6 +253,12 @@ class TestCommandTable:
         listed = [line.split()[1] for line in done.stdout.splitlines()
                   if line.startswith("│ ") and len(line.split()) > 1 and line.split()[1] in COMMAND_MODULES]
         assert listed == list(COMMAND_MODULES)
+
+    def test_version_is_printed_without_loading_a_command(self) -> None:
+        done = run_cli("--version")
+        assert done.returncode == 0 and done.stdout.strip() == \
+            f"autolabel {autolabel.__version__} (store schema {SCHEMA_VERSION})"
+        assert _loaded_by("--version") == (0, [])
 
     def test_a_misspelt_command_is_answered_with_a_suggestion(self) -> None:
         done = run_cli("lable", "x")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import Annotated, Any
 
 import click
 import typer
@@ -95,9 +95,20 @@ app = typer.Typer(cls=LazyGroup, add_completion=False, no_args_is_help=True, pre
                   help="Propagate sparse segmentation labels through driving video (Warp-Refine Propagation).")
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from autolabel import __version__
+        from autolabel.storage.store import SCHEMA_VERSION
+
+        typer.echo(f"autolabel {__version__} (store schema {SCHEMA_VERSION})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
-    """No options of its own: a group needs a callback (the commands are in ``COMMAND_MODULES``)."""
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="print the version and the store schema it writes, "
+                                                     "then exit")] = False) -> None:
+    """The root's own option (the commands are in ``COMMAND_MODULES``)."""
 
 
 def main() -> None:
