@@ -120,6 +120,10 @@ class FlowError(AutolabelError, RuntimeError):
     """Optical flow could not be computed (a worker process died, say)."""
 
 
+class RenderError(AutolabelError, RuntimeError):
+    """Synthetic drives could not be rendered (a render worker process died, say)."""
+
+
 class MissingDependencyError(AutolabelError, ImportError):
     """An optional package (torchvision for RAFT, say) is needed but not installed."""
 

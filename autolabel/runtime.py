@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import sys
+import threading
+import time
 
 from autolabel.errors import ConfigError
 
@@ -82,3 +85,27 @@ def configure_process(threads: int | None = None) -> int:
     """:func:`limit_malloc_arenas` then :func:`set_threads`; returns the threads."""
     limit_malloc_arenas()
     return set_threads(threads)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this pool worker (flow estimation, rendering) exit when the process that started it dies,
+    even by SIGKILL: no orphan keeps computing for a run that is gone.
+
+    Linux: the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``). Everywhere: a
+    daemon thread also checks every second that the parent is still the same process.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(1.0)
+
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

@@ -19,9 +19,6 @@ cores, while Farneback gains from one process per core; ``workers=0`` (auto) pic
 from __future__ import annotations
 
 import os
-import signal
-import threading
-import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -41,6 +38,7 @@ from autolabel.errors import (
     MissingDependencyError,
 )
 from autolabel.registry import Registry
+from autolabel.runtime import die_with_parent
 
 EXACT = "exact"
 
@@ -208,36 +206,11 @@ def create_backend(config: FlowConfig) -> FlowBackend:
 _WORKER_BACKEND: FlowBackend | None = None
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Make this pool worker exit when the process that started it dies, even by SIGKILL.
-
-    Linux: the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``). Everywhere: a
-    daemon thread also checks every second that the parent is still the same process.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(1)
-            time.sleep(1.0)
-
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 def _worker_init(config: FlowConfig, parent_pid: int) -> None:
     global _WORKER_BACKEND
     import cv2
 
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     cv2.setNumThreads(1)
     _WORKER_BACKEND = create_backend(config)
 

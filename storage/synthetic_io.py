@@ -14,7 +14,7 @@ from autolabel.storage.stages import flow_array_names, flow_stage
 from autolabel.storage.store import SequenceStore, StoreLayout
 
 from autolabel.errors import ClassSetMismatchError
-from autolabel.storage.synthetic import SyntheticConfig, SyntheticDrive
+from autolabel.storage.synthetic import FrameRenderer, SyntheticConfig, render_workers
 from PIL import Image
 
 EXACT_FLOW = "exact"
@@ -39,12 +39,14 @@ def write_drive(
     seq_id: str | None = None,
     layout: StoreLayout | None = None,
     on_frame: Callable[[], None] | None = None,
+    renderer: FrameRenderer | None = None,
 ) -> SequenceOutcome:
     """Render one drive into ``store`` with frames, labels and exact flow (stage ``flow/exact``).
 
     Every frame has ground truth; ``annotation`` decides which frames are annotations. A drive
     rendered with a subset of the store's classes has its labels mapped to the store's class ids
-    by name; a class the store lacks is an error.
+    by name; a class the store lacks is an error. ``renderer``: the processes to render in (default:
+    this one).
     """
     names = store.classes.names
     missing = [c for c in config.classes if c not in names]
@@ -53,7 +55,6 @@ def write_drive(
                                     f"{store.url!r} lacks (store classes: {', '.join(names)})")
     to_store = np.full(256, store.classes.ignore_index, np.uint8)
     to_store[: len(config.classes)] = [names.index(c) for c in config.classes]
-    drive = SyntheticDrive(config)
     seq_id = seq_id or synthetic_sequence_id(config)
     h, w, t_total = config.height, config.width, config.frames
     with store.new_sequence(seq_id, expected_frames=t_total, source=f"synthetic seed={config.seed}",
@@ -62,8 +63,7 @@ def write_drive(
         pairs = max(t_total - 1, 1)
         fw = writer.extra_array(fw_name, (2, h, w), "float16", pairs, ("T", "XY", "H", "W"))
         bw = writer.extra_array(bw_name, (2, h, w), "float16", pairs, ("T", "XY", "H", "W"))
-        for t in range(t_total):
-            frame = drive.render(t)
+        for t, frame in enumerate((renderer or FrameRenderer()).frames(config)):
             writer.write(f"{t:06d}", frame.rgb, to_store[frame.label], origin=f"{seq_id} frame {t}")
             if t + 1 < t_total:
                 fw.append(frame.flow_next.astype(np.float16))
@@ -87,52 +87,58 @@ def write_synthetic_store(
     layout: StoreLayout | None = None,
     overwrite: bool = False,
     on_frame: Callable[[], None] | None = None,
+    workers: int | None = None,
 ) -> IngestReport:
     """Render ``configs`` into the store at ``url`` (created with the first one's class set, which
-    must hold every other drive's classes)."""
+    must hold every other drive's classes), in ``workers`` processes (default: :func:`render_workers`)."""
     annotation = annotation or AnnotationPolicy(mode="keyframe-every", n=10)
     if not configs:
         return IngestReport(store=url)
     store = SequenceStore.create(url, configs[0].class_set())
     report = IngestReport(store=url)
     done = set(store.sequence_ids())
-    for cfg in configs:
-        seq_id = synthetic_sequence_id(cfg)
-        if seq_id in done and not overwrite:
-            report.outcomes.append(SequenceOutcome(id=seq_id, status="skipped"))
-            continue
-        report.outcomes.append(write_drive(store, cfg, annotation, layout=layout, on_frame=on_frame))
+    todo = [cfg for cfg in configs if overwrite or synthetic_sequence_id(cfg) not in done]
+    with FrameRenderer(render_workers(todo) if workers is None else workers) as renderer:
+        for cfg in configs:
+            if cfg not in todo:
+                report.outcomes.append(SequenceOutcome(id=synthetic_sequence_id(cfg), status="skipped"))
+                continue
+            report.outcomes.append(write_drive(store, cfg, annotation, layout=layout, on_frame=on_frame,
+                                               renderer=renderer))
     return report
 
 
 def write_apollo_layout(
     out: Path, configs: list[SyntheticConfig], *, jpeg_quality: int = 95,
-    on_frame: Callable[[], None] | None = None,
+    on_frame: Callable[[], None] | None = None, workers: int | None = None,
 ) -> list[Path]:
     """Write drives as ApolloScape scene-parsing folders (``road<NN>/ColorImage/Record001/Camera 5``).
 
     Drive ``i`` (seed s) becomes road ``road<s+1:02d>``; labels are ``*_bin.png`` with ApolloScape
-    class ids, time stamps advance at the drive's frame rate. Returns the camera folders written.
+    class ids, time stamps advance at the drive's frame rate. Rendered in ``workers`` processes
+    (default: :func:`render_workers`). Returns the camera folders written.
     """
-    written = []
-    for cfg in configs:
-        drive = SyntheticDrive(cfg)
-        ids = np.array([APOLLO_ID_OF[c] for c in cfg.classes] + [0] * (256 - len(cfg.classes)), dtype=np.uint8)
-        road = out / f"road{cfg.seed + 1:02d}"
-        image_dir = road / "ColorImage" / "Record001" / "Camera 5"
-        label_dir = road / "Label" / "Record001" / "Camera 5"
-        image_dir.mkdir(parents=True, exist_ok=True)
-        label_dir.mkdir(parents=True, exist_ok=True)
-        for t in range(cfg.frames):
-            frame = drive.render(t)
-            ms = int(round(t * 1000 / cfg.fps))
-            stamp = f"170908_{(8 + ms // 3_600_000) % 24:02d}{(ms // 60_000) % 60:02d}{(ms // 1000) % 60:02d}{ms % 1000:03d}"
-            stem = f"{stamp}_Camera_5"
-            tmp = image_dir / f".{stem}.jpg.tmp"
-            Image.fromarray(frame.rgb).save(tmp, format="JPEG", quality=jpeg_quality)
-            tmp.replace(image_dir / f"{stem}.jpg")
-            write_png_atomic(label_dir / f"{stem}_bin.png", ids[frame.label])
-            if on_frame is not None:
-                on_frame()
-        written.append(image_dir)
-    return written
+    with FrameRenderer(render_workers(configs) if workers is None else workers) as renderer:
+        return [_write_apollo_drive(out, cfg, jpeg_quality, on_frame, renderer) for cfg in configs]
+
+
+def _write_apollo_drive(out: Path, cfg: SyntheticConfig, jpeg_quality: int, on_frame: Callable[[], None] | None,
+                        renderer: FrameRenderer) -> Path:
+    """One drive of :func:`write_apollo_layout`; returns its camera folder."""
+    ids = np.array([APOLLO_ID_OF[c] for c in cfg.classes] + [0] * (256 - len(cfg.classes)), dtype=np.uint8)
+    road = out / f"road{cfg.seed + 1:02d}"
+    image_dir = road / "ColorImage" / "Record001" / "Camera 5"
+    label_dir = road / "Label" / "Record001" / "Camera 5"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    for t, frame in enumerate(renderer.frames(cfg)):
+        ms = int(round(t * 1000 / cfg.fps))
+        stamp = f"170908_{(8 + ms // 3_600_000) % 24:02d}{(ms // 60_000) % 60:02d}{(ms // 1000) % 60:02d}{ms % 1000:03d}"
+        stem = f"{stamp}_Camera_5"
+        tmp = image_dir / f".{stem}.jpg.tmp"
+        Image.fromarray(frame.rgb).save(tmp, format="JPEG", quality=jpeg_quality)
+        tmp.replace(image_dir / f"{stem}.jpg")
+        write_png_atomic(label_dir / f"{stem}_bin.png", ids[frame.label])
+        if on_frame is not None:
+            on_frame()
+    return image_dir

@@ -141,15 +141,22 @@ def test_sigkill_at_random_points_then_rerun_equals_a_clean_run(base: dict[str, 
         assert snapshot(store) == clean(base, ("warp-inpaint",))
 
 
-def test_killed_flow_pool_leaves_no_process(tmp_path: Path) -> None:
-    store = str(tmp_path / "long.zarr")
-    write_synthetic_store(store, drive_configs(1, SyntheticConfig(width=320, height=240, frames=80, seed=2)))
-    tag = f"flow-kill-{time.time_ns()}"
-    proc = start_cli("flow", store, "--flow", "farneback", "--workers", "2", env={"AUTOLABEL_TEST_TAG": tag})
+@pytest.mark.parametrize("pool", ["flow", "synth"])
+def test_killed_worker_pool_leaves_no_process(tmp_path: Path, pool: str) -> None:
+    """Flow estimation and rendering in worker processes: killing their parent ends them too."""
+    tag = f"{pool}-kill-{time.time_ns()}"
+    env = {"AUTOLABEL_TEST_TAG": tag, "AUTOLABEL_THREADS": "2"}  # synth: a process per thread
+    if pool == "flow":
+        store = str(tmp_path / "long.zarr")
+        write_synthetic_store(store, drive_configs(1, SyntheticConfig(width=320, height=240, frames=80, seed=2)))
+        proc = start_cli("flow", store, "--flow", "farneback", "--workers", "2", env=env)
+    else:
+        proc = start_cli("synth", str(tmp_path / "big.zarr"), "--sequences", "1", "--frames", "400", "--size",
+                         "320x240", env=env)
     deadline = time.monotonic() + 120
     while len(tagged_processes(tag)) < 3 and time.monotonic() < deadline:  # parent + 2 workers
         time.sleep(0.2)
-    assert len(tagged_processes(tag)) >= 3, "the flow workers did not start"
+    assert len(tagged_processes(tag)) >= 3, f"the {pool} workers did not start"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     time.sleep(5)

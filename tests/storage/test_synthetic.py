@@ -15,7 +15,14 @@ from autolabel.storage.classes import APOLLO_ID_TO_TRAIN
 from autolabel.storage.ingest import ingest
 from autolabel.storage.readers import read_dataset
 from autolabel.storage.store import SequenceStore, StoreLayout
-from autolabel.storage.synthetic import SyntheticConfig, SyntheticDrive, drive_configs
+from autolabel.storage.synthetic import (
+    RENDER_POOL_PIXELS,
+    FrameRenderer,
+    SyntheticConfig,
+    SyntheticDrive,
+    drive_configs,
+    render_workers,
+)
 from autolabel.storage.stages import flow_array_names
 from autolabel.storage.synthetic_io import APOLLO_ID_OF, write_apollo_layout, write_synthetic_store
 
@@ -138,6 +145,52 @@ class TestSyntheticStore:
         write_synthetic_store(store_url, [tiny_config])
         report = write_synthetic_store(store_url, drive_configs(2, tiny_config))
         assert [(o.id, o.status) for o in report.outcomes] == [("synth-0001", "skipped"), ("synth-0002", "ingested")]
+
+
+class TestRenderingInProcesses:
+    def test_the_frames_of_one_process_in_order(self, tiny_config: SyntheticConfig) -> None:
+        drives = drive_configs(2, tiny_config.model_copy(update={"frames": 7}))
+        with FrameRenderer(2) as renderer:
+            assert renderer.workers == 2
+            for cfg in drives:  # one renderer, several drives: each worker rebuilds the scene it renders
+                frames = list(renderer.frames(cfg))
+                expected = [SyntheticDrive(cfg).render(t) for t in range(cfg.frames)]
+                assert len(frames) == len(expected) == 7
+                for got, want in zip(frames, expected):
+                    for name in ("rgb", "label", "flow_next", "flow_prev"):
+                        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+    def test_a_store_written_by_workers_equals_one_written_here(self, tmp_path: Path,
+                                                                  tiny_config: SyntheticConfig) -> None:
+        drives = drive_configs(2, tiny_config)
+        stores = {}
+        for workers in (1, 2):
+            url = str(tmp_path / f"w{workers}.zarr")
+            write_synthetic_store(url, drives, AnnotationPolicy(mode="keyframe-every", n=3), workers=workers)
+            stores[workers] = SequenceStore.open(url)
+        for seq_id in stores[1].sequence_ids():
+            one, two = stores[1].sequence(seq_id), stores[2].sequence(seq_id)
+            for name in ("frames", "gt", *flow_array_names("exact")):
+                np.testing.assert_array_equal(one.array(name)[:], two.array(name)[:], err_msg=f"{seq_id} {name}")
+
+    def test_an_apollo_folder_written_by_workers_equals_one_written_here(self, tmp_path: Path) -> None:
+        drives = [SyntheticConfig(width=48, height=32, frames=3, seed=5)]
+        folders = [write_apollo_layout(tmp_path / f"w{w}", drives, workers=w)[0] for w in (1, 2)]
+        names = sorted(p.name for p in folders[0].iterdir())
+        assert len(names) == 3 and names == sorted(p.name for p in folders[1].iterdir())
+        for name in names:
+            assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes()
+
+    def test_small_drives_render_here_large_ones_on_every_core(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("AUTOLABEL_THREADS", "3")
+        small = SyntheticConfig(width=64, height=48, frames=10, seed=0)
+        assert render_workers([small]) == 1
+        frames = RENDER_POOL_PIXELS // (640 * 480) + 1
+        assert render_workers([SyntheticConfig(width=640, height=480, frames=frames, seed=0)]) == 3
+        assert render_workers(drive_configs(frames, small.model_copy(update={"width": 640, "height": 480,
+                                                                            "frames": 1}))) == 3
+        monkeypatch.setenv("AUTOLABEL_THREADS", "1")
+        assert render_workers([SyntheticConfig(width=640, height=480, frames=frames, seed=0)]) == 1
 
 
 class TestApolloExport:
