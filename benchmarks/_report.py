@@ -38,11 +38,22 @@ def machine() -> dict[str, Any]:
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
+    # a copy without .git (the device machine's) says which commit it is in $AUTOLABEL_COMMIT
+    commit = commit or os.environ.get("AUTOLABEL_COMMIT", "")
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-        "git_commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "gpu": _gpu(), "git_commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _gpu() -> str | None:
+    """The first CUDA device's name and memory where torch is loaded and sees one, else None."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} device(s)"
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
