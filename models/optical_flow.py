@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +35,7 @@ from autolabel.errors import (
     MissingDependencyError,
 )
 from autolabel.registry import Registry
-from autolabel.runtime import die_with_parent
+from autolabel.workers import HoldsWorkerPool, WorkerPool
 
 EXACT = "exact"
 
@@ -206,11 +203,10 @@ def create_backend(config: FlowConfig) -> FlowBackend:
 _WORKER_BACKEND: FlowBackend | None = None
 
 
-def _worker_init(config: FlowConfig, parent_pid: int) -> None:
+def _worker_init(config: FlowConfig) -> None:
     global _WORKER_BACKEND
     import cv2
 
-    die_with_parent(parent_pid)
     cv2.setNumThreads(1)
     _WORKER_BACKEND = create_backend(config)
 
@@ -220,7 +216,16 @@ def _worker_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _WORKER_BACKEND.pair(a, b)
 
 
-class FlowEstimator:
+def _consecutive(frames: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(frames[t], frames[t + 1])`` for each t, reading ``frames`` once."""
+    it = iter(frames)
+    prev = next(it, None)
+    for cur in it:
+        yield prev, cur  # type: ignore[misc]
+        prev = cur
+
+
+class FlowEstimator(HoldsWorkerPool):
     """Computes flows of many pairs in ``config.resolved_workers()`` processes (in-process when 1 or GPU).
 
     Use as a context manager so the worker pool is shut down; reuse one estimator for many
@@ -229,48 +234,21 @@ class FlowEstimator:
 
     def __init__(self, config: FlowConfig) -> None:
         self.config = config
-        self._pool: ProcessPoolExecutor | None = None
         self._local: FlowBackend | None = None
         self.workers = config.resolved_workers()
         if self.workers > 1 and config.device == "cpu" and config.backend != "raft":
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                             initializer=_worker_init, initargs=(config, os.getpid()))
+            self._pool = WorkerPool(self.workers, _worker_init, (config,))
         else:
             self._local = create_backend(config)
 
-    def __enter__(self) -> FlowEstimator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
-
     def pairs(self, frames: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(fw, bw)`` for each consecutive pair of ``frames``, in order (T frames -> T-1 pairs)."""
-        it = iter(frames)
-        prev = next(it, None)
-        if prev is None:
+        if self._pool is None:
+            assert self._local is not None
+            yield from (self._local.pair(a, b) for a, b in _consecutive(frames))
             return
-        if self._local is not None:
-            for cur in it:
-                yield self._local.pair(prev, cur)
-                prev = cur
-            return
-        assert self._pool is not None
-        pending: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
-        depth = 2 * self.workers
         try:
-            for cur in it:
-                pending.append(self._pool.submit(_worker_pair, prev, cur))
-                prev = cur
-                if len(pending) >= depth:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            yield from self._pool.ordered(_worker_pair, _consecutive(frames))
         except BrokenProcessPool as exc:
             raise FlowError(
                 f"a {self.config.backend} flow worker process died (killed, or out of memory with "

@@ -22,20 +22,17 @@ needed).
 
 from __future__ import annotations
 
-import os
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from typing import Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autolabel.errors import RenderError
-from autolabel.runtime import compute_threads, die_with_parent
+from autolabel.runtime import compute_threads
+from autolabel.workers import HoldsWorkerPool, WorkerPool
 
 from autolabel.errors import ConfigError
 from autolabel.storage.classes import CAMVID11, ClassSet
@@ -528,10 +525,6 @@ def render_workers(configs: list[SyntheticConfig]) -> int:
 _WORKER_DRIVE: SyntheticDrive | None = None
 
 
-def _render_worker_init(parent_pid: int) -> None:
-    die_with_parent(parent_pid)
-
-
 def _render_in_worker(config: SyntheticConfig, t: int) -> RenderedFrame:
     """Frame ``t`` of the drive ``config`` (its scene built once per worker and drive)."""
     global _WORKER_DRIVE
@@ -540,7 +533,7 @@ def _render_in_worker(config: SyntheticConfig, t: int) -> RenderedFrame:
     return _WORKER_DRIVE.render(t)
 
 
-class FrameRenderer:
+class FrameRenderer(HoldsWorkerPool):
     """Renders drives' frames in order, in ``workers`` processes (in the calling one when 1).
 
     A frame depends only on its drive's config and its index, so the frames are those of
@@ -551,21 +544,7 @@ class FrameRenderer:
 
     def __init__(self, workers: int = 1) -> None:
         self.workers = max(1, workers)
-        self._pool: ProcessPoolExecutor | None = None
-        if self.workers > 1:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                             initializer=_render_worker_init, initargs=(os.getpid(),))
-
-    def __enter__(self) -> FrameRenderer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        self._pool = WorkerPool(self.workers) if self.workers > 1 else None
 
     def frames(self, config: SyntheticConfig) -> Iterator[RenderedFrame]:
         """Frames 0 .. ``config.frames`` - 1 of the drive, in order."""
@@ -573,18 +552,9 @@ class FrameRenderer:
             drive = SyntheticDrive(config)
             yield from (drive.render(t) for t in range(config.frames))
             return
-        pending: deque[Future[RenderedFrame]] = deque()
         try:
-            for t in range(config.frames):
-                pending.append(self._pool.submit(_render_in_worker, config, t))
-                if len(pending) >= 2 * self.workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            yield from self._pool.ordered(_render_in_worker, ((config, t) for t in range(config.frames)))
         except BrokenProcessPool as exc:
             raise RenderError(f"a render worker process died while rendering drive seed={config.seed} (killed, "
                               f"or out of memory with {self.workers} workers); run again, with "
                               "AUTOLABEL_THREADS set lower if memory is short") from exc
-        finally:
-            for future in pending:
-                future.cancel()
