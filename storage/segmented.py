@@ -23,7 +23,7 @@ import zarr
 
 import autolabel
 from autolabel.errors import StoreError
-from autolabel.storage.store import SEGMENTED, SequenceStore, new_version_path
+from autolabel.storage.store import SEGMENTED, Sequence, SequenceStore, new_version_path
 
 
 class SegmentedStage:
@@ -37,16 +37,26 @@ class SegmentedStage:
 
     @classmethod
     def open(cls, store: SequenceStore, seq_id: str, stage: str, key: str, segments: int,
-             create_arrays: Callable[[zarr.Group], None]) -> SegmentedStage:
-        """The shared version of ``stage`` for ``key``: joined when it exists, else created.
+             create_arrays: Callable[[zarr.Group], None], *,
+             published: Callable[[Sequence], bool]) -> SegmentedStage | None:
+        """The shared version of ``stage`` for ``key``: joined when it exists, else created; None when
+        the stage is already published.
 
-        ``create_arrays(group)`` makes the version's (full-length, empty) arrays; it runs once,
-        under the stage's lease, before the version is recorded.
+        ``published(seq)`` says whether ``seq``'s stage record already holds what this key writes.
+        Callers look before they open, but another job can publish the last segment in between (a
+        job whose segment was written by another stage's pass, warp-refine's writing warp-inpaint's,
+        finds it so): it is asked again under the stage's lease before a version is created, so no
+        orphan version is recorded that no job would ever finish. ``create_arrays(group)`` makes the
+        version's (full-length, empty) arrays; it runs once, under the stage's lease, before the
+        version is recorded.
         """
         with store.lease(seq_id, stage):
-            record = store.sequence(seq_id).attrs.get(SEGMENTED, {}).get(stage)
+            seq = store.sequence(seq_id)
+            record = seq.attrs.get(SEGMENTED, {}).get(stage)
             if record is not None and record.get("key") == key:
                 return cls(store, seq_id, stage, key, record)
+            if published(seq):
+                return None
             path = new_version_path(stage)
             group = store._group(seq_id)
             if group is None:

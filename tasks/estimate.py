@@ -204,8 +204,9 @@ def estimate_part(store: SequenceStore, seq_id: str, configs: list[PropagationCo
         settings = estimate_settings(seq, config.method, estimate)
         shared = SegmentedStage.open(store, seq_id, estimate_stage(config.method),
                                      stage_key(plan_key, {**settings, "parts": parts}), parts,
-                                     lambda group: _answer_arrays(group, plan, seq.height, seq.width))
-        if not shared.is_done(part):
+                                     lambda group: _answer_arrays(group, plan, seq.height, seq.width),
+                                     published=lambda now, m=config.method: estimate_is_current(now, m, estimate))
+        if shared is not None and not shared.is_done(part):
             due.append((index, config, settings, shared))
     ran = [False] * len(configs)
     if not due:

@@ -361,9 +361,11 @@ def evaluate_segment(store: SequenceStore, seq_id: str, methods: Iterable[str], 
             continue
         settings = _evaluation_settings(seq, method, max_distance)
         stage = evaluation_stage(method)
-        shared = SegmentedStage.open(store, seq_id, stage, stage_key(plan_key, settings), segments,
-                                     lambda group: _tally_arrays(group, segments, max_distance, c))
-        if shared.is_done(segment.index):
+        shared = SegmentedStage.open(
+            store, seq_id, stage, stage_key(plan_key, settings), segments,
+            lambda group: _tally_arrays(group, segments, max_distance, c),
+            published=lambda now, m=method: stored_evaluation(now, m, max_distance) is not None)
+        if shared is None or shared.is_done(segment.index):
             continue
         calibration, basis = sequence_calibration(seq, method)
         tally = tally_frames(seq, method, max_distance, calibration, (segment.start, segment.stop), on_frame)

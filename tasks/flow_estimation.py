@@ -152,8 +152,9 @@ def estimate_flow_segment(store: SequenceStore, seq_id: str, config: FlowConfig,
     pairs = max(seq.num_frames - 1, 0)
     key = stage_key(plan_key, config.settings_key())
     shared = SegmentedStage.open(store, seq_id, flow_stage(config.stored_name), key, segments,
-                                 lambda group: _flow_writers(group, seq, pairs))
-    if shared.is_done(segment.index):
+                                 lambda group: _flow_writers(group, seq, pairs),
+                                 published=lambda now: flow_is_current(now, config))
+    if shared is None or shared.is_done(segment.index):
         return False
     start, stop = segment.pairs(seq.num_frames)
     if stop > start:

@@ -446,9 +446,12 @@ def propagate_segment_methods(
         if seq.stages.get(results_stage(config.method), {}).get("settings") == settings:
             due.append(None)
             continue
-        shared = SegmentedStage.open(store, seq_id, results_stage(config.method), stage_key(plan_key, settings),
-                                     segments, lambda group: _result_arrays(group, seq))
-        due.append(None if shared.is_done(segment.index) else _SegmentResults(seq, config, settings, shared, segment))
+        stage = results_stage(config.method)
+        shared = SegmentedStage.open(store, seq_id, stage, stage_key(plan_key, settings), segments,
+                                     lambda group: _result_arrays(group, seq),
+                                     published=lambda now: now.stages.get(stage, {}).get("settings") == settings)
+        due.append(None if shared is None or shared.is_done(segment.index)
+                   else _SegmentResults(seq, config, settings, shared, segment))
     running = [r for r in due if r is not None]
     if running:
         window = WindowInputs(inputs, segment.span_start, segment.span_stop)

@@ -116,8 +116,9 @@ def infer_teacher_segment(store: SequenceStore, seq_id: str, teacher: SemanticTe
         return False
     settings = teacher_settings(teacher_hash, 0, seq.keyframes_fingerprint)
     shared = SegmentedStage.open(store, seq_id, TEACHER, stage_key(plan_key, settings), segments,
-                                 lambda group: _teacher_writers(group, seq))
-    if shared.is_done(segment.index):
+                                 lambda group: _teacher_writers(group, seq),
+                                 published=lambda now: teacher_is_current(now, teacher_hash, 0))
+    if shared is None or shared.is_done(segment.index):
         return False
     group = shared.group
     labels_w = RangeWriter(group["labels"], segment.start)  # type: ignore[arg-type]

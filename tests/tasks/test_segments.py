@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,10 @@ ARRAYS = ["flow/dis-fast/fw", "flow/dis-fast/bw", "teacher/labels", "teacher/con
 def stored(store: str, seq_id: str) -> dict[str, np.ndarray]:
     seq = SequenceStore.open(store).sequence(seq_id)
     return {name: np.asarray(seq.array(name)[:]) for name in ARRAYS}
+
+
+def _never(seq: Any) -> bool:
+    return False
 
 
 class TestSegmentedDrive:
@@ -224,10 +229,32 @@ class TestSegmentedDrive:
         shutil.copytree(drive["store"], split)
         store = SequenceStore.open(split, mode="r+")
         seq_id = store.sequence_ids()[0]
-        old = SegmentedStage.open(store, seq_id, "teacher", "key-a", 2, lambda group: None)
-        SegmentedStage.open(store, seq_id, "teacher", "key-b", 2, lambda group: None)  # other settings
+        old = SegmentedStage.open(store, seq_id, "teacher", "key-a", 2, lambda group: None, published=_never)
+        SegmentedStage.open(store, seq_id, "teacher", "key-b", 2, lambda group: None, published=_never)  # other settings
         with pytest.raises(StoreError, match="replaced or published by another run"):
             old.finish(0, {}, lambda infos: {})
+
+    def test_a_job_that_looks_after_the_last_segment_was_published_opens_nothing(
+            self, drive: dict[str, Path], tmp_path: Path) -> None:
+        """The race a job's second stage can lose (its segment written by the first stage's pass, the
+        other job publishing the last one between its look and its open): no orphan version is made."""
+        split = str(tmp_path / "split.zarr")
+        shutil.copytree(drive["store"], split)
+        store = SequenceStore.open(split, mode="r+")
+        seq_id = store.sequence_ids()[0]
+
+        def published(seq: Any) -> bool:
+            return seq.stages.get("results/x", {}).get("settings") == "s"
+
+        for index in (0, 1):  # two jobs write their segments; the second publishes
+            shared = SegmentedStage.open(store, seq_id, "results/x", "key", 2, lambda group: None, published=published)
+            assert shared is not None and not shared.is_done(index)
+            shared.finish(index, {}, lambda infos: {"settings": "s"})
+        seq = store.sequence(seq_id)
+        assert published(seq) and "segmented" not in seq.attrs
+        late = SegmentedStage.open(store, seq_id, "results/x", "key", 2, lambda group: None, published=published)
+        assert late is None
+        assert "segmented" not in store.sequence(seq_id).attrs  # no version recorded that nobody finishes
 
     def test_per_sequence_adaptation_is_refused(self, drive: dict[str, Path]) -> None:
         with pytest.raises(ConfigError, match="--adapt-steps 0"):
