@@ -31,7 +31,7 @@ from autolabel.models.checkpoints import (
     save_checkpoint,
 )
 
-__all__ = ["TEACHER_ARCHS", "Teacher", "TeacherOutput", "file_sha256", "to_tensor"]
+__all__ = ["TEACHER_ARCHS", "Teacher", "TeacherOutput", "argmax_labels", "file_sha256", "to_tensor"]
 
 CHECKPOINT_FORMAT = "autolabel.teacher"
 CHECKPOINT_VERSION = 1
@@ -129,6 +129,16 @@ class UNetTiny(UNetLite):
         super().__init__(num_classes, widths=(4, 8, 8, 8, 8), feature_channels=feature_channels)
 
 
+def argmax_labels(probs: torch.Tensor, unknown: int | None = None, ignore_index: int = 255
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (B, C, H, W) -> argmax labels uint8 (B, H, W) and their probability
+    float32 (B, H, W); channel ``unknown`` (where given) becomes ``ignore_index``."""
+    conf, labels = probs.max(1)
+    if unknown is not None:
+        labels = torch.where(labels == unknown, torch.full_like(labels, ignore_index), labels)
+    return labels.to(torch.uint8).cpu().numpy(), conf.cpu().numpy()
+
+
 def to_tensor(frames: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 frames (B, H, W, 3) or (H, W, 3) -> float (B, 3, H, W) in [0, 1] on ``device``."""
     t = torch.as_tensor(frames)
@@ -216,9 +226,16 @@ class Teacher:
 
     def predict_labels(self, frames: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Argmax labels uint8 (B, H, W) and their probability float32 (B, H, W)."""
-        probs = self.predict(frames).logits
-        conf, labels = probs.max(1)
-        return labels.to(torch.uint8).cpu().numpy(), conf.cpu().numpy()
+        labels, conf, _ = self.predict_labels_and_features(frames)
+        return labels, conf
+
+    def predict_labels_and_features(self, frames: np.ndarray | torch.Tensor
+                                    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
+        """:meth:`predict_labels` and the features :meth:`predict_features` gives (B, F, H/4, W/4),
+        from one forward pass (the teacher stage keeps them for warp-refine's refiner)."""
+        out = self.predict(frames)
+        labels, conf = argmax_labels(out.logits)
+        return labels, conf, out.features
 
     # --- checkpoints ---
 

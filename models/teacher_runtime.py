@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from autolabel.errors import ClassSetMismatchError, MissingDependencyError, TeacherFormatError
-from autolabel.models.teacher import Teacher, TeacherOutput, to_tensor
+from autolabel.models.teacher import Teacher, TeacherOutput, argmax_labels, to_tensor
 from autolabel.models.teacher_sidecar import ClassMap, TeacherSidecar, sidecar_path
 
 FEATURES = "features"
@@ -51,6 +51,9 @@ class SemanticTeacher(Protocol):
     def predict_features(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor: ...
 
     def predict_labels(self, frames: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def predict_labels_and_features(self, frames: np.ndarray | torch.Tensor
+                                    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]: ...
 
     def check_classes(self, names: list[str], ignore_index: int, where: str) -> None: ...
 
@@ -229,9 +232,13 @@ class ExportedTeacher:
         return features
 
     def predict_labels(self, frames: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        probs = self.predict(frames).logits
-        conf, labels = probs.max(1)
-        return labels.to(torch.uint8).cpu().numpy(), conf.cpu().numpy()
+        return argmax_labels(self.predict(frames).logits)
+
+    def predict_labels_and_features(self, frames: np.ndarray | torch.Tensor
+                                    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
+        """Labels and confidence (B, H, W) and the features output (or None) of one run."""
+        out = self.predict(frames)
+        return (*argmax_labels(out.logits), out.features)
 
 
 class MappedTeacher:
@@ -288,10 +295,14 @@ class MappedTeacher:
 
     def predict_labels(self, frames: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Argmax over the store's classes and unknown; unknown -> ``ignore_index``. uint8 / float32 (B, H, W)."""
-        probs = self.predict(frames).logits
-        conf, labels = probs.max(1)
-        labels = torch.where(labels == len(self.classes), torch.full_like(labels, self.ignore_index), labels)
-        return labels.to(torch.uint8).cpu().numpy(), conf.cpu().numpy()
+        labels, conf, _ = self.predict_labels_and_features(frames)
+        return labels, conf
+
+    def predict_labels_and_features(self, frames: np.ndarray | torch.Tensor
+                                    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """:meth:`predict_labels` and what :meth:`predict_features` gives, from one run of the base."""
+        out = self.predict(frames)
+        return (*argmax_labels(out.logits, len(self.classes), self.ignore_index), out.features)
 
 
 def open_teacher(path: Path, device: str | torch.device = "cpu", class_map: Path | None = None,

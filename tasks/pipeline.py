@@ -31,6 +31,7 @@ from autolabel.models.propagation import PropagationConfig, count_frame_steps, c
 from autolabel.models.quality import EstimateConfig, estimate_plan, probe_steps, split_probes
 from autolabel.models.segments import Segment
 from autolabel.models.teacher import Teacher
+from autolabel.storage import feature_scratch
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.export import export_is_current, export_sequence
 from autolabel.storage.ids import select_ids
@@ -138,6 +139,10 @@ class LabelSettings(BaseModel):
     compare_with_warp_inpaint: bool = Field(
         True, description="warp-refine: also store warp-inpaint, so its gain can be shown")
     export_dir: str | None = Field(None, description="write index / colour / overlay PNGs of the method here")
+    teacher_feature_scratch_mb: int | None = Field(
+        None, ge=0, description="warp-refine: keep the features the teacher stage computes for the refiner "
+                                "in a temporary file of at most this many MB, instead of computing them "
+                                "again (None: 2048 on CPU, 0 on CUDA, where a second pass is cheaper)")
     segment_frames: int = Field(
         0, ge=0, description="split drives longer than this many frames into segments labelled as separate jobs "
                              "(whole shards; 0: one job per drive)")
@@ -196,6 +201,16 @@ class LabelSettings(BaseModel):
     @property
     def needs_teacher(self) -> bool:
         return any(method_class(m).needs_teacher for m in self.methods)
+
+    @property
+    def teacher_feature_scratch_bytes(self) -> int:
+        """Bytes of teacher features the teacher stage keeps for warp-refine (0: none)."""
+        if not method_class(self.method).needs_refiner or self.adapt_steps:
+            return 0
+        mb = self.teacher_feature_scratch_mb
+        if mb is None:
+            mb = 0 if self.device.startswith("cuda") else 2048
+        return mb * 2**20
 
     def digest(self) -> str:
         """A short hash of the settings (idempotency keys, change detection)."""
@@ -348,6 +363,7 @@ class TeacherStage(Stage):
     teacher_map: str | None = None
     adapt_steps: int = 0
     on_device: str = "cpu"
+    keep_features_bytes: int = 0  # for warp-refine's refiner in this process (storage.feature_scratch)
     TASK: ClassVar[str] = "teacher-inference"
     uses_gpu: ClassVar[bool] = True
 
@@ -375,7 +391,7 @@ class TeacherStage(Stage):
         computed = infer_teacher(store, seq_id,
                                  load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names),
                                  teacher_sha256(self.teacher, self.teacher_map), adapt_steps=self.adapt_steps,
-                                 on_frame=progress.advance)
+                                 on_frame=progress.advance, keep_features_bytes=self.keep_features_bytes)
         return {"computed": computed}
 
     segmentable: ClassVar[bool] = True
@@ -389,7 +405,7 @@ class TeacherStage(Stage):
         computed = infer_teacher_segment(store, seq_id,
                                          load_teacher(self.teacher, self.device, self.teacher_map, store.classes.names),
                                          teacher_sha256(self.teacher, self.teacher_map), segment, plan_key, segments,
-                                         on_frame=progress.advance)
+                                         on_frame=progress.advance, keep_features_bytes=self.keep_features_bytes)
         return {"computed": computed}
 
 
@@ -645,7 +661,8 @@ def sequence_stages(settings: LabelSettings, source: DriveSource | None = None) 
         assert settings.teacher is not None  # LabelSettings checks it
         stages.append(TeacherStage(teacher=settings.teacher, teacher_map=settings.teacher_map,
                                    adapt_steps=settings.adapt_steps,
-                                   on_device=settings.device))
+                                   on_device=settings.device,
+                                   keep_features_bytes=settings.teacher_feature_scratch_bytes))
     # the method itself first: where warp-inpaint is stored for comparison, warp-refine's stage writes
     # it in the same pass (PropagateStage.also) and warp-inpaint's own stage finds it current
     methods = [settings.method, *(m for m in settings.methods if m != settings.method)]
@@ -705,7 +722,10 @@ def label_sequence(store_url: str, seq_id: str, settings: LabelSettings, source:
     if seq_id in (store := SequenceStore.open(store_url, mode="r+")):
         for stage in check_sequence(store, seq_id):  # missing chunks: damaged ingest data raises
             log.warning("sequence %s: %s had missing chunks; computing it again", seq_id, stage)
-    results = [runner(store_url, seq_id, stage) for stage in sequence_stages(settings, source)]
+    try:
+        results = [runner(store_url, seq_id, stage) for stage in sequence_stages(settings, source)]
+    finally:  # the teacher features kept for warp-refine (where the stages ran here)
+        feature_scratch.release(str(store_url), seq_id)
     evaluation = next(r["evaluation"] for r in results if r["stage"] == "evaluation")
     exported = next((r["exported"] for r in results if r["stage"] == "export"), None)
     SequenceStore.open(store_url, mode="r+").mark_stage_done(

@@ -22,6 +22,7 @@ from autolabel.models.quality import annotation_fingerprint
 from autolabel.models.segments import Segment, stage_key
 from autolabel.models.refiner import Refiner
 from autolabel.models.teacher_runtime import SemanticTeacher
+from autolabel.storage import feature_scratch
 from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.stages import (
     DISTANCE_DTYPE,
@@ -87,6 +88,9 @@ class StoreSequenceInputs:
         self._keep_frames = keep_features
         self._features_kept: dict[int, torch.Tensor] = {}  # frame -> (1, F, h, w), oldest first
         self._features_bytes = 0
+        # features the teacher stage kept in this process for this very teacher output (and teacher)
+        self._scratch = feature_scratch.find(seq.store.url, seq.id, seq.stages.get(TEACHER, {}).get("at"),
+                                             feature_teacher) if feature_teacher is not None else None
         self.teacher_features = self._features if feature_teacher is not None else None
         self.teacher_features_batch = self._features_batch if feature_teacher is not None else None
 
@@ -119,11 +123,14 @@ class StoreSequenceInputs:
         return self._features_batch([t])[0]
 
     def _features_batch(self, ts: list[int]) -> torch.Tensor:
-        """float (B, F, h, w) teacher features of frames ``ts``, one batched forward pass for those not
-        kept from an earlier call (the most recent ``keep_features`` frames'); left where and as the
-        teacher made them (its device, channels_last), which is where the refiner wants them."""
+        """float (B, F, h, w) teacher features of frames ``ts``, one batched forward pass for those
+        neither kept from an earlier call (the most recent ``keep_features`` frames') nor by this
+        process's teacher stage (:mod:`storage.feature_scratch`); left where and as the teacher made
+        them (its device, channels_last), which is where the refiner wants them."""
         assert self._feature_teacher is not None
         found = {t: self._features_kept[t] for t in ts if t in self._features_kept}  # before new ones push them out
+        if self._scratch is not None and len(found) < len(ts):
+            found.update(self._scratch.get([t for t in ts if t not in found]))
         missing = [t for t in dict.fromkeys(ts) if t not in found]
         if not missing:
             return torch.cat([found[t] for t in ts])

@@ -11,6 +11,7 @@ from autolabel.models.teacher import Teacher
 from autolabel.models.teacher_runtime import SemanticTeacher
 from autolabel.models.teacher_training import adapt_teacher
 from autolabel.models.segments import Segment, stage_key
+from autolabel.storage import feature_scratch
 from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.stages import TEACHER
 from autolabel.storage.store import (
@@ -46,13 +47,16 @@ def infer_teacher(
     adapt_steps: int = 0,
     batch_size: int = 4,
     on_frame: Callable[[], None] | None = None,
+    keep_features_bytes: int = 0,
 ) -> bool:
     """Store ``teacher/labels`` and ``teacher/confidence`` (uint8, x255) for every frame.
 
     With ``adapt_steps`` > 0 a copy of the teacher is first fine-tuned on this sequence's own
     annotated frames (per-sequence adaptation). Skips (returns False) when the stage already holds
     the output of the same checkpoint and adaptation. A mapped teacher's *unknown* pixels are
-    stored with the ignore label (inpainting never copies them).
+    stored with the ignore label (inpainting never copies them). With ``keep_features_bytes`` > 0
+    (and no adaptation) the features warp-refine's refiner takes are kept for this process's
+    propagation stage (:mod:`storage.feature_scratch`), up to that many bytes.
     """
     teacher.check_classes(store.classes.names, store.classes.ignore_index, f"store {store.url!r}")
     with store.writing(seq_id, TEACHER) as out:
@@ -68,7 +72,13 @@ def infer_teacher(
             if len(samples):
                 model = adapt_teacher(teacher, samples, adapt_steps)  # type: ignore[arg-type]
         labels_w, conf_w = _teacher_writers(out.group, seq)
-        _predict_into(model, seq, 0, seq.num_frames, batch_size, labels_w, conf_w, on_frame)
+        scratch = feature_scratch.open_scratch(store.url, seq_id, out.path, model, keep_features_bytes) \
+            if model is teacher else None
+        try:
+            _predict_into(model, seq, 0, seq.num_frames, batch_size, labels_w, conf_w, on_frame, scratch)
+        except BaseException:
+            feature_scratch.release(store.url, seq_id)
+            raise
         labels_w.close()
         conf_w.close()
         out.publish({"settings": teacher_settings(teacher_hash, adapt_steps, seq.keyframes_fingerprint),
@@ -85,16 +95,23 @@ def _teacher_writers(group: Any, seq: Sequence) -> tuple[FrameArrayWriter, Frame
 
 def _predict_into(model: SemanticTeacher, seq: Sequence, start: int, stop: int, batch_size: int,
                   labels_w: FrameArrayWriter | RangeWriter, conf_w: FrameArrayWriter | RangeWriter,
-                  on_frame: Callable[[], None] | None) -> None:
+                  on_frame: Callable[[], None] | None,
+                  scratch: feature_scratch.FeatureScratch | None = None) -> None:
     """The teacher on frames ``start..stop-1`` in batches on the drive's grid (multiples of ``batch_size``).
 
     Batches start at multiples of ``batch_size`` whatever ``start`` is, so a segment's frames see
-    exactly the batches a whole-drive run gives them.
+    exactly the batches a whole-drive run gives them. ``scratch``: where the features of the same
+    forward passes are kept.
     """
     for first in range(start - start % batch_size, stop, batch_size):
         a, b = max(first, start), min(first + batch_size, stop)
         frames = np.stack(list(seq.iter_frames(first, min(first + batch_size, seq.num_frames))))
-        labels, conf = model.predict_labels(frames)
+        if scratch is None:
+            labels, conf = model.predict_labels(frames)
+        else:
+            labels, conf, features = model.predict_labels_and_features(frames)
+            if features is not None:
+                scratch.put(list(range(a, b)), features[a - first:b - first])
         for lab, c in list(zip(labels, conf))[a - first:b - first]:
             labels_w.append(lab)
             conf_w.append(np.clip(np.round(c * 255), 0, 255).astype(np.uint8))
@@ -104,7 +121,7 @@ def _predict_into(model: SemanticTeacher, seq: Sequence, start: int, stop: int, 
 
 def infer_teacher_segment(store: SequenceStore, seq_id: str, teacher: SemanticTeacher, teacher_hash: str,
                           segment: Segment, plan_key: str, segments: int, *, batch_size: int = 4,
-                          on_frame: Callable[[], None] | None = None) -> bool:
+                          on_frame: Callable[[], None] | None = None, keep_features_bytes: int = 0) -> bool:
     """The teacher's output for the frames ``segment`` owns, into the drive's shared new version.
 
     Like :func:`infer_teacher` without adaptation (a segmented drive is refused with
@@ -123,7 +140,8 @@ def infer_teacher_segment(store: SequenceStore, seq_id: str, teacher: SemanticTe
     group = shared.group
     labels_w = RangeWriter(group["labels"], segment.start)  # type: ignore[arg-type]
     conf_w = RangeWriter(group["confidence"], segment.start)  # type: ignore[arg-type]
-    _predict_into(teacher, seq, segment.start, segment.stop, batch_size, labels_w, conf_w, on_frame)
+    scratch = feature_scratch.open_scratch(store.url, seq_id, shared.path, teacher, keep_features_bytes)
+    _predict_into(teacher, seq, segment.start, segment.stop, batch_size, labels_w, conf_w, on_frame, scratch)
     labels_w.close()
     conf_w.close()
     shared.finish(segment.index, {"frames": segment.frames},
