@@ -231,7 +231,7 @@ def tally_frames(seq: Sequence, method: str, max_distance: int, calibration: Est
                 tally.confusion[d] = tally.confusion[d] + cm if d in tally.confusion else cm
                 right = percent(100 * np.trace(cm[:, :c]) / max(int(cm.sum()), 1))
             if calibration is not None and d <= max_distance:
-                prob = np.where(lab != ignore, calibration.calibration(frame_conf / 255.0, lab), 0.0)
+                prob = calibration.calibration.of_stored(frame_conf, lab, ignore)
                 e = np.round(expected_counts(lab, prob, c, ignore, calibration.spread) * EXPECTED_SCALE).astype(np.int64)
                 tally.expected[d] = tally.expected[d] + e if d in tally.expected else e
                 estimated = percent(100 * float(prob.mean()))

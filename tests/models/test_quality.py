@@ -73,7 +73,34 @@ class TestFitCalibration:
         assert fit_calibration(np.zeros(0), np.zeros(0, bool)) == Calibration()
 
 
+class TestCalibrationOfStored:
+    @pytest.mark.parametrize("calibration", [Calibration(), Calibration(1.3, -0.4),
+                                             Calibration(0.8, 0.2, (0.5, -1.0, 0.0, 2.0))])
+    def test_the_computed_probabilities_to_the_bit(self, calibration: Calibration) -> None:
+        rng = np.random.default_rng(0)
+        conf = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+        conf[0, :4] = [0, 1, 254, 255]
+        labels = rng.choice(np.array([0, 1, 2, 3, 7, 255], np.uint8), (37, 53))
+        want = np.where(labels != 255, calibration(conf / 255.0, labels), 0.0)
+        got = calibration.of_stored(conf, labels, 255)
+        assert got.dtype == want.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+        assert (got[labels == 255] == 0).all() and (got[labels != 255] > 0).all()
+
+    def test_only_stored_dtypes(self) -> None:
+        with pytest.raises(TypeError, match="uint8"):
+            Calibration().of_stored(np.zeros((2, 2)), np.zeros((2, 2), np.uint8), 255)
+
+
 class TestExpectedCounts:
+    def test_stored_uint8_labels_count_as_any_integer_labels(self) -> None:
+        rng = np.random.default_rng(3)
+        labels = rng.choice(np.array([0, 1, 2, 4, 9, 200, 255], np.uint8), (40, 50))
+        p = rng.random((40, 50)).astype(np.float32)
+        for spread in (3, 9):
+            np.testing.assert_array_equal(expected_counts(labels, p, 10, 255, spread),
+                                          expected_counts(labels.astype(np.int64), p, 10, 255, spread))
+
     def test_certain_labels_give_exact_iou(self) -> None:
         labels = np.zeros((8, 8), np.uint8)
         labels[:, 4:] = 1
