@@ -220,6 +220,14 @@ def tiny_checkpoints(store_url: str, root: Path) -> dict[str, Path]:
     return {"store": Path(store_url), "teacher": root / "teacher.pt", "refiner": root / "refiner.pt"}
 
 
+def drives_with_checkpoints(root: Path, configs: list[SyntheticConfig], every: int) -> dict[str, Path]:
+    """A store of synthetic drives with a keyframe every ``every`` frames under ``root``, and
+    :func:`tiny_checkpoints` for it."""
+    store = str(root / "store.zarr")
+    write_synthetic_store(store, configs, AnnotationPolicy(mode="window", n=every))
+    return tiny_checkpoints(store, root)
+
+
 @pytest.fixture
 def teacher_path(synth_store: str, tmp_path: Path) -> Path:
     train_tiny_teacher(synth_store, tmp_path / "teacher.pt")

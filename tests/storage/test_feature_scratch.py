@@ -15,13 +15,11 @@ import torch
 from autolabel.models.propagation import PropagationConfig
 from autolabel.models.teacher import Teacher
 from autolabel.storage import feature_scratch
-from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.stages import TEACHER
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
-from autolabel.storage.synthetic_io import write_synthetic_store
 from autolabel.tasks.pipeline import LabelSettings, label_store
-from tests.conftest import tiny_checkpoints
+from tests.conftest import drives_with_checkpoints
 
 
 class _Net:
@@ -133,11 +131,8 @@ class TestLabelSettings:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("scratch")
-    store = str(root / "store.zarr")
-    write_synthetic_store(store, drive_configs(2, SyntheticConfig(width=64, height=48, frames=25, seed=3)),
-                          AnnotationPolicy(mode="window", n=5))
-    return tiny_checkpoints(store, root)
+    return drives_with_checkpoints(tmp_path_factory.mktemp("scratch"),
+                                   drive_configs(2, SyntheticConfig(width=64, height=48, frames=25, seed=3)), 5)
 
 
 def _label(made: dict[str, Path], url: str, monkeypatch: pytest.MonkeyPatch, method: str = "warp-refine",

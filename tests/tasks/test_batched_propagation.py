@@ -22,16 +22,14 @@ from autolabel.models.propagation import (
     propagate_frames,
     propagate_frames_together,
 )
-from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
-from autolabel.storage.synthetic_io import write_synthetic_store
 from autolabel.models.quality import EstimateConfig
 from autolabel.models.teacher import Teacher
 from autolabel.tasks.pipeline import EstimateStage, LabelSettings, label_store, run_stage
 from autolabel.tasks import propagate as propagate_task
 from autolabel.tasks.propagate import StoreSequenceInputs, features_to_keep
-from tests.conftest import DriveInputs, tiny_checkpoints
+from tests.conftest import DriveInputs, drives_with_checkpoints
 
 METHODS = ["motion-only", "semantic-only", "warp-inpaint", "warp-refine"]
 
@@ -39,11 +37,8 @@ METHODS = ["motion-only", "semantic-only", "warp-inpaint", "warp-refine"]
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two drives with keyframes every 5 frames (10 chains each), a teacher and an untrained refiner."""
-    root = tmp_path_factory.mktemp("batched")
-    store = str(root / "store.zarr")
-    write_synthetic_store(store, drive_configs(2, SyntheticConfig(width=64, height=48, frames=25, seed=0)),
-                          AnnotationPolicy(mode="window", n=5))
-    return tiny_checkpoints(store, root)
+    return drives_with_checkpoints(tmp_path_factory.mktemp("batched"),
+                                   drive_configs(2, SyntheticConfig(width=64, height=48, frames=25, seed=0)), 5)
 
 
 class TestGapChains:

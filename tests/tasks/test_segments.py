@@ -14,11 +14,9 @@ from autolabel.models.optical_flow import FlowConfig
 from autolabel.models.propagation import PropagationConfig
 from autolabel.models.quality import EstimateConfig
 from autolabel.models.segments import Segment, plan_segments
-from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig
-from autolabel.storage.synthetic_io import write_synthetic_store
 from autolabel.tasks.pipeline import LabelSettings, label_store
 from autolabel.tasks.segments import (
     label_drive_in_segments,
@@ -27,7 +25,7 @@ from autolabel.tasks.segments import (
     run_segment_job,
     segment_phases,
 )
-from tests.conftest import tiny_checkpoints
+from tests.conftest import drives_with_checkpoints
 
 
 class TestPlanSegments:
@@ -68,11 +66,8 @@ class TestPlanSegments:
 @pytest.fixture(scope="module")
 def drive(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One 100-frame drive (sharded: 16 frames per shard), keyframes every 21 frames, teacher, refiner."""
-    root = tmp_path_factory.mktemp("segments")
-    store = str(root / "store.zarr")
-    write_synthetic_store(store, [SyntheticConfig(width=64, height=48, frames=100, seed=5)],
-                          AnnotationPolicy(mode="window", n=21))
-    return tiny_checkpoints(store, root)
+    return drives_with_checkpoints(tmp_path_factory.mktemp("segments"),
+                                   [SyntheticConfig(width=64, height=48, frames=100, seed=5)], 21)
 
 
 def settings_for(drive: dict[str, Path], segment_frames: int) -> LabelSettings:
