@@ -7,7 +7,9 @@ arenas does not go back to the system: the high-water RSS of a 2000-frame drive 
 +9 % over a 100-frame one with the default, +2 % with two arenas (``benchmarks/scaling.py``,
 README "Scale"). :func:`configure_process` caps the arenas (unless ``MALLOC_ARENA_MAX`` is set,
 which glibc then applies itself) and sets the threads; the CLI, the Prefect flows and the local
-worker processes call it first.
+worker processes call it first. Within the arenas, the holes that each propagation step's freed
+tensors leave still drift over a long drive; :func:`release_free_memory` hands them back, and the
+propagation calls it every 16 frames.
 
 Several labelling processes on one machine are normal (two users' ``label`` runs, several pool
 workers on one host, the local segment jobs): each starts torch with a thread per core, and
@@ -59,6 +61,26 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_ARENA_MAX, arenas) == 1
+
+
+def release_free_memory() -> bool:
+    """Hand the C allocator's free pages back to the system (glibc's ``malloc_trim(0)``); False where
+    there is no such call (not glibc).
+
+    Freed blocks in the middle of a heap stay resident until something reuses them, and the tensors
+    of each propagation step leave such holes in a pattern that drifts over a long drive; the
+    propagation calls this after every group of frames, so the high-water RSS does not creep up with
+    the drive's length (README "Scale"). Costs a heap walk and the page faults of reusing the pages.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
 
 
 def compute_threads() -> int:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,9 +45,12 @@ from autolabel.storage.store import (
 from autolabel.tasks.flow_estimation import flow_arrays
 
 from autolabel.errors import StageNotDoneError, StoreError
+from autolabel.runtime import release_free_memory
 
 
 FRAME_CACHE = 48  # decoded frames kept (two per chain of a batch of 16, with room)
+RELEASE_EVERY_FRAMES = 16  # propagated frames between handing the allocator's free pages back
+T = TypeVar("T")
 FEATURE_CACHE_BYTES = 256 * 2**20  # at most, for the teacher features kept (2.8 MB a frame at 480x360)
 
 
@@ -342,13 +345,23 @@ def propagate_methods(
                                                 on_chains=whole_drive(group_configs, inputs) if whole_drive else None)
                       if windows is None else _partial_frames(seq, group_configs, inputs, list(windows), on_step,
                                                                refiner))
-            for outputs in frames:
+            for outputs in _releasing_memory(frames):
                 for results, frame in zip(group, outputs):
                     results.append(frame)
         for results in due:
             if results is not None:
                 results.publish()
     return [r is not None for r in due]
+
+
+def _releasing_memory(frames: Iterable[T]) -> Iterator[T]:
+    """``frames`` as they come, handing the allocator's free pages back after every
+    ``RELEASE_EVERY_FRAMES`` of them (:func:`autolabel.runtime.release_free_memory`: a long drive's
+    high-water RSS stays flat)."""
+    for i, item in enumerate(frames, 1):
+        yield item
+        if i % RELEASE_EVERY_FRAMES == 0:
+            release_free_memory()
 
 
 def _partial_frames(seq: Sequence, configs: list[PropagationConfig], inputs: StoreSequenceInputs,
@@ -463,8 +476,9 @@ def propagate_segment_methods(
     if running:
         window = WindowInputs(inputs, segment.span_start, segment.span_stop)
         owned = (segment.start - segment.span_start, segment.stop - segment.span_start)
-        for frames in propagate_frames_together(window, [r.config for r in running], on_step, refiner,
-                                                running[0].config.chains_per_batch(), frames=owned):
+        for frames in _releasing_memory(propagate_frames_together(
+                window, [r.config for r in running], on_step, refiner, running[0].config.chains_per_batch(),
+                frames=owned)):
             for results, frame in zip(running, frames):
                 results.append(frame)
         keyframes = {str(t): annotation_fingerprint(inputs.annotation(int(t)))

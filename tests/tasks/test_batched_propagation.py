@@ -285,3 +285,17 @@ class TestFeatureCache:
         config = PropagationConfig(method="warp-refine", max_distance=10)
         assert features_to_keep(config) == 22  # one gap of two chains at a time on CPU
         assert features_to_keep(config.model_copy(update={"device": "cuda"})) == 22 * 8
+
+
+def test_free_memory_handed_back_as_frames_are_written(made: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every RELEASE_EVERY_FRAMES propagated frames the allocator's free pages go back (flat RSS)."""
+    released = []
+    monkeypatch.setattr(propagate_task, "release_free_memory", lambda: released.append(True))
+    monkeypatch.setattr(propagate_task, "RELEASE_EVERY_FRAMES", 4)
+    store = str(tmp_path / "s.zarr")
+    shutil.copytree(made["store"], store)
+    settings = LabelSettings(propagation=PropagationConfig(method="motion-only"), flow=FlowConfig(backend="exact"),
+                             compare_with_warp_inpaint=False, estimate={"enabled": False})
+    assert [o.status for o in label_store(store, settings).outcomes] == ["labelled"] * 2
+    assert len(released) == 2 * (25 // 4)  # two drives of 25 frames
