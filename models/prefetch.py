@@ -8,13 +8,18 @@ step's reads, starts them on one reader thread and keeps what it read for the cu
 step only (memory: two steps' inputs, whatever the sequence's length). Reads are the same calls on
 the same inputs, so the labels do not change; an error raised by a read comes out in the step that
 uses it.
+
+:func:`read_ahead` does the same for a stream read in order (the frames of a drive that the flow
+and teacher stages walk through): the next items are read on a thread while the current one computes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -22,6 +27,8 @@ import numpy as np
 READS = frozenset({"frame", "flow_to_next", "flow_to_prev", "teacher"})
 
 Read = tuple[str, int]
+T = TypeVar("T")
+_END = object()
 
 
 class PrefetchingInputs:
@@ -77,3 +84,48 @@ class PrefetchingInputs:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """The items of ``items`` in order, produced on a reader thread up to ``depth`` ahead of the consumer.
+
+    Memory: at most ``depth`` items waiting. An error raised while producing an item comes out where
+    that item would have; a consumer that stops early (``close()``, an exception) stops the reader,
+    which finishes the item it is reading and ends.
+    """
+    if depth < 1:
+        raise ValueError(f"read_ahead needs a depth of at least 1, not {depth}")
+    ready: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, _END))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put((False, exc))
+
+    reader = threading.Thread(target=produce, name="autolabel-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            ok, value = ready.get()
+            if not ok:
+                raise value
+            if value is _END:
+                return
+            yield value
+    finally:
+        stop.set()
+        reader.join()

@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceABC
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -795,6 +796,10 @@ class FrameArrayWriter:
     Each item is one chunk ``(1, *item_shape)``; when the array is sharded, items are buffered
     until a shard is full, so no shard is ever read back and rewritten. The array grows when more
     items arrive than announced and is trimmed to the real count by :meth:`close`.
+
+    A full shard is compressed and written on a writer thread while the caller computes the next
+    items (one write in flight: the next waits for it); a write's error is raised by the next
+    append that fills a shard, or by :meth:`close`, which returns only once everything is written.
     """
 
     def __init__(
@@ -813,6 +818,8 @@ class FrameArrayWriter:
         self.step = shard or 1
         self.count = 0
         self._buf: list[np.ndarray] = []
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
         self.array = group.create_array(
             name, shape=(expected, *item_shape), chunks=(1, *item_shape),
             shards=(shard, *item_shape) if shard else None, dtype=dtype,
@@ -830,23 +837,54 @@ class FrameArrayWriter:
         if not self._buf:
             return
         start = self.count - len(self._buf)
+        block = np.stack(self._buf)
+        self._buf = []
+        self._settle()  # the write before this one is done (and raised if it failed)
         if self.count > self.array.shape[0]:
             self.array.resize((max(self.count, 2 * self.array.shape[0]), *self.array.shape[1:]))
-        if len(self._buf) == 1:
-            self.array[start] = self._buf[0]
-        else:
-            self.array[start:self.count] = np.stack(self._buf)
-        self._buf.clear()
+        self._write_behind(start, block)
+
+    def _write_behind(self, start: int, block: np.ndarray) -> None:
+        """Start writing ``block`` (N, *item_shape) at item ``start`` on the writer thread."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autolabel-write")
+        self._pending = self._writer.submit(self._write, start, block)
+
+    def _write(self, start: int, block: np.ndarray) -> None:
+        self.array[start:start + len(block)] = block
+
+    def _settle(self) -> None:
+        """Wait for the write in flight; raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _stop_writer(self) -> None:
+        try:
+            self._settle()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
 
     def close(self) -> int:
-        """Flush what is buffered and trim the array to the items written; returns the count."""
-        self._flush()
+        """Flush what is buffered, wait for every write and trim the array to the items written;
+        returns the count."""
+        try:
+            self._flush()
+        finally:
+            self._stop_writer()
         if self.array.shape[0] != self.count and self.count > 0:
             self.array.resize((self.count, *self.array.shape[1:]))
         return self.count
 
     def discard(self) -> None:
+        """Drop what is buffered; a write in flight is waited for, its error ignored."""
         self._buf.clear()
+        try:
+            self._stop_writer()
+        except Exception:  # noqa: BLE001 - the output is being thrown away
+            pass
 
 
 class RangeWriter(FrameArrayWriter):
@@ -865,16 +903,23 @@ class RangeWriter(FrameArrayWriter):
         # a reopened array forgets the writer's config: every chunk is stored, fill-valued ones too
         self.array, self.start, self.count = array.with_config(WRITE_EVERY_CHUNK), start, 0
         self._buf: list[np.ndarray] = []
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def _flush(self) -> None:
         if self._buf:
             end = self.start + self.count
-            self.array[end - len(self._buf):end] = np.stack(self._buf)
-            self._buf.clear()
+            block = np.stack(self._buf)
+            self._buf = []
+            self._settle()
+            self._write_behind(end - len(block), block)
 
     def close(self) -> int:
-        """Write what is buffered; returns the items written."""
-        self._flush()
+        """Write what is buffered and wait for every write; returns the items written."""
+        try:
+            self._flush()
+        finally:
+            self._stop_writer()
         return self.count
 
 

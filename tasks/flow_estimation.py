@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import closing
 
 import numpy as np
 import zarr
 from autolabel.models.optical_flow import EXACT, FlowConfig, FlowEstimator
+from autolabel.models.prefetch import read_ahead
 from autolabel.models.segments import Segment, stage_key
 from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.stages import flow_array_names, flow_stage
@@ -25,6 +27,7 @@ from autolabel.errors import StageNotDoneError
 # flow compresses little (about 1.8x at best); zstd-1 with byte shuffle encodes 2.5x faster
 # than zstd-3 bitshuffle for nearly the same ratio
 FLOW_LAYOUT = StoreLayout(clevel=1, shuffle="shuffle")
+FRAMES_AHEAD = 4  # frames read and decoded on a reader thread ahead of the flow (models.prefetch.read_ahead)
 
 
 def flow_is_current(seq: Sequence, config: FlowConfig) -> bool:
@@ -60,11 +63,12 @@ def estimate_flow(
         own = estimator is None
         estimator = estimator or FlowEstimator(config)
         try:
-            for f, b in estimator.pairs(seq.iter_frames()):
-                fw.append(f.astype(np.float16))
-                bw.append(b.astype(np.float16))
-                if on_pair is not None:
-                    on_pair()
+            with closing(read_ahead(seq.iter_frames(), FRAMES_AHEAD)) as frames:
+                for f, b in estimator.pairs(frames):
+                    fw.append(f.astype(np.float16))
+                    bw.append(b.astype(np.float16))
+                    if on_pair is not None:
+                        on_pair()
         finally:
             if own:
                 estimator.close()
@@ -123,8 +127,9 @@ def estimate_flow_piece(store: SequenceStore, seq_id: str, config: FlowConfig, v
     # reopened arrays forget the writer's config: store every chunk, all-zero flow (a still camera) too
     fw, bw = group["fw"].with_config(WRITE_EVERY_CHUNK), group["bw"].with_config(WRITE_EVERY_CHUNK)
     forward, backward = [], []
-    with FlowEstimator(config.model_copy(update={"workers": 1})) as estimator:
-        for f, b in estimator.pairs(seq.iter_frames(start, stop + 1)):
+    with (FlowEstimator(config.model_copy(update={"workers": 1})) as estimator,
+          closing(read_ahead(seq.iter_frames(start, stop + 1), FRAMES_AHEAD)) as frames):
+        for f, b in estimator.pairs(frames):
             forward.append(f.astype(np.float16))
             backward.append(b.astype(np.float16))
     fw[start:stop] = np.stack(forward)
@@ -160,8 +165,9 @@ def estimate_flow_segment(store: SequenceStore, seq_id: str, config: FlowConfig,
     if stop > start:
         group = shared.group
         fw, bw = RangeWriter(group["fw"], start), RangeWriter(group["bw"], start)  # type: ignore[arg-type]
-        with FlowEstimator(config) as estimator:
-            for f, b in estimator.pairs(seq.iter_frames(start, stop + 1)):
+        with (FlowEstimator(config) as estimator,
+              closing(read_ahead(seq.iter_frames(start, stop + 1), FRAMES_AHEAD)) as frames):
+            for f, b in estimator.pairs(frames):
                 fw.append(f.astype(np.float16))
                 bw.append(b.astype(np.float16))
                 if on_pair is not None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from autolabel.models.prefetch import PrefetchingInputs
+from autolabel.models.prefetch import PrefetchingInputs, read_ahead
 from autolabel.models.propagation import PropagationConfig, create_method, propagate_frames
 from autolabel.models.quality import run_path_together
 from autolabel.storage.synthetic import SyntheticConfig
@@ -131,3 +132,63 @@ def test_a_probe_reads_ahead_once_and_gives_the_same_answer() -> None:
     assert set(inputs.reads) == set(reads)  # the same reads, none twice for being read ahead
     assert all(inputs.reads[k] <= reads[k] for k in reads)
     assert torch.equal(ahead.labels, plain.labels) and torch.equal(ahead.confidence, plain.confidence)
+
+
+class TestReadAhead:
+    """A stream read in order on a reader thread, at most ``depth`` items ahead of its consumer."""
+
+    def test_same_items_in_order_read_on_another_thread(self) -> None:
+        threads = set()
+
+        def items():
+            for i in range(20):
+                threads.add(threading.current_thread().name)
+                yield i
+
+        assert list(read_ahead(items(), 3)) == list(range(20))
+        assert threads == {"autolabel-read-ahead"}
+
+    def test_never_more_than_depth_ahead(self) -> None:
+        produced, consumed, ahead = [], [], []
+
+        def items():
+            for i in range(12):
+                produced.append(i)
+                ahead.append(len(produced) - len(consumed))
+                yield i
+
+        for item in read_ahead(items(), 2):
+            consumed.append(item)
+            time.sleep(0.01)  # a slow consumer: the reader fills up and waits
+        assert consumed == list(range(12))
+        assert max(ahead) <= 2 + 2  # waiting in the queue, plus the one being handed over and the one being read
+
+    def test_an_error_comes_out_where_its_item_would(self) -> None:
+        def items():
+            yield 0
+            yield 1
+            raise OSError("frame 2: chunk is corrupt")
+
+        got = []
+        with pytest.raises(OSError, match="frame 2: chunk is corrupt"):
+            for item in read_ahead(items(), 4):
+                got.append(item)
+        assert got == [0, 1]
+
+    def test_a_consumer_that_stops_early_stops_the_reader(self) -> None:
+        produced = []
+
+        def items():
+            for i in range(1000):
+                produced.append(i)
+                yield i
+
+        stream = read_ahead(items(), 2)
+        assert [next(stream), next(stream)] == [0, 1]
+        stream.close()
+        assert not any(t.name == "autolabel-read-ahead" for t in threading.enumerate())
+        assert len(produced) < 10
+
+    def test_depth_must_be_positive(self) -> None:
+        with pytest.raises(ValueError, match="depth of at least 1"):
+            list(read_ahead([1], 0))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 from autolabel.storage.classes import CAMVID11, DAVIS_BINARY
-from autolabel.storage.store import SequenceStore, StoreLayout
+from autolabel.storage.store import FrameArrayWriter, RangeWriter, SequenceStore, StoreLayout
 
 from autolabel.errors import (
     ClassSetMismatchError,
@@ -153,6 +153,63 @@ class TestIncompleteSequences:
         assert not store.sequence("s").stage_done("flow/exact")
         store.mark_stage_done("s", "flow/exact", {"pairs": 1})
         assert store.sequence("s").stages["flow/exact"]["pairs"] == 1
+
+
+class TestWritesBehind:
+    """Full shards are written on a writer thread while the caller goes on; close waits for them."""
+
+    def _writer(self, tmp_path, frames: int = 10) -> FrameArrayWriter:
+        group = zarr.open_group(str(tmp_path / "w.zarr"), mode="w")
+        return FrameArrayWriter(group, "x", (4, 5), "uint8", frames, StoreLayout(shard_threshold=4, shard_frames=3),
+                                0, ("T", "H", "W"))
+
+    @pytest.mark.parametrize("frames", [2, 10])  # unsharded (a write per item) and sharded
+    def test_everything_is_written_by_close(self, tmp_path, frames: int) -> None:
+        writer = self._writer(tmp_path, frames)
+        items = RNG.integers(0, 255, size=(frames + 3, 4, 5), dtype=np.uint8)  # more than announced: grows
+        for item in items:
+            writer.append(item)
+        assert writer.close() == frames + 3
+        np.testing.assert_array_equal(writer.array[:], items)
+        assert writer._writer is None  # the writer thread ended
+
+    def test_a_failed_write_is_raised_by_close_and_the_thread_ends(self, tmp_path, monkeypatch) -> None:
+        writer = self._writer(tmp_path)
+        written = []
+
+        def write(start: int, block: np.ndarray) -> None:
+            if start >= 3:
+                raise OSError("No space left on device")
+            written.append(start)
+
+        monkeypatch.setattr(writer, "_write", write)
+        for t in range(5):
+            writer.append(np.full((4, 5), t, np.uint8))  # frames 0-2: one shard written behind
+        with pytest.raises(OSError, match="No space left"):
+            writer.close()  # frames 3-4: written at close, which fails
+        assert written == [0] and writer._writer is None
+
+    def test_a_failed_write_is_raised_by_the_next_full_shard(self, tmp_path, monkeypatch) -> None:
+        writer = self._writer(tmp_path)
+        monkeypatch.setattr(writer, "_write", lambda start, block: (_ for _ in ()).throw(OSError("I/O error")))
+        for t in range(3):
+            writer.append(np.zeros((4, 5), np.uint8))
+        with pytest.raises(OSError, match="I/O error"):
+            for t in range(3):  # the second shard waits for the first write, which failed
+                writer.append(np.zeros((4, 5), np.uint8))
+        writer.discard()  # throwing the output away raises nothing and ends the thread
+        assert writer._writer is None
+
+    def test_range_writer_writes_its_range_only(self, tmp_path) -> None:
+        writer = self._writer(tmp_path, 9)
+        for t in range(9):
+            writer.append(np.zeros((4, 5), np.uint8))
+        writer.close()
+        ranged = RangeWriter(writer.array, 3)
+        for t in range(4):
+            ranged.append(np.full((4, 5), t + 1, np.uint8))
+        assert ranged.close() == 4
+        assert writer.array[:, 0, 0].tolist() == [0, 0, 0, 1, 2, 3, 4, 0, 0]
 
 
 class TestStoreErrors:
