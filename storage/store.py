@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceABC
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -613,9 +614,11 @@ class StageOutput:
         self.store.collect_garbage(self.seq_id)
 
     def discard(self) -> None:
-        """Delete the unpublished version (best effort: a leftover is collected later)."""
+        """Delete the unpublished version (best effort: a leftover is collected later), once the
+        writes its writers still have in flight are done (none lands after the deletion)."""
         if self._group is None:
             return
+        wait_for_writes(self._group.path)
         try:
             parent, name = self.path.rsplit("/", 1)
             seq_group = self.store._group(self.seq_id)
@@ -790,6 +793,29 @@ class Sequence:
         return t
 
 
+_WRITES_IN_FLIGHT: dict[Future, str] = {}  # writes started on writer threads -> the array's path
+_WRITES_LOCK = threading.Lock()
+
+
+def _track_write(future: Future, path: str) -> None:
+    with _WRITES_LOCK:
+        _WRITES_IN_FLIGHT[future] = path
+
+    def done(f: Future) -> None:
+        with _WRITES_LOCK:
+            _WRITES_IN_FLIGHT.pop(f, None)
+
+    future.add_done_callback(done)
+
+
+def wait_for_writes(path: str) -> None:
+    """Wait until no writer thread of this process is writing an array at or under ``path``."""
+    prefix = path.rstrip("/") + "/"
+    with _WRITES_LOCK:
+        pending = [f for f, p in _WRITES_IN_FLIGHT.items() if p == path or p.startswith(prefix)]
+    futures_wait(pending)
+
+
 class FrameArrayWriter:
     """Appends per-frame items to one array of a sequence, writing whole shards at a time.
 
@@ -800,6 +826,7 @@ class FrameArrayWriter:
     A full shard is compressed and written on a writer thread while the caller computes the next
     items (one write in flight: the next waits for it); a write's error is raised by the next
     append that fills a shard, or by :meth:`close`, which returns only once everything is written.
+    A stage output that is discarded (the stage failed) first waits for its writes in flight.
     """
 
     def __init__(
@@ -849,6 +876,7 @@ class FrameArrayWriter:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autolabel-write")
         self._pending = self._writer.submit(self._write, start, block)
+        _track_write(self._pending, self.array.path)
 
     def _write(self, start: int, block: np.ndarray) -> None:
         self.array[start:start + len(block)] = block

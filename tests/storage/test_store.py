@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,6 +310,28 @@ class TestPublish:
         seq = store.sequence("s")
         assert seq.stages["results/m"] == record and seq.array("results/m/labels")[:].tolist() == [1, 1, 1]
         assert list(seq.group["results/m"].group_keys()) == [record["at"].rsplit("/", 1)[1]]
+
+    def test_a_failed_stage_waits_for_its_writes_in_flight_before_deleting(self, local_store_url: str,
+                                                                           monkeypatch) -> None:
+        store = SequenceStore.create(local_store_url, CAMVID11)
+        _write(store, "s", 3)
+        slow_write, finished = FrameArrayWriter._write, []
+
+        def write(self, start: int, block: np.ndarray) -> None:
+            time.sleep(0.5)  # still writing when the stage fails
+            slow_write(self, start, block)
+            finished.append(time.monotonic())
+
+        monkeypatch.setattr(FrameArrayWriter, "_write", write)
+        with pytest.raises(RuntimeError, match="frame 1 is corrupt"):
+            with store.writing("s", "results/m") as out:
+                writer = FrameArrayWriter(out.group, "labels", (10, 14), "uint8", 3, StoreLayout(), 0,
+                                          ("T", "H", "W"))
+                writer.append(np.ones((10, 14), np.uint8))  # unsharded: written behind at once
+                raise RuntimeError("frame 1 is corrupt")
+        assert finished  # the write ended before the version was deleted, so no chunk of it came back
+        stage_dir = Path(local_store_url) / "s" / "results" / "m"
+        assert not stage_dir.exists() or not any(p.is_file() for p in stage_dir.rglob("*"))
 
     def test_superseded_versions_are_collected_after_their_grace_time(self, store_url: str) -> None:
         store = SequenceStore.create(store_url, CAMVID11)
