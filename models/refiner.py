@@ -31,7 +31,8 @@ from autolabel.errors import CheckpointError, ClassSetMismatchError
 from autolabel.registry import Registry
 from autolabel.models._checks import check_same_hw, check_shape
 from autolabel.models.checkpoints import load_checkpoint, load_weights, portable_state_dict, save_checkpoint
-from autolabel.models.teacher import MEAN, STD, conv_bn_relu
+from autolabel.models.layers import FoldingSequential, conv_bn_relu
+from autolabel.models.teacher import MEAN, STD
 
 CHECKPOINT_FORMAT = "autolabel.refiner"
 CHECKPOINT_VERSION = 1
@@ -82,12 +83,12 @@ class RefinerUNet(nn.Module):
         self.enc1 = nn.Sequential(conv_bn_relu(cin, w1, 2), conv_bn_relu(w1, w1))
         self.enc2 = nn.Sequential(conv_bn_relu(w1, w2, 2), conv_bn_relu(w2, w2))
         self.enc3 = nn.Sequential(conv_bn_relu(w2, w3, 2), conv_bn_relu(w3, w3, dilation=2))
-        self.proj = nn.Sequential(nn.Conv2d(feature_channels, feature_proj, 1, bias=False),
-                                  nn.BatchNorm2d(feature_proj), nn.ReLU(inplace=True))
-        self.fuse2 = nn.Sequential(nn.Conv2d(w3 + w2 + feature_proj, w2, 1, bias=False), nn.BatchNorm2d(w2),
-                                   nn.ReLU(inplace=True), conv_bn_relu(w2, w2))
-        self.fuse1 = nn.Sequential(nn.Conv2d(w2 + w1, w1, 1, bias=False), nn.BatchNorm2d(w1),
-                                   nn.ReLU(inplace=True), conv_bn_relu(w1, w1))
+        self.proj = FoldingSequential(nn.Conv2d(feature_channels, feature_proj, 1, bias=False),
+                                      nn.BatchNorm2d(feature_proj), nn.ReLU(inplace=True))
+        self.fuse2 = FoldingSequential(nn.Conv2d(w3 + w2 + feature_proj, w2, 1, bias=False),
+                                       nn.BatchNorm2d(w2), nn.ReLU(inplace=True), conv_bn_relu(w2, w2))
+        self.fuse1 = FoldingSequential(nn.Conv2d(w2 + w1, w1, 1, bias=False), nn.BatchNorm2d(w1),
+                                       nn.ReLU(inplace=True), conv_bn_relu(w1, w1))
         self.head = nn.Conv2d(w1, num_classes, 1)
         # optional full-resolution head: the 1/2-res decoder joined with the full-res label and image
         self.full_res = None

@@ -23,6 +23,7 @@ from torch import nn
 from autolabel.errors import ClassSetMismatchError
 from autolabel.registry import Registry
 from autolabel.models._checks import check_shape
+from autolabel.models.layers import conv_bn_relu
 from autolabel.models.checkpoints import (
     file_sha256,
     load_checkpoint,
@@ -40,14 +41,6 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 TEACHER_ARCHS: Registry[type[nn.Module]] = Registry("teacher architecture")
-
-
-def conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
 
 
 @dataclass
