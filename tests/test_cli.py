@@ -306,3 +306,32 @@ class TestSharedLabelOptions:
     def test_a_command_without_method_and_settings_is_refused(self) -> None:
         with pytest.raises(TypeError, match="needs 'method' and 'settings'"):
             label_options.takes_label_settings(lambda store: None)
+
+
+class TestPrintItems:
+    """Lists such as `label`'s time per stage fold between items, never inside one."""
+
+    @staticmethod
+    def _printed(monkeypatch: pytest.MonkeyPatch, width: int, head: str, items: list[str]) -> list[str]:
+        import io
+
+        from rich.console import Console
+
+        from autolabel.cli import console as console_module
+
+        out = io.StringIO()
+        monkeypatch.setattr(console_module, "console", Console(file=out, width=width, color_system=None))
+        console_module.print_items(head, items)
+        return out.getvalue().splitlines()
+
+    def test_short_list_on_one_line(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert self._printed(monkeypatch, 80, "time per stage:", ["flow 1.5 s", "teacher 3.8 s"]) == \
+            ["time per stage: flow 1.5 s, teacher 3.8 s"]
+
+    def test_folds_between_items_within_the_width(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        items = ["flow/dis-fast 3.9 s", "teacher 12.1 s", "results/warp-refine 26.5 s", "evaluation 1.9 s"]
+        lines = self._printed(monkeypatch, 60, "segment jobs, time per stage summed over jobs:", items)
+        assert len(lines) > 1 and all(len(line) <= 60 for line in lines)
+        assert lines[1].startswith("  ")
+        for item in items:  # every item whole on one line
+            assert any(item in line for line in lines), item

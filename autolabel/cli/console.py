@@ -39,6 +39,22 @@ def table(text: Sequence[str], numbers: Sequence[str]) -> Table:
     return Table(*columns, padding=(0, 1))
 
 
+def print_items(head: str, items: Sequence[str]) -> None:
+    """``head`` then ``items`` separated by commas, folded onto more lines only between items (a
+    number is never parted from its unit); continuation lines are indented by two spaces."""
+    lines, line = [], head.rstrip()
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if line.strip() and len(line) + 1 + len(piece) > console.width:
+            lines.append(line)
+            line = "  " + piece
+        else:
+            line = f"{line} {piece}" if line else piece
+    lines.append(line)
+    for text in lines:
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
 def print_table(title: str, body: Table, note: str | None = None) -> None:
     """``title`` on its own line (it wraps, it is never cut), the table, then an optional note."""
     console.print(f"[bold]{title}[/]", highlight=False, soft_wrap=False)

@@ -10,7 +10,7 @@ import typer
 
 from autolabel.cli import label_options as lopt
 from autolabel.cli import options as opt
-from autolabel.cli.console import StageBar, console, err_console, progress_display
+from autolabel.cli.console import StageBar, console, err_console, print_items, progress_display
 from autolabel.cli.options import default, describe
 from autolabel.cli.reports import print_evaluation
 from autolabel.errors import ConfigError
@@ -80,11 +80,10 @@ def label(
                 if stage["computed"]:
                     in_jobs[stage["stage"]] = in_jobs.get(stage["stage"], 0.0) + stage["seconds"]
     if spent:
-        console.print("time per stage: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in spent.items()),
-                      highlight=False)
+        print_items("time per stage:", [f"{name} {sec:.1f} s" for name, sec in spent.items()])
     if in_jobs:
-        console.print("segment jobs, time per stage summed over jobs: "
-                      + ", ".join(f"{name} {sec:.1f} s" for name, sec in in_jobs.items()), highlight=False)
+        print_items("segment jobs, time per stage summed over jobs:",
+                    [f"{name} {sec:.1f} s" for name, sec in in_jobs.items()])
     for o in report.failed:
         err_console.print(f"[red]failed[/] {o.id}: {o.error}", highlight=False, soft_wrap=True)
     for name, why in report.skipped_groups.items():
