@@ -52,6 +52,11 @@ def _state_key(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple | None:
     return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
 
 
+def _tracing() -> bool:
+    """True while torch.export, torch.compile, the ONNX exporter or torch.jit traces the module."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 # folded (weight, bias) per FoldingSequential and pair index, beside the module rather than in it, so
 # that deepcopy, pickling and state_dict never see them; entries go with their module
 _FOLDS: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple]] = weakref.WeakKeyDictionary()
@@ -82,7 +87,7 @@ class FoldingSequential(nn.Sequential):
         and reused while the tensors they came from are unchanged: oneDNN prepares a weight it has
         seen before faster than a new one (folding afresh on every call made the teacher slower).
         Under autograd or while being traced (``torch.export``, ONNX) they are folded in the graph."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if torch.is_grad_enabled() or _tracing():
             return conv._conv_forward(x, *_fold(conv, bn))
         key = _state_key(conv, bn)
         if key is None:

@@ -122,6 +122,16 @@ class TestFoldingSequential:
             torch.testing.assert_close(twin(x), _plain(twin, x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(block(x), _plain(block, x), rtol=1e-5, atol=1e-5)
 
+    def test_export_under_no_grad_folds_in_the_graph(self) -> None:
+        block = _trained_block().eval()
+        x = torch.randn(2, 5, 8, 8)
+        with torch.no_grad():
+            program = torch.export.export(block, (x,))
+            torch.testing.assert_close(program.module()(x), _plain(block, x), rtol=1e-5, atol=1e-5)
+        ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert not any("batch_norm" in op for op in ops) and any("conv" in op for op in ops)
+        assert block not in _FOLDS  # nothing kept from a traced call
+
     def test_conv_without_following_batch_norm_runs_as_is(self) -> None:
         block = FoldingSequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
         x = torch.randn(1, 3, 6, 6)
