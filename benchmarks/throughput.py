@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks._report import machine, print_table, write_json  # noqa: E402
+from autolabel.cli.console import print_items  # noqa: E402
 from autolabel.models.optical_flow import FlowConfig  # noqa: E402
 from autolabel.models.cycle import cycle_plan, cycle_sample  # noqa: E402
 from autolabel.models.propagation import PropagationConfig, WarpInpaint  # noqa: E402
@@ -243,8 +244,9 @@ def main() -> None:
                     ["frames", "size", "estimate", "seconds", "frames/s"],
                     [[r["frames"], r["size"], "yes" if r["estimate"] else "no", r["seconds"], r["frames_per_s"]]
                      for r in results["fresh_drive"]])
-        for r in results["fresh_drive"]:
-            print(f"estimate {'on' if r['estimate'] else 'off'}, time per stage: {r['stage_seconds']}")
+        for r in results["fresh_drive"]:  # folded between stages, as `label` prints them
+            print_items(f"estimate {'on' if r['estimate'] else 'off'}, time per stage:",
+                        [s.strip() for s in r["stage_seconds"].split(",") if s.strip()])
     if args.train_steps > 0:
         rate = refiner_training_rate(teacher, refiner, args.device, args.train_steps)
         results["refiner_training"] = rate
