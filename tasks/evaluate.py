@@ -199,6 +199,7 @@ def tally_frames(seq: Sequence, method: str, max_distance: int, calibration: Est
     """Score the stored results of ``method`` on the frames ``start..stop-1`` of ``seq`` (default: all).
 
     Reads ``READ_BLOCK`` frames at a time (one shard); frames the method did not reach add nothing.
+    ``on_frame`` is called once per frame of the range, reached or not.
     """
     classes = seq.store.classes
     c, ignore = classes.num_classes, classes.ignore_index
@@ -239,6 +240,9 @@ def tally_frames(seq: Sequence, method: str, max_distance: int, calibration: Est
                 scores.append((t, estimated, right))
             if on_frame is not None:
                 on_frame()
+    if on_frame is not None:  # frames the method did not reach are done too: the progress ends at its total
+        for _ in range(stop - start - len(reached)):
+            on_frame()
     tally.worst = _worst(scores)
     return tally
 

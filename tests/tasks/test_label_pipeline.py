@@ -118,3 +118,26 @@ def test_reversed_flow_convention_is_caught(local_store_url: str) -> None:
         propagate_sequence(store, "synth-0000", PropagationConfig(method="motion-only"), flow)
         scores[flow] = evaluate_store(store, ["motion-only"]).methods["motion-only"].miou_by_distance["1"]
     assert scores["swapped"] < scores["exact"] - 10, scores
+
+
+class RecordingProgress:
+    """Progress that records each stage's total and how many times it advanced."""
+
+    def __init__(self) -> None:
+        self.stages: list[list] = []  # [sequence, title, total, advanced]
+
+    def start(self, seq_id: str, title: str, total: int) -> None:
+        self.stages.append([seq_id, title, total, 0])
+
+    def advance(self) -> None:
+        self.stages[-1][3] += 1
+
+
+def test_every_stage_progress_reaches_its_total(synth_store: str, teacher_path: Path) -> None:
+    """A bar that stops short (a log whose last line says 75 %) looks like a stage that hung."""
+    progress = RecordingProgress()
+    report = label_store(synth_store, _request("warp-inpaint", teacher_path), progress=progress)
+    assert [o.status for o in report.outcomes] == ["labelled", "labelled"], report.failed
+    computed = [s for s in progress.stages if s[2] > 0]
+    assert {s[1] for s in computed} >= {"evaluate"}
+    assert [s for s in computed if s[3] != s[2]] == []
