@@ -50,7 +50,7 @@ class FrameErrors:
 
 
 def frame_errors(seq: Sequence, method: str, on_frame: Callable[[], None] | None = None) -> FrameErrors:
-    """Read the method's labels and confidence once, frame by frame."""
+    """Read the method's labels and confidence once, frame by frame; ``on_frame`` once per frame."""
     if not seq.stage_done(results_stage(method)):
         raise StageNotDoneError(f"sequence {seq.id!r} has no results of {method!r}; run `autolabel label` first")
     labels_name, conf_name, distance_name = result_array_names(method)
@@ -71,6 +71,9 @@ def frame_errors(seq: Sequence, method: str, on_frame: Callable[[], None] | None
         if other_labels:
             disagreement[t] = float(np.mean([np.mean(np.asarray(o[t]) != lab) for o in other_labels]))
         if on_frame is not None:
+            on_frame()
+    if on_frame is not None:  # keyframes and frames not reached count as read: the progress ends at its total
+        for _ in range(int((distance <= 0).sum())):
             on_frame()
     return FrameErrors(seq.id, distance, error, disagreement, seq.frame_names)
 

@@ -17,6 +17,7 @@ from autolabel.storage.training_data import AnnotatedFrames
 from autolabel.tasks.evaluate import evaluate_store
 from autolabel.tasks.pipeline import LabelSettings, label_store
 from autolabel.tasks.propagate import propagate_sequence
+from autolabel.tasks.review import store_frame_errors
 
 from autolabel.errors import ClassSetMismatchError, ConfigError, StageNotDoneError
 
@@ -141,3 +142,9 @@ def test_every_stage_progress_reaches_its_total(synth_store: str, teacher_path: 
     computed = [s for s in progress.stages if s[2] > 0]
     assert {s[1] for s in computed} >= {"evaluate"}
     assert [s for s in computed if s[3] != s[2]] == []
+    # the review queue's read of the results (`autolabel review`): one advance per frame as well
+    store = SequenceStore.open(synth_store)
+    ids = store.sequence_ids()
+    read: list[int] = []
+    store_frame_errors(store, "warp-inpaint", ids, lambda: read.append(1))
+    assert len(read) == sum(store.sequence(i).num_frames for i in ids)
