@@ -335,3 +335,33 @@ class TestPrintItems:
         assert lines[1].startswith("  ")
         for item in items:  # every item whole on one line
             assert any(item in line for line in lines), item
+
+
+class TestLogProgress:
+    """Progress in a log: a line at each quarter of the way, with the true share done."""
+
+    @staticmethod
+    def _lines(total: int, steps: int) -> list[str]:
+        import io
+
+        from rich.console import Console
+
+        from autolabel.cli.console import LogProgress
+
+        out = io.StringIO()
+        progress = LogProgress(Console(file=out, width=80, color_system=None))
+        task = progress.add_task("train", total=total)
+        for _ in range(steps):
+            progress.advance(task)
+        return out.getvalue().splitlines()
+
+    def test_a_line_per_quarter_ending_at_the_total(self) -> None:
+        lines = self._lines(104, 104)
+        assert [line.split(" (")[0] for line in lines] == [  # started, then each quarter
+            "train: 1/104", "train: 26/104", "train: 52/104", "train: 78/104", "train: 104/104"]
+        assert lines[-1].startswith("train: 104/104 (100%,")
+
+    def test_the_true_share_not_the_quarter(self) -> None:
+        lines = self._lines(3, 3)
+        assert [line.split(",")[0] for line in lines] == ["train: 1/3 (33%", "train: 2/3 (66%", "train: 3/3 (100%"]
+        assert "(25%" not in "".join(lines)

@@ -102,8 +102,9 @@ class LogProgress:
         if quarter > task["reported"]:
             task["reported"] = quarter
             elapsed = time.perf_counter() - task["start"]
+            percent = min(100, int(100 * task["completed"] / total))  # the true share, not the quarter
             self.console.print(f"{task['description']}: {int(task['completed'])}/{int(total)} "
-                               f"({25 * quarter}%, {elapsed:.0f} s)", highlight=False)
+                               f"({percent}%, {elapsed:.0f} s)", highlight=False)
 
 
 @contextmanager
