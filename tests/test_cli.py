@@ -52,6 +52,17 @@ def test_synth_then_info_json(tmp_path: Path) -> None:
     assert (data["sequences"][0]["width"], data["sequences"][0]["height"]) == (48, 32)
     table = run_cli("info", str(store))
     assert "synth-0000" in table.stdout and "2 sequences" in table.stdout
+    assert "flow: exact" in table.stdout  # stages grouped by kind (autolabel.cli.reports.stage_lines)
+
+
+def test_info_stage_names_fold_between_names_not_inside() -> None:
+    from autolabel.cli.reports import stage_lines
+
+    stages = ["evaluation/warp-inpaint", "evaluation/warp-refine", "flow/dis-fast", "flow/exact", "ingest",
+              "labelled", "results/warp-inpaint", "results/warp-refine", "teacher"]
+    assert stage_lines(stages).splitlines() == [
+        "evaluation: warp-inpaint, warp-refine", "flow: dis-fast, exact", "ingest", "labelled",
+        "results: warp-inpaint, warp-refine", "teacher"]
 
 
 def test_ingest_reports_a_bad_sequence_and_keeps_the_others(tmp_path: Path) -> None:

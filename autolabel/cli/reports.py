@@ -28,11 +28,23 @@ def print_ingest_report(report: Any, seconds: float) -> None:
         print_table("failures", out)
 
 
+def stage_lines(stages: list[str]) -> str:
+    """Stage names grouped by kind, one kind per line, so a narrow cell folds between names rather
+    than inside one: ``evaluation: warp-inpaint, warp-refine`` / ``flow: dis-fast`` / ``ingest``."""
+    groups: dict[str, list[str]] = {}
+    for name in stages:
+        kind, _, variant = name.partition("/")
+        groups.setdefault(kind, [])
+        if variant:
+            groups[kind].append(variant)
+    return "\n".join(f"{kind}: {', '.join(v)}" if v else kind for kind, v in groups.items())
+
+
 def print_store_summary(summary: dict[str, Any], limit: int = 40) -> None:
     """``autolabel info``: one row per sequence (stages listed), totals last."""
     out = table(["sequence", "stages"], ["frames", "size", "annot.", "gt", "bytes"])
     for r in summary["sequences"][:limit]:
-        out.add_row(r["id"], ", ".join(r["stages"]), str(r["frames"]), f"{r['width']}x{r['height']}",
+        out.add_row(r["id"], stage_lines(r["stages"]), str(r["frames"]), f"{r['width']}x{r['height']}",
                     str(r["annotated"]), str(r["ground_truth"]), human_bytes(r["bytes"]))
     hidden = len(summary["sequences"]) - limit
     if hidden > 0:
