@@ -32,8 +32,8 @@ def _progress(description: str) -> Any:
 def train_teacher_task(request: TeacherRequest) -> dict[str, Any]:
     with gpu_slot(request.train.device):
         info = train_teacher_from_stores(request, _progress(f"train-teacher -> {request.out}"))
-    get_run_logger().info("wrote %s (%d steps, %.1f s, loss %.3f)", request.out, info["steps"], info["seconds"],
-                          info["final_loss"])
+    get_run_logger().info("wrote %s (%d steps, %.1f s, mean loss of the last %d steps %.3f)", request.out,
+                          info["steps"], info["seconds"], info["final_loss_steps"], info["final_loss"])
     return info
 
 

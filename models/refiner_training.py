@@ -152,7 +152,7 @@ def train_refiner(refiner: Refiner, teacher: SemanticTeacher, samples: Sequence[
     net.eval()
     seconds = time.perf_counter() - start
     return {"steps": step, "samples": len(samples), "final_loss": float(np.mean(losses[-20:])),
-            "seconds": round(seconds, 1), "samples_per_second": round(step * cfg.batch_size / seconds, 2),
+            "final_loss_steps": len(losses[-20:]), "seconds": round(seconds, 1), "samples_per_second": round(step * cfg.batch_size / seconds, 2),
             "config": cfg.model_dump(mode="json")}
 
 

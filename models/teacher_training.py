@@ -149,7 +149,7 @@ def train_teacher(teacher: Teacher, samples: Sequence[Sample], cfg: TeacherTrain
                 break
     net.eval()
     return {"steps": step, "samples": len(samples), "final_loss": float(np.mean(losses[-10:])),
-            "seconds": round(time.perf_counter() - start, 1), "config": cfg.model_dump(mode="json")}
+            "final_loss_steps": len(losses[-10:]), "seconds": round(time.perf_counter() - start, 1), "config": cfg.model_dump(mode="json")}
 
 
 def adapt_teacher(teacher: Teacher, samples: Sequence[Sample], steps: int, cfg: TeacherTrainConfig | None = None,

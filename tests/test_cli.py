@@ -157,6 +157,7 @@ def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
     assert done.returncode == 0 and teacher.is_file(), done.stderr
     assert "training unet-tiny on 1 annotated frames" in done.stdout
     assert "3/3 (100%" in done.stderr  # without a terminal, progress comes as plain lines
+    assert "mean loss of the last 3 steps" in done.stdout  # says what the closing loss is
     for method in ("motion-only", "semantic-only", "warp-inpaint"):
         done = run_cli("label", store, "--method", method, "--teacher", str(teacher), "--flow", "dis-fast",
                        "--workers", "1")

@@ -19,6 +19,11 @@ from autolabel.tasks.refiner_training import RefinerRequest
 T, R = TeacherTrainConfig, RefinerTrainConfig
 
 
+def _final_loss(info: dict) -> str:
+    """The training's closing loss, saying what it is: a mean over its last steps, not the last step's."""
+    return f"mean loss of the last {info['final_loss_steps']} steps {info['final_loss']:.3f}"
+
+
 def train_teacher(
     store: Annotated[list[str], typer.Option("--store", help="store with annotated frames (repeatable)")],
     out: Annotated[Path, typer.Option(help="checkpoint file to write")],
@@ -52,7 +57,7 @@ def train_teacher(
             progress.update(task, completed=step, total=total, description=f"train loss {loss:.3f}")
 
         info = train_teacher_from_stores(request, report, data)
-    console.print(f"wrote {out} ({info['steps']} steps, {info['seconds']} s, final loss {info['final_loss']:.3f}, "
+    console.print(f"wrote {out} ({info['steps']} steps, {info['seconds']} s, {_final_loss(info)}, "
                   f"sha256 {info['sha256'][:12]})", highlight=False)
 
 
@@ -102,7 +107,7 @@ def train_refiner(
         info = train_refiner_from_stores(request, StageBar(progress), on_sample, on_step)
     fit = info["fit"]
     console.print(f"wrote {out} ({info['samples']} cycles, {info['steps']} steps, {info['seconds']} s, "
-                  f"{info['samples_per_second']} samples/s, final loss {info['final_loss']:.3f}; on the cycles: "
+                  f"{info['samples_per_second']} samples/s, {_final_loss(info)}; on the cycles: "
                   f"mIoU {fit['cycled_miou']} -> {fit['refined_miou']}; sha256 {info['sha256'][:12]})",
                   highlight=False)
 
