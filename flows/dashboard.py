@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.storage.store import SequenceStore
 from autolabel.tasks.evaluate import EvaluationReport, MethodEvaluation, SequenceEvaluation
+from autolabel.wording import count
 
 
 class DashboardSettings(BaseModel):
@@ -149,7 +150,7 @@ def summary_markdown(store: str, name: str, rows: list[dict[str, Any]], report: 
     """Failures first, then drives to look at and regressions with the next action, then the numbers."""
     lines = [f"# {name}: {method} on `{store}`", ""]
     if failures:
-        lines += [f"## {len(failures)} drives failed", "",
+        lines += [f"## {count(len(failures), 'drive')} failed", "",
                   "Fix the input named in each error, then run again (the others are done and kept).", "",
                   "| drive | error |", "|---|---|"]
         lines += [f"| {seq} | {err.replace('|', '/')} |" for seq, err in sorted(failures.items())]
@@ -202,7 +203,8 @@ def headline(report: EvaluationReport, method: str, failures: dict[str, str], ro
     m = report.methods[method]
     worst = next((r for r in rows if r["mIoU"] is not None), None)
     worst_text = f"; worst {worst['drive']} {worst['mIoU']:.1f} ({worst['basis']})" if worst else ""
-    return (f"{method}: {len(rows)} drives, true mIoU {_fmt(m.miou_mean)}, estimated {_fmt(m.estimated_miou_mean)}, "
+    return (f"{method}: {count(len(rows), 'drive')}, true mIoU {_fmt(m.miou_mean)}, "
+            f"estimated {_fmt(m.estimated_miou_mean)}, "
             f"failed {len(failures)}{worst_text}")
 
 

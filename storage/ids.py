@@ -7,6 +7,7 @@ import re
 import unicodedata
 
 from autolabel.errors import InvalidSequenceIdError, SelectionError
+from autolabel.wording import count
 
 _VALID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -84,5 +85,6 @@ def select_ids(available: list[str], patterns: list[str] | None, where: str, mus
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(i, p) for i in available)]
     if unmatched and must_match:
         some = ", ".join(sorted(available)[:15])
-        raise SelectionError(f"{where}: no sequence {unmatched}; found {len(available)} sequences, e.g. {some}")
+        raise SelectionError(f"{where}: no sequence {unmatched}; found {count(len(available), 'sequence')}, "
+                             f"e.g. {some}")
     return chosen

@@ -14,6 +14,7 @@ from autolabel.errors import ClassSetMismatchError
 from autolabel.storage.classes import ClassSet
 from autolabel.storage.ids import select_ids
 from autolabel.storage.store import Sequence, SequenceStore
+from autolabel.wording import count
 
 
 class AnnotatedFrames:
@@ -65,4 +66,5 @@ class AnnotatedFrames:
             yield self[i]
 
     def describe(self) -> str:
-        return f"{len(self)} annotated frames from {len(self._seqs)} sequences in {len(self.stores)} stores"
+        return (f"{count(len(self), 'annotated frame')} from {count(len(self._seqs), 'sequence')} in "
+                f"{count(len(self.stores), 'store')}")

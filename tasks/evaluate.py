@@ -25,6 +25,7 @@ from autolabel.models.segments import Segment, stage_key
 from autolabel.storage.segmented import SegmentedStage
 from autolabel.storage.stages import estimate_stage, evaluation_stage, result_array_names, results_stage
 from autolabel.storage.store import WRITE_EVERY_CHUNK, Sequence, SequenceStore
+from autolabel.wording import count
 from pydantic import BaseModel, Field, computed_field
 
 
@@ -139,9 +140,9 @@ def sequence_calibration(seq: Sequence, method: str) -> tuple[EstimateCalibratio
                else "no keyframe has neighbouring frames")
         return None, f"no estimate: {why}"
     what = "held-out keyframe chains" if cal.kind == "held-out" else "cycles (optimistic: they come back)"
-    basis = f"{cal.probes} {what} over {len(cal.keyframes)} keyframes"
+    basis = f"{cal.probes} {what} over {count(len(cal.keyframes), 'keyframe')}"
     if cal.excluded:
-        basis += f"; {cal.excluded} keyframes left out (the refiner trained on them)"
+        basis += f"; {count(cal.excluded, 'keyframe')} left out (the refiner trained on them)"
     if record.get("teacher_adapted"):
         basis += "; the teacher was adapted on these keyframes (optimistic)"
     return cal, basis

@@ -72,7 +72,7 @@ def test_ingest_reports_a_bad_sequence_and_keeps_the_others(tmp_path: Path) -> N
     store = tmp_path / "d.zarr"
     done = run_cli("ingest", "davis", str(root), "--store", str(store), "--window", "3")
     assert done.returncode == 1
-    assert "ingested 1 sequences" in done.stdout and "failed 1" in done.stdout
+    assert "ingested 1 sequence " in done.stdout and "failed 1" in done.stdout
     assert "broken" in done.stdout and "00001.jpg" in done.stdout.replace("\n", "")
     st = SequenceStore.open(str(store))
     assert st.sequence_ids() == ["good"] and st.incomplete_ids() == []
@@ -150,12 +150,12 @@ def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
     store = str(tmp_path / "s.zarr")
     assert run_cli("synth", store, "--sequences", "1", "--frames", "23", "--size", "64x48", "--window", "21").returncode == 0
     done = run_cli("flow", store, "--flow", "dis-fast", "--workers", "1")
-    assert done.returncode == 0 and "computed for 1 sequences" in done.stdout, done.stderr
+    assert done.returncode == 0 and "computed for 1 sequence," in done.stdout, done.stderr
     teacher = tmp_path / "t.pt"
     done = run_cli("train-teacher", "--store", store, "--out", str(teacher), "--arch", "unet-tiny",
                    "--max-steps", "3", "--batch-size", "1", "--crop", "64")
     assert done.returncode == 0 and teacher.is_file(), done.stderr
-    assert "training unet-tiny on 1 annotated frames" in done.stdout
+    assert "training unet-tiny on 1 annotated frame from 1 sequence in 1 store" in done.stdout
     assert "3/3 (100%" in done.stderr  # without a terminal, progress comes as plain lines
     assert "mean loss of the last 3 steps" in done.stdout  # says what the closing loss is
     for method in ("motion-only", "semantic-only", "warp-inpaint"):

@@ -15,6 +15,7 @@ from autolabel.cli.reports import print_ingest_report, print_store_summary
 from autolabel.errors import AutolabelError, ConfigError
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.export import OVERLAY_ALPHA
+from autolabel.wording import count
 
 
 def ingest(
@@ -59,7 +60,8 @@ def ingest(
                                                             allow_unlabelled=allow_unlabelled))
     options = IngestOptions(annotation=policy, sequences=sequence or None, overwrite=overwrite)
     selected = dataset.select(options.sequences)
-    console.print(f"{layout}: {len(selected)} sequences under {src} ({policy.describe()} annotated)", highlight=False)
+    console.print(f"{layout}: {count(len(selected), 'sequence')} under {src} ({policy.describe()} annotated)",
+                  highlight=False)
     start = time.perf_counter()
     with progress_display() as progress:
         report = run_ingest(dataset, store, options, IngestBar(progress, sum(len(s) for s in selected)))
@@ -83,7 +85,8 @@ def _ingest_cvat(src: Path, store: str, sequence: list[str] | None, frames: Path
         read_cvat_masks(src, st.classes)  # check the export before anything is written
         dataset = read_dataset("folder", frames, ReaderOptions(classes=st.classes, fps=fps, allow_unlabelled=True))
         if len(dataset.sequences) != 1:
-            raise ConfigError(f"--frames {frames} holds {len(dataset.sequences)} sequences; give one frame folder")
+            raise ConfigError(f"--frames {frames} holds {count(len(dataset.sequences), 'sequence')}; "
+                              "give one frame folder")
         report = run_ingest(dataset, store, IngestOptions())
         if not report.ok:
             print_ingest_report(report, 0.0)
@@ -91,7 +94,7 @@ def _ingest_cvat(src: Path, store: str, sequence: list[str] | None, frames: Path
         target = dataset.sequences[0].id
     added = import_keyframes(st, src, target)
     for seq_id, keyframes in added.items():
-        console.print(f"{seq_id}: {len(keyframes)} keyframes from {src} ({', '.join(map(str, keyframes[:8]))}"
+        console.print(f"{seq_id}: {count(len(keyframes), 'keyframe')} from {src} ({', '.join(map(str, keyframes[:8]))}"
                       f"{', ...' if len(keyframes) > 8 else ''})", highlight=False)
     console.print(f"run `autolabel label {store} ...` to relabel the frames that depend on them", highlight=False)
 
@@ -186,7 +189,8 @@ def export(
             rows, failures = export_training_set(st, method, out, [s.id for s in seqs], format, min_confidence,
                                                  split, on_frame=lambda: progress.advance(task))
         keyframes = sum(r.keyframe for r in rows)
-        console.print(f"exported {len(rows)} frames ({keyframes} keyframes) of {len(seqs) - len(failures)} sequences "
+        console.print(f"exported {count(len(rows), 'frame')} ({count(keyframes, 'keyframe')}) of "
+                      f"{count(len(seqs) - len(failures), 'sequence')} "
                       f"as a {format} training set to {out} (manifest.csv, classes.json)", highlight=False)
         print_failures(failures)
         if failures:
@@ -205,7 +209,8 @@ def export(
             chosen = [(seq.id, t) for seq in seqs for t in label_frames(seq, method)[0]]
         written = export_frames(st, method, out, chosen)
         archive = zip_export(out, out.with_suffix(".zip"))
-        console.print(f"exported {written} frames as a CVAT 'Segmentation mask 1.1' task to {out} and {archive}",
+        console.print(f"exported {count(written, 'frame')} as a CVAT 'Segmentation mask 1.1' task to {out} "
+                      f"and {archive}",
                       highlight=False)
         return
     total, failures = 0, []
@@ -217,7 +222,8 @@ def export(
                                          on_frame=lambda: progress.advance(task))
             except AutolabelError as exc:
                 failures.append((seq.id, str(exc)))
-    console.print(f"exported {total} frames of {len(seqs) - len(failures)} sequences to {out}", highlight=False)
+    console.print(f"exported {count(total, 'frame')} of {count(len(seqs) - len(failures), 'sequence')} to {out}",
+                  highlight=False)
     print_failures(failures)
     if failures:
         raise typer.Exit(1)

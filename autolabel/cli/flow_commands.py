@@ -17,6 +17,7 @@ from autolabel.cli.reports import print_flow_result, print_store_summary
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.tasks.pipeline import LabelSettings
+from autolabel.wording import count
 
 
 @lopt.takes_label_settings
@@ -91,7 +92,7 @@ def demo(
     write_apollo_layout(inbox, drive_configs(sequences, SyntheticConfig(width=width, height=height, frames=frames,
                                                                        seed=0)))
     report = ingest_dataset(read_dataset("apollo", inbox), store_url, IngestOptions(annotation=policy))
-    console.print(f"ingested {len(report.by_status('ingested'))} drives; annotated frames: "
+    console.print(f"ingested {count(len(report.by_status('ingested')), 'drive')}; annotated frames: "
                   f"{sum(o.annotated for o in report.outcomes)} (window centres); the other frames' labels "
                   "are kept as ground truth for scoring", highlight=False)
     print_store_summary(store_summary(store_url))

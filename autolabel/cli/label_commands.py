@@ -16,6 +16,7 @@ from autolabel.cli.reports import print_evaluation
 from autolabel.errors import ConfigError
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.tasks.pipeline import LabelSettings
+from autolabel.wording import count
 
 
 def flow(
@@ -37,7 +38,7 @@ def flow(
     ids = select_ids(SequenceStore.open(store).sequence_ids(), sequence, f"store {store!r}")
     with progress_display() as progress:
         computed = sum(run_stage(store, seq_id, stage, StageBar(progress))["computed"] for seq_id in ids)
-    console.print(f"{stage.title}: computed for {computed} sequences, {len(ids) - computed} already had it",
+    console.print(f"{stage.title}: computed for {count(computed, 'sequence')}, {len(ids) - computed} already had it",
                   highlight=False)
 
 

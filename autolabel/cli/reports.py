@@ -13,13 +13,15 @@ from autolabel.cli.console import (
     print_table,
     table,
 )
+from autolabel.wording import count
 
 
 def print_ingest_report(report: Any, seconds: float) -> None:
     ingested, skipped, failed = (report.by_status(s) for s in ("ingested", "skipped", "failed"))
     frames = report.frames_written
     rate = f", {frames / seconds:.1f} frames/s" if frames and seconds > 0 else ""
-    console.print(f"ingested {len(ingested)} sequences ({frames} frames{rate}), skipped {len(skipped)}, "
+    console.print(f"ingested {count(len(ingested), 'sequence')} ({count(frames, 'frame')}{rate}), "
+                  f"skipped {len(skipped)}, "
                   f"failed {len(failed)} -> {report.store}", highlight=False)
     if failed:
         out = table(["sequence", "error"], [])
@@ -51,14 +53,14 @@ def print_store_summary(summary: dict[str, Any], limit: int = 40) -> None:
         out.add_row(f"... {hidden} more", "", "", "", "", "", "")
     t = summary["totals"]
     out.add_section()
-    out.add_row(f"{t['sequences']} sequences", "", str(t["frames"]), "", str(t["annotated"]),
+    out.add_row(count(t["sequences"], "sequence"), "", str(t["frames"]), "", str(t["annotated"]),
                 str(t["ground_truth"]), human_bytes(t["bytes"]))
-    print_table(f"{summary['store']} ({len(summary['classes'])} classes)", out,
+    print_table(f"{summary['store']} ({count(len(summary['classes']), 'class', 'classes')})", out,
                 "annot.: annotated frames (propagation sources); gt: frames with ground truth")
     for name, why in summary.get("bad_groups", {}).items():
         console.print(f"[red]skipped group[/] {name!r}: {why}", highlight=False, soft_wrap=True)
     if summary["incomplete"]:
-        console.print(f"[yellow]{len(summary['incomplete'])} incomplete sequences[/] (interrupted ingest; "
+        console.print(f"[yellow]{count(len(summary['incomplete']), 'incomplete sequence')}[/] (interrupted ingest; "
                       f"run the same ingest again): {', '.join(summary['incomplete'][:10])}", highlight=False)
 
 
@@ -76,7 +78,7 @@ def print_evaluation(report: Any) -> None:
                 "estimated: mean over distances, estimated without ground truth, all sequences")
     for name, m in methods.items():
         if m.sequences_missing:
-            console.print(f"[yellow]{name}[/]: no results for {len(m.sequences_missing)} sequences "
+            console.print(f"[yellow]{name}[/]: no results for {count(len(m.sequences_missing), 'sequence')} "
                           f"({', '.join(m.sequences_missing[:5])}); run `autolabel label` first", highlight=False)
 
 
@@ -100,7 +102,7 @@ def print_flow_result(result: dict[str, Any], method: str) -> None:
     print_evaluation(result["report"])
     print_failures(sorted(result["failed"].items()))
     if result["failed"]:
-        err_console.print(f"{len(result['failed'])} sequences failed", highlight=False)
+        err_console.print(f"{count(len(result['failed']), 'sequence')} failed", highlight=False)
 
 
 def print_verify_report(report: Any) -> None:
@@ -112,4 +114,4 @@ def print_verify_report(report: Any) -> None:
         console.print(f"[dim]note[/]: {note}", highlight=False, soft_wrap=True)
     bad = len(report.problems)
     verdict = "[green]ok[/]" if report.ok else f"[red]{bad} with problems[/]"
-    console.print(f"{report.store}: {report.sequences} sequences checked, {verdict}", highlight=False)
+    console.print(f"{report.store}: {count(report.sequences, 'sequence')} checked, {verdict}", highlight=False)

@@ -11,6 +11,7 @@ import typer
 from autolabel.cli.console import console, print_table, progress_display, table
 from autolabel.cli.options import Sequences, default, describe
 from autolabel.tasks.review import ReviewConfig
+from autolabel.wording import count
 
 Method = Annotated[str, typer.Option(help=describe(ReviewConfig, "method"))]
 Budget = Annotated[int, typer.Option(help=describe(ReviewConfig, "budget"))]
@@ -57,13 +58,14 @@ def review(
     config = ReviewConfig(method=method, budget=budget)
     st, errors, _ = _errors(store, method, sequence)
     queue = review_queue(errors, config)
-    _print_choices(f"review queue: {method}, {len(queue)} frames, worst first", queue, "score")
+    _print_choices(f"review queue: {method}, {count(len(queue), 'frame')}, worst first", queue, "score")
     task = out / "cvat-task"
     written = export_frames(st, method, task, [(c.sequence, c.t) for c in queue], with_images=images)
     archive = zip_export(task, out / "cvat-task.zip")
     (out / "queue.json").write_text(json.dumps({"store": store, "method": method,
                                                 "frames": [c.as_dict() for c in queue]}, indent=2))
-    console.print(f"wrote {written} frames to {task} and {archive}; queue in {out / 'queue.json'}", highlight=False)
+    console.print(f"wrote {count(written, 'frame')} to {task} and {archive}; queue in {out / 'queue.json'}",
+                  highlight=False)
 
 
 def suggest_keyframes(
@@ -92,7 +94,7 @@ def suggest_keyframes(
 
         written = export_frames(st, method, out / "cvat-task", [(c.sequence, c.t) for c in picks])
         zip_export(out / "cvat-task", out / "cvat-task.zip")
-        console.print(f"wrote {written} frames to {out / 'cvat-task'}", highlight=False)
+        console.print(f"wrote {count(written, 'frame')} to {out / 'cvat-task'}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

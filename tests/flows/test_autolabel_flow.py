@@ -119,7 +119,7 @@ def test_label_rerun_nightly_and_a_corrupt_drive(harness: None, checkpoints: tup
     assert nightly["labelled"] == ["road03_Record001_Camera5"] and nightly["up_to_date"] == ids
     assert list(nightly["failed"]) == ["road04_Record001_Camera5"] and broken.name in nightly["failed"]["road04_Record001_Camera5"]
     summary = str(_artifact("apollo-summary").data)
-    assert summary.split("\n")[2] == "## 1 drives failed" and "road04_Record001_Camera5" in summary
+    assert summary.split("\n")[2] == "## 1 drive failed" and "road04_Record001_Camera5" in summary
     history = json.loads(_artifact("apollo-history").data)
     assert [r["labelled"] for r in history] == [1, 2] and history[0]["failed"] == 1  # newest first
     drives = json.loads(_artifact("apollo-drives").data)

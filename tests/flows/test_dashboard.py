@@ -64,7 +64,7 @@ class TestSummary:
                                 {"d": "InputDataError: frame 5 is truncated"}, {"labelled": 2},
                                 DashboardSettings(), None)
         lines = text.splitlines()
-        assert lines[2] == "## 1 drives failed" and "frame 5 is truncated" in text
+        assert lines[2] == "## 1 drive failed" and "frame 5 is truncated" in text
         assert text.index("## Drives that need you") < text.index("## Numbers")
         assert "| b | 55.5 | estimate |" in text and "autolabel review" in text
 

@@ -96,7 +96,7 @@ def test_selecting_an_unknown_sequence_is_refused(tmp_path: Path, store_url: str
     root, labels = tmp_path / "drives", tmp_path / "labels"
     good_sequence(root, labels, "good")
     ds = read_dataset("folder", root, ReaderOptions(labels=labels, classes_file=classes_file(tmp_path)))
-    with pytest.raises(Exception, match=r"no sequence \['../x'\].*found 1 sequences, e.g. good"):
+    with pytest.raises(Exception, match=r"no sequence \['../x'\].*found 1 sequence, e.g. good"):
         ingest(ds, store_url, IngestOptions(sequences=["../x"]))
 
 

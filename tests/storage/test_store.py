@@ -269,7 +269,7 @@ class TestSelectIds:
 
         from autolabel.errors import SelectionError
 
-        with pytest.raises(SelectionError, match=r"store s: no sequence \['val_\*'\]; found 1 sequences"):
+        with pytest.raises(SelectionError, match=r"store s: no sequence \['val_\*'\]; found 1 sequence,"):
             select_ids(["a"], ["val_*"], "store s")
 
 
