@@ -134,6 +134,16 @@ def test_export_of_a_method_not_run_yet(tmp_path: Path) -> None:
     assert "no finished results for method 'warp-refine'" in done.stderr.replace("\n", "")
 
 
+def test_evaluate_without_results_is_an_error_not_an_empty_table(tmp_path: Path) -> None:
+    store = tmp_path / "s.zarr"
+    assert run_cli("synth", str(store), "--sequences", "2", "--frames", "3", "--size", "32x24").returncode == 0
+    done = run_cli("evaluate", str(store), "--method", "warp-refine", "--method", "motion-only")
+    assert done.returncode == 2 and "mIoU" not in done.stdout, done.stdout
+    assert ("nothing to evaluate: no selected sequence of store" in done.stderr.replace("\n", "")
+            and "(2 sequences) has results of warp-refine or motion-only; run `autolabel label"
+            in done.stderr.replace("\n", "")), done.stderr
+
+
 def test_demo_runs_the_full_job_through_the_flows(tmp_path: Path) -> None:
     done = run_cli("demo", "--out", str(tmp_path / "demo"), "--sequences", "2", "--frames", "23", "--size", "64x48",
                    "--teacher-steps", "5", "--refiner-steps", "3")
