@@ -50,7 +50,8 @@ class FlowConfig(BaseModel):
     variational_refinement: bool = Field(False, description="DIS only: add variational refinement")
     raft_weights: Path | None = Field(None, description="RAFT only: local state-dict file")
     raft_small: bool = Field(False, description="RAFT only: the small model")
-    workers: int = Field(0, ge=0, description="processes; 0 = auto (see resolved_workers)")
+    workers: int = Field(0, ge=0, description="flow processes; 0 = auto: one for DIS (OpenCV runs it on "
+                         "every core), one per core for the other backends")
     device: str = "cpu"
 
     @field_validator("backend")

@@ -17,7 +17,7 @@ import typer.testing
 import zarr
 import autolabel
 from autolabel.cli import label_options
-from autolabel.cli.app import COMMAND_MODULES, CommandTable, module_commands
+from autolabel.cli.app import COMMAND_MODULES, CommandTable, app, module_commands
 from autolabel.storage.store import SCHEMA_VERSION, SequenceStore
 from autolabel.tasks.pipeline import LabelSettings
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
@@ -272,9 +272,27 @@ class TestCommandTable:
     def test_help_lists_every_command_in_order(self) -> None:
         done = run_cli("--help")
         assert done.returncode == 0
-        listed = [line.split()[1] for line in done.stdout.splitlines()
-                  if line.startswith("│ ") and len(line.split()) > 1 and line.split()[1] in COMMAND_MODULES]
+        listed = [line.split()[0] for line in done.stdout.splitlines()
+                  if line.startswith("  ") and line.split() and line.split()[0] in COMMAND_MODULES]
         assert listed == list(COMMAND_MODULES)
+
+    def test_help_at_80_columns_cuts_no_option_name_and_no_summary(self) -> None:
+        """Every command's help fits 80 columns with each option's name whole (a table layout cut
+        ``--inpaint-confidence`` to ``--inpaint-confiden…``) and ``--help`` lists whole summaries."""
+        root = run_cli("--help", columns=80)
+        listing = root.stdout.split("Commands:")[1]
+        assert root.returncode == 0 and "..." not in listing and "…" not in listing, root.stdout
+        runner = typer.testing.CliRunner(env={"COLUMNS": "80", "NO_COLOR": "1"})
+        for name in COMMAND_MODULES:
+            done = runner.invoke(app, [name, "--help"], prog_name="autolabel")
+            assert done.exit_code == 0, done.output
+            assert max(len(line) for line in done.stdout.splitlines()) <= 80, done.stdout
+            assert "…" not in done.stdout, done.stdout
+            command = module_commands(COMMAND_MODULES[name])[name]
+            for param in command.params:
+                for flag in [*param.opts, *param.secondary_opts]:
+                    if flag.startswith("--"):
+                        assert flag in done.stdout, f"{name}: {flag} not shown whole"
 
     def test_version_is_printed_without_loading_a_command(self) -> None:
         done = run_cli("--version")

@@ -34,9 +34,13 @@ COMMAND_MODULES: dict[str, str] = {
 def module_commands(module_name: str) -> dict[str, click.Command]:
     """The click commands that ``autolabel.cli.<module_name>`` registers, by name."""
     module = importlib.import_module(f"autolabel.cli.{module_name}")
-    sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     module.register(sub)
-    return dict(typer.main.get_group(sub).commands)
+    commands = dict(typer.main.get_group(sub).commands)
+    for command in commands.values():  # `autolabel --help` lists the first paragraph whole (wrapped, not cut)
+        if command.help and not command.short_help:
+            command.short_help = " ".join(command.help.strip().split("\n\n")[0].split())
+    return commands
 
 
 class CommandTable(MutableMapping[str, click.Command]):
@@ -92,6 +96,7 @@ class LazyGroup(TyperGroup):
 
 
 app = typer.Typer(cls=LazyGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Propagate sparse segmentation labels through driving video (Warp-Refine Propagation).")
 
 
