@@ -55,22 +55,34 @@ def kill_at_progress(args: list[str], pattern: str, nth: int, env: dict[str, str
 
     Returns whether it was killed (False: it finished first).
     """
-    proc = start_cli(*args, env=env)
+    return signal_at_progress(args, pattern, nth, signal.SIGKILL, env, timeout)[0]
+
+
+def signal_at_progress(args: list[str], pattern: str, nth: int, sig: signal.Signals,
+                       env: dict[str, str] | None = None, timeout: float = 300) -> tuple[bool, int, str]:
+    """Run ``autolabel ARGS`` and send it ``sig`` at the ``nth`` progress line matching ``pattern``.
+
+    Returns (whether it was sent before the run finished, exit code, stderr). SIGINT reaches the
+    child as Ctrl-C does: its disposition is reset to the default (a shell's background job would
+    ignore it).
+    """
+    proc = start_cli(*args, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
-    seen = 0
+    seen, lines = 0, []
     deadline = time.monotonic() + timeout
-    killed = False
+    sent = False
     for line in proc.stderr:
+        lines.append(line)
         if re.search(pattern, line):
             seen += 1
             if seen > nth:
-                proc.send_signal(signal.SIGKILL)
-                killed = True
+                proc.send_signal(sig)
+                sent = True
                 break
         if time.monotonic() > deadline:
             break
-    proc.communicate(timeout=60)
-    return killed
+    _, rest = proc.communicate(timeout=60)
+    return sent, proc.returncode, "".join(lines) + rest
 
 
 def kill_after(args: list[str], seconds: float, env: dict[str, str] | None = None) -> bool:

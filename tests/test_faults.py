@@ -29,6 +29,7 @@ from tests.faults import (
     kill_at_progress,
     label_args,
     run_concurrently,
+    signal_at_progress,
     snapshot,
     start_cli,
     tagged_processes,
@@ -126,6 +127,26 @@ def _kill_and_rerun(base: dict[str, Any], tmp_path: Path, stage: str, rng: rando
 @pytest.mark.parametrize("stage", list(KILL_POINTS))
 def test_sigkill_in_each_stage_then_rerun_equals_a_clean_run(base: dict[str, Any], tmp_path: Path, stage: str) -> None:
     _kill_and_rerun(base, tmp_path, stage, random.Random(stage), 0)
+
+
+def test_ctrl_c_says_what_is_kept_and_the_same_command_goes_on(base: dict[str, Any], tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) in the teacher stage: exit 130 with a line saying what was kept; the stage cut
+    short left no version behind; the same command then ends in the clean run's store."""
+    store = fresh(base, tmp_path, "ctrl-c.zarr")
+    args = label_args(store, "warp-inpaint", base["teacher"])
+    sent, code, err = signal_at_progress(args, KILL_POINTS["teacher"], 0, signal.SIGINT)
+    assert sent and code == 130, err
+    assert "interrupted (Ctrl-C): stages finished before are kept" in err.replace("\n", " ") and \
+        "Traceback" not in err, err
+    st = SequenceStore.open(store)
+    for seq_id in st.sequence_ids():  # the teacher stage's unfinished version was discarded
+        seq = st.sequence(seq_id)
+        assert not seq.stage_done("teacher") and "teacher" not in seq.stages
+        assert "teacher" not in seq.group or not list(seq.group["teacher"].group_keys()), seq_id
+    assert_verified(store)
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert snapshot(store) == clean(base, ("warp-inpaint",))
 
 
 @pytest.mark.slow
