@@ -19,7 +19,7 @@ from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
-from autolabel.storage.synthetic_io import write_synthetic_store
+from autolabel.storage.synthetic_io import write_apollo_layout, write_synthetic_store
 from autolabel.storage.training_data import AnnotatedFrames
 
 from tests.conftest import run_cli
@@ -147,6 +147,24 @@ def test_ctrl_c_says_what_is_kept_and_the_same_command_goes_on(base: dict[str, A
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr
     assert snapshot(store) == clean(base, ("warp-inpaint",))
+
+
+def test_ctrl_c_in_ingest_keeps_the_sequences_before_and_the_same_command_ingests_the_rest(tmp_path: Path) -> None:
+    inbox, store = tmp_path / "inbox", str(tmp_path / "s.zarr")
+    write_apollo_layout(inbox, drive_configs(4, SyntheticConfig(width=320, height=240, frames=24, seed=2)))
+    args = ["ingest", "apollo", str(inbox), "--store", store, "--window", "21"]
+    sent, code, err = signal_at_progress(args, r"^ingest road\d+_Record001_Camera5: \d+/96", 2, signal.SIGINT)
+    assert sent and code == 130, err  # at the 50 % line: the second sequence or the third
+    assert "interrupted (Ctrl-C): sequences ingested before are kept and the one cut short is not in the " \
+        "store; the same command ingests the rest" in err.replace("\n", " "), err
+    st = SequenceStore.open(store)
+    kept = st.sequence_ids()
+    assert 1 <= len(kept) <= 3 and st.incomplete_ids() == [], kept
+    assert_verified(store)
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert f"ingested {4 - len(kept)} sequence" in done.stdout and f"skipped {len(kept)}," in done.stdout, done.stdout
+    assert len(SequenceStore.open(store).sequence_ids()) == 4
 
 
 @pytest.mark.slow

@@ -34,8 +34,8 @@ COMMAND_MODULES: dict[str, str] = {
 
 # what a command that writes a store leaves when Ctrl-C stops it, and how to go on
 ON_INTERRUPT: dict[str, str] = {
-    "ingest": "sequences ingested before are kept (one cut short is marked incomplete, see `autolabel info`); "
-              "the same command ingests the rest",
+    "ingest": "sequences ingested before are kept and the one cut short is not in the store; the same command "
+              "ingests the rest",
     **dict.fromkeys(("flow", "label"), "stages finished before are kept and the one cut short left nothing "
                                        "behind; the same command goes on from there"),
 }
