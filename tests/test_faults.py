@@ -136,7 +136,7 @@ def test_ctrl_c_says_what_is_kept_and_the_same_command_goes_on(base: dict[str, A
     args = label_args(store, "warp-inpaint", base["teacher"])
     sent, code, err = signal_at_progress(args, KILL_POINTS["teacher"], 0, signal.SIGINT)
     assert sent and code == 130, err
-    assert "interrupted (Ctrl-C): stages finished before are kept" in err.replace("\n", " ") and \
+    assert "interrupted (Ctrl-C): stages (and segments of long drives) finished before are kept" in err.replace("\n", " ") and \
         "Traceback" not in err, err
     st = SequenceStore.open(store)
     for seq_id in st.sequence_ids():  # the teacher stage's unfinished version was discarded
