@@ -405,3 +405,22 @@ class TestLogProgress:
         lines = self._lines(3, 3)
         assert [line.split(",")[0] for line in lines] == ["train: 1/3 (33%", "train: 2/3 (66%", "train: 3/3 (100%"]
         assert "(25%" not in "".join(lines)
+
+
+class TestInterruptedMessage:
+    """What Ctrl-C prints (the end-to-end cases are in tests/test_faults.py)."""
+
+    def test_each_store_writing_command_says_how_to_go_on(self) -> None:
+        from autolabel.cli.app import interrupted_message
+
+        assert "the same command goes on from there" in interrupted_message(["label", "s.zarr", "--method", "x"])
+        assert "the same command goes on from there" in interrupted_message(["flow", "s.zarr"])
+        assert "the same command ingests the rest" in interrupted_message(["ingest", "apollo", "inbox"])
+        assert "no checkpoint was written" in interrupted_message(["train-refiner", "--store", "s"])
+
+    def test_other_commands_and_options_first(self) -> None:
+        from autolabel.cli.app import interrupted_message
+
+        assert interrupted_message(["evaluate", "s.zarr"]) == "interrupted (Ctrl-C)"
+        assert interrupted_message([]) == "interrupted (Ctrl-C)"
+        assert interrupted_message(["--version"]) == "interrupted (Ctrl-C)"

@@ -38,6 +38,8 @@ ON_INTERRUPT: dict[str, str] = {
               "ingests the rest",
     **dict.fromkeys(("flow", "label"), "stages (and segments of long drives) finished before are kept, nothing "
                                        "is left half-written; the same command goes on from there"),
+    **dict.fromkeys(("train-teacher", "train-refiner"), "no checkpoint was written (a file already at --out "
+                                                        "is unchanged)"),
 }
 INTERRUPTED = 130  # the exit code typer gives a KeyboardInterrupt (128 + SIGINT)
 
