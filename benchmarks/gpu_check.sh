@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 OUT=${OUT:-$REPO/gpu-check}
 PY=${PYTHON:-python3}
+case "$PY" in */*) PY=$(realpath "$PY") ;; esac  # a relative path still works after the cd below
 DEVICE=${DEVICE:-cuda}
 SIZES=${SIZES:-480x360 960x720}
 FRAMES=${FRAMES:-63}
