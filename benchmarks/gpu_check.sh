@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 OUT=${OUT:-$REPO/gpu-check}
 PY=${PYTHON:-python3}
-case "$PY" in */*) PY=$(realpath "$PY") ;; esac  # a relative path still works after the cd below
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # absolute (not resolved: a venv's python is a link)
 DEVICE=${DEVICE:-cuda}
 SIZES=${SIZES:-480x360 960x720}
 FRAMES=${FRAMES:-63}
