@@ -415,6 +415,7 @@ class TestInterruptedMessage:
 
         assert "the same command goes on from there" in interrupted_message(["label", "s.zarr", "--method", "x"])
         assert "the same command goes on from there" in interrupted_message(["flow", "s.zarr"])
+        assert "the same command goes on from there" in interrupted_message(["run", "s.zarr", "--method", "x"])
         assert "the same command ingests the rest" in interrupted_message(["ingest", "apollo", "inbox"])
         assert "no checkpoint was written" in interrupted_message(["train-refiner", "--store", "s"])
 

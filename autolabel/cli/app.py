@@ -36,8 +36,8 @@ COMMAND_MODULES: dict[str, str] = {
 ON_INTERRUPT: dict[str, str] = {
     "ingest": "sequences ingested before are kept and the one cut short is not in the store; the same command "
               "ingests the rest",
-    **dict.fromkeys(("flow", "label"), "stages (and segments of long drives) finished before are kept, nothing "
-                                       "is left half-written; the same command goes on from there"),
+    **dict.fromkeys(("flow", "label", "run"), "stages (and segments of long drives) finished before are kept, "
+                                              "nothing is left half-written; the same command goes on from there"),
     **dict.fromkeys(("train-teacher", "train-refiner"), "no checkpoint was written (a file already at --out "
                                                         "is unchanged)"),
 }
