@@ -171,7 +171,7 @@ def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
     for method in ("motion-only", "semantic-only", "warp-inpaint"):
         done = run_cli("label", store, "--method", method, "--teacher", str(teacher), "--flow", "dis-fast",
                        "--workers", "1")
-        assert done.returncode == 0 and "labelled 1" in done.stdout, done.stderr
+        assert done.returncode == 0 and "labelled 1 sequence," in done.stdout, done.stderr
     again = run_cli("label", store, "--method", "warp-inpaint", "--teacher", str(teacher), "--flow", "dis-fast")
     assert "skipped 1 (already done)" in again.stdout
     out = tmp_path / "eval.json"
@@ -190,7 +190,7 @@ def test_flow_train_label_evaluate_chain(tmp_path: Path) -> None:
     assert done.returncode == 0 and refiner.is_file() and "4 cycles" in done.stdout, done.stderr
     done = run_cli("label", store, "--method", "warp-refine", "--teacher", str(teacher), "--refiner", str(refiner),
                    "--flow", "dis-fast")
-    assert done.returncode == 0 and "labelled 1" in done.stdout, done.stderr
+    assert done.returncode == 0 and "labelled 1 sequence," in done.stdout, done.stderr
     done = run_cli("evaluate", store, "--method", "warp-inpaint", "--method", "warp-refine", "--plot",
                    str(tmp_path / "plots"))
     assert done.returncode == 0, done.stderr

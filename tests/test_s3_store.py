@@ -47,7 +47,7 @@ def test_ingest_label_concurrent_runs_and_a_kill_through_s3(s3_store_url: str, s
     code, text = _cli(env, "verify", s3_store_url)
     assert code == 0 and "2 sequences checked, ok" in text, text
     code, text = _cli(env, "label", s3_store_url, *MOTION)
-    assert code == 0 and "labelled 0, skipped 2" in text, text
+    assert code == 0 and "labelled 0 sequences, skipped 2" in text, text
 
 
 def test_ingest_of_a_folder_into_s3(s3_store_url: str, s3_server: dict[str, str], tmp_path: Path) -> None:

@@ -66,8 +66,8 @@ def label(
     start = time.perf_counter()
     with progress_display() as progress:
         report = label_store(store, settings, sequence or None, StageBar(progress), jobs)
-    console.print(f"{method}: labelled {report.count('labelled')}, skipped {report.count('skipped')} "
-                  f"(already done), failed {report.count('failed')} in {time.perf_counter() - start:.1f} s",
+    console.print(f"{method}: labelled {count(report.count('labelled'), 'sequence')}, "
+                  f"skipped {report.count('skipped')} (already done), failed {report.count('failed')} in {time.perf_counter() - start:.1f} s",
                   highlight=False)
     spent: dict[str, float] = {}
     in_jobs: dict[str, float] = {}
