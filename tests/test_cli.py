@@ -401,6 +401,35 @@ class TestLogProgress:
             "train: 1/104", "train: 26/104", "train: 52/104", "train: 78/104", "train: 104/104"]
         assert lines[-1].startswith("train: 104/104 (100%,")
 
+    def test_time_left_between_the_first_and_the_last_line(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Each item takes 3 s: at 26/104 about 234 s are left, said in minutes; none on the first line
+        (one item and the start-up are no pace) nor on the last."""
+        import io
+
+        from rich.console import Console
+
+        import autolabel.cli.console as console_module
+
+        now = [0.0]
+        monkeypatch.setattr(console_module.time, "perf_counter", lambda: now[0])
+        out = io.StringIO()
+        progress = console_module.LogProgress(Console(file=out, width=80, color_system=None))
+        task = progress.add_task("train", total=104)
+        for _ in range(104):
+            now[0] += 3.0
+            progress.advance(task)
+        lines = out.getvalue().splitlines()
+        assert "left" not in lines[0] and "left" not in lines[-1], lines
+        assert lines[1] == "train: 26/104 (25%, 78 s, ~4 min left)", lines
+        assert lines[3] == "train: 78/104 (75%, 4 min, ~78 s left)", lines
+        now[0] = 0.0
+        fast = progress.add_task("fast", total=8)
+        for _ in range(8):
+            now[0] += 0.01
+            progress.advance(fast)
+        assert out.getvalue().splitlines()[-3] == "fast: 4/8 (50%, 0 s, <1 s left)"
+        assert lines[-1] == "train: 104/104 (100%, 5 min)", lines
+
     def test_the_true_share_not_the_quarter(self) -> None:
         lines = self._lines(3, 3)
         assert [line.split(",")[0] for line in lines] == ["train: 1/3 (33%", "train: 2/3 (66%", "train: 3/3 (100%"]

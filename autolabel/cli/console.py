@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
+from autolabel.wording import duration
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -64,7 +66,8 @@ def print_table(title: str, body: Table, note: str | None = None) -> None:
 
 
 class LogProgress:
-    """Progress for logs (no terminal): one line per task at every quarter of the way, at most."""
+    """Progress for logs (no terminal): one line per task at every quarter of the way, at most, with
+    the time spent and, between the first and the last line, the time left at the pace so far."""
 
     def __init__(self, out: Console) -> None:
         self.console = out
@@ -102,9 +105,15 @@ class LogProgress:
         if quarter > task["reported"]:
             task["reported"] = quarter
             elapsed = time.perf_counter() - task["start"]
-            percent = min(100, int(100 * task["completed"] / total))  # the true share, not the quarter
+            share = min(1.0, task["completed"] / total)
+            percent = int(100 * share)  # the true share, not the quarter
+            # time left, from the pace so far: not on the first line (one item, start-up included) nor the last
+            left = ""
+            if 0 < quarter < 4 and share < 1:
+                remaining = elapsed * (1 - share) / share
+                left = f", {'<1 s' if remaining < 0.5 else '~' + duration(remaining)} left"
             self.console.print(f"{task['description']}: {int(task['completed'])}/{int(total)} "
-                               f"({percent}%, {elapsed:.0f} s)", highlight=False)
+                               f"({percent}%, {duration(elapsed)}{left})", highlight=False)
 
 
 @contextmanager
