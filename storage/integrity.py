@@ -10,7 +10,7 @@ adds on top.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import zarr
@@ -20,6 +20,7 @@ from autolabel.storage.store import Sequence, SequenceStore
 from zarr.core.sync import sync
 
 from autolabel.errors import AutolabelError, IntegrityError
+from autolabel.progress import Progress, QuietProgress
 
 
 def _stage_arrays(seq: Sequence) -> Iterator[tuple[str, zarr.Array]]:
@@ -55,28 +56,43 @@ def _present_keys(array: zarr.Array) -> set[str]:
     return {k[len(prefix) + 1:] for k in sync(keys())}
 
 
-def missing_chunks(seq: Sequence) -> dict[str, list[str]]:
-    """Chunk (or shard) keys that each array of ``seq`` should have but does not, by array path."""
+def missing_chunks(seq: Sequence, on_array: Callable[[], None] | None = None) -> dict[str, list[str]]:
+    """Chunk (or shard) keys that each array of ``seq`` should have but does not, by array path;
+    ``on_array`` after each array is listed."""
     missing = {}
     for path, array in _stage_arrays(seq):
-        if array.size == 0:
-            continue
-        gone = _expected_keys(array) - _present_keys(array)
-        if gone:
-            missing[path] = sorted(gone)
+        if array.size > 0:
+            gone = _expected_keys(array) - _present_keys(array)
+            if gone:
+                missing[path] = sorted(gone)
+        if on_array is not None:
+            on_array()
     return missing
 
 
-def corrupt_chunks(seq: Sequence) -> dict[str, str]:
-    """Arrays of ``seq`` that cannot be decoded, with the first error (reads every chunk)."""
+def _decode_steps(array: zarr.Array) -> int:
+    """How many reads :func:`corrupt_chunks` makes of ``array``: one per shard (or chunk) along frames."""
+    return -(-array.shape[0] // (array.shards or array.chunks)[0]) if array.ndim else 0
+
+
+def corrupt_chunks(seq: Sequence, on_read: Callable[[], None] | None = None) -> dict[str, str]:
+    """Arrays of ``seq`` that cannot be decoded, with the first error (reads every chunk); ``on_read``
+    after each of the :func:`_decode_steps` reads of every array (also for those a damaged read cut short)."""
     corrupt = {}
     for path, array in _stage_arrays(seq):
-        step = (array.shards or array.chunks)[0]
+        step = (array.shards or array.chunks)[0] if array.ndim else 1
+        done = 0
         try:
-            for start in range(0, array.shape[0], step):
+            for start in range(0, array.shape[0] if array.ndim else 0, step):
                 array[start:start + step]
+                done += 1
+                if on_read is not None:
+                    on_read()
         except Exception as exc:  # noqa: BLE001 - any decoder error means a damaged chunk
             corrupt[path] = f"frames {start}..{start + step - 1}: {type(exc).__name__}: {exc}"
+        if on_read is not None:
+            for _ in range(_decode_steps(array) - done):
+                on_read()
     return corrupt
 
 
@@ -122,12 +138,15 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_store(url: str, decode: bool = True, repair: bool = False) -> VerifyReport:
+def verify_store(url: str, decode: bool = True, repair: bool = False,
+                 progress: Progress | None = None) -> VerifyReport:
     """Check every sequence of a store: metadata, version groups, chunks present and (``decode``) readable.
 
     ``repair`` drops the records of damaged stages other than ingest, so the next ``label``
-    recomputes them (damaged frames need a new ingest).
+    recomputes them (damaged frames need a new ingest). ``progress``: per sequence, one step per
+    shard read (``decode``) or per array listed.
     """
+    progress = progress or QuietProgress()
     store = SequenceStore.open(url, mode="r+" if repair else "r")
     report = VerifyReport(store=url)
     for name, why in store.bad_groups().items():
@@ -138,10 +157,13 @@ def verify_store(url: str, decode: bool = True, repair: bool = False) -> VerifyR
         report.sequences += 1
         try:
             seq = store.sequence(seq_id)
-            missing = missing_chunks(seq)
+            arrays = [array for _, array in _stage_arrays(seq)]
+            progress.start(seq_id, "verify" if decode else "verify (chunks listed)",
+                           sum(map(_decode_steps, arrays)) if decode else len(arrays))
+            missing = missing_chunks(seq, None if decode else progress.advance)
             for path, keys in missing.items():
                 report.add(seq_id, f"{path}: {len(keys)} missing chunks ({', '.join(keys[:3])}...)")
-            corrupt = corrupt_chunks(seq) if decode else {}
+            corrupt = corrupt_chunks(seq, progress.advance) if decode else {}
             for path, why in corrupt.items():
                 report.add(seq_id, f"{path}: corrupt ({why})")
             stages = damaged_stages(seq, [*missing, *corrupt])

@@ -24,9 +24,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, Self
+from typing import Any, ClassVar, Literal, Self
 
 from autolabel.models.optical_flow import FlowConfig
+from autolabel.progress import Progress, QuietProgress
 from autolabel.models.propagation import PropagationConfig, count_frame_steps, count_steps, method_class
 from autolabel.models.quality import EstimateConfig, estimate_plan, probe_steps, split_probes
 from autolabel.models.segments import Segment
@@ -215,24 +216,6 @@ class LabelSettings(BaseModel):
     def digest(self) -> str:
         """A short hash of the settings (idempotency keys, change detection)."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --- progress --------------------------------------------------------------------------------------
-
-
-class Progress(Protocol):
-    """How a stage reports its progress (a rich bar in the CLI, a Prefect artifact in the flows)."""
-
-    def start(self, seq_id: str, title: str, total: int) -> None: ...
-    def advance(self) -> None: ...
-
-
-class QuietProgress:
-    def start(self, seq_id: str, title: str, total: int) -> None:
-        pass
-
-    def advance(self) -> None:
-        pass
 
 
 # --- the stages ------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from autolabel.storage.stages import TEACHER
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.ids import select_ids
 from autolabel.tasks.checkpoints import load_teacher, teacher_sha256
-from autolabel.tasks.pipeline import FlowStage, Progress, QuietProgress, TeacherStage
+from autolabel.progress import Progress, QuietProgress
+from autolabel.tasks.pipeline import FlowStage, TeacherStage
 from autolabel.tasks.propagate import StoreSequenceInputs
 
 

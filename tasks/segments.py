@@ -28,13 +28,12 @@ from multiprocessing import get_context
 from typing import Any
 
 from autolabel.models.segments import Segment, plan_key, plan_segments
+from autolabel.progress import Progress, QuietProgress
 from autolabel.runtime import configure_process
 from autolabel.storage.store import SequenceStore, StoreLayout
 from autolabel.tasks.pipeline import (
     AnyStage,
     LabelSettings,
-    Progress,
-    QuietProgress,
     StageRunner,
     label_sequence,
     sequence_stages,

@@ -264,3 +264,17 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("AUTOLABEL_THREADS", threads)
     os.environ.setdefault("OMP_NUM_THREADS", threads)
     set_threads()  # $AUTOLABEL_THREADS, checked
+
+
+class RecordingProgress:
+    """Progress (``autolabel.progress.Progress``) that records each start's total and how many times
+    it advanced: a bar that stops short (a log whose last line says 75 %) looks like work that hung."""
+
+    def __init__(self) -> None:
+        self.stages: list[list] = []  # [sequence, title, total, advanced]
+
+    def start(self, seq_id: str, title: str, total: int) -> None:
+        self.stages.append([seq_id, title, total, 0])
+
+    def advance(self) -> None:
+        self.stages[-1][3] += 1

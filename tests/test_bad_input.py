@@ -17,11 +17,12 @@ import cv2
 import numpy as np
 import pytest
 from autolabel.storage.annotation import AnnotationPolicy
+from autolabel.storage.integrity import verify_store
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
 
-from tests.conftest import classes_file, good_sequence, run_cli
+from tests.conftest import RecordingProgress, classes_file, good_sequence, run_cli
 from tests.faults import cli_env
 
 MOTION = ["--method", "motion-only", "--flow", "dis-fast", "--max-distance", "5"]
@@ -90,6 +91,12 @@ class TestSilentlyWrongData:
         assert SequenceStore.open(store).sequence("synth-0000").stage_done("results/motion-only")
         verify = run_cli("verify", store)
         assert verify.returncode == 1 and "corrupt" in no_traceback(verify)
+        for decode in (True, False):  # verify's progress reaches its total, the damaged read included
+            progress = RecordingProgress()
+            report = verify_store(store, decode=decode, progress=progress)
+            assert [s[0] for s in progress.stages] == ["synth-0000", "synth-0001"]
+            assert all(s[2] > 0 and s[3] == s[2] for s in progress.stages), progress.stages
+            assert ("synth-0001" in report.problems) == decode
 
     def test_a_missing_result_chunk_is_recomputed(self, store: str) -> None:
         assert run_cli("label", store, *MOTION).returncode == 0

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from autolabel.cli.console import IngestBar, console, print_failures, progress_display
+from autolabel.cli.console import IngestBar, StageBar, console, print_failures, progress_display
 from autolabel.cli.options import KeyframeEvery, Sequences, Window, parse_size
 from autolabel.cli.reports import print_ingest_report, print_store_summary
 from autolabel.errors import AutolabelError, ConfigError
@@ -239,7 +239,8 @@ def verify(
     from autolabel.cli.reports import print_verify_report
     from autolabel.storage.integrity import verify_store
 
-    report = verify_store(store, decode=not quick, repair=repair)
+    with progress_display(transient=True) as progress:
+        report = verify_store(store, decode=not quick, repair=repair, progress=StageBar(progress))
     if as_json:
         typer.echo(json.dumps({"store": report.store, "sequences": report.sequences, "ok": report.ok,
                                "problems": report.problems, "notes": report.notes}, indent=2))

@@ -21,6 +21,8 @@ from autolabel.tasks.review import store_frame_errors
 
 from autolabel.errors import ClassSetMismatchError, ConfigError, StageNotDoneError
 
+from tests.conftest import RecordingProgress
+
 
 def _request(method: str, teacher: Path | None = None, flow: str = "dis-fast", **kw) -> LabelSettings:
     return LabelSettings(propagation=PropagationConfig(method=method, **kw),
@@ -119,19 +121,6 @@ def test_reversed_flow_convention_is_caught(local_store_url: str) -> None:
         propagate_sequence(store, "synth-0000", PropagationConfig(method="motion-only"), flow)
         scores[flow] = evaluate_store(store, ["motion-only"]).methods["motion-only"].miou_by_distance["1"]
     assert scores["swapped"] < scores["exact"] - 10, scores
-
-
-class RecordingProgress:
-    """Progress that records each stage's total and how many times it advanced."""
-
-    def __init__(self) -> None:
-        self.stages: list[list] = []  # [sequence, title, total, advanced]
-
-    def start(self, seq_id: str, title: str, total: int) -> None:
-        self.stages.append([seq_id, title, total, 0])
-
-    def advance(self) -> None:
-        self.stages[-1][3] += 1
 
 
 def test_every_stage_progress_reaches_its_total(synth_store: str, teacher_path: Path) -> None:
