@@ -155,7 +155,7 @@ class TestErrorsNotTracebacks:
         assert info.returncode == 0 and "skipped group 'synth-0001'" in text and "'stray group'" in text, text
         label = run_cli("label", store, *MOTION)
         text = no_traceback(label)
-        assert label.returncode == 0 and "labelled 1 sequence," in text and "skipped group 'stray group'" in text, text
+        assert label.returncode == 0 and "labelled 1 sequence (" in text and "skipped group 'stray group'" in text, text
         evaluate = run_cli("evaluate", store, "--method", "motion-only")
         assert evaluate.returncode == 0, no_traceback(evaluate)
         assert run_cli("verify", store).returncode == 1

@@ -59,6 +59,7 @@ def label(
     The labels are the ones a single job gives.
     """
     opt.set_threads()
+    from autolabel.storage.store import SequenceStore
     from autolabel.tasks.pipeline import label_store
 
     if jobs < 1:
@@ -66,9 +67,16 @@ def label(
     start = time.perf_counter()
     with progress_display() as progress:
         report = label_store(store, settings, sequence or None, StageBar(progress), jobs)
-    console.print(f"{method}: labelled {count(report.count('labelled'), 'sequence')}, "
-                  f"skipped {report.count('skipped')} (already done), failed {report.count('failed')} in {time.perf_counter() - start:.1f} s",
-                  highlight=False)
+    seconds = time.perf_counter() - start
+    labelled = [o.id for o in report.outcomes if o.status == "labelled"]
+    rate = ""
+    if labelled:
+        st = SequenceStore.open(store)
+        frames = sum(st.sequence(seq_id).num_frames for seq_id in labelled)
+        rate = f" ({count(frames, 'frame')}, {frames / max(seconds, 1e-9):.1f} frames/s)"
+    print_items(f"{method}:", [f"labelled {count(len(labelled), 'sequence')}{rate}",
+                               f"skipped {report.count('skipped')} (already done)",
+                               f"failed {report.count('failed')} in {seconds:.1f} s"])
     spent: dict[str, float] = {}
     in_jobs: dict[str, float] = {}
     for outcome in report.outcomes:
