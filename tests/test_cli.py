@@ -380,6 +380,33 @@ class TestPrintItems:
             assert any(item in line for line in lines), item
 
 
+class TestPrintSection:
+    """The demo's step titles: in a rule where they fit, never cut where they do not."""
+
+    @staticmethod
+    def _printed(monkeypatch: pytest.MonkeyPatch, width: int, title: str) -> list[str]:
+        import io
+
+        from rich.console import Console
+
+        from autolabel.cli import console as console_module
+
+        out = io.StringIO()
+        monkeypatch.setattr(console_module, "console", Console(file=out, width=width, color_system=None))
+        console_module.print_section(title)
+        return out.getvalue().splitlines()
+
+    def test_a_short_title_sits_in_the_rule(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        (line,) = self._printed(monkeypatch, 80, "5. results")
+        assert len(line) == 80 and " 5. results " in line and line.startswith("─")
+
+    def test_a_long_title_is_folded_under_the_rule_not_cut(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        title = "4. label every drive with warp-refine, evaluate, publish the dashboard (flow autolabel)"
+        lines = self._printed(monkeypatch, 80, title)
+        assert set(lines[0]) == {"─"} and all(len(line) <= 80 for line in lines)
+        assert " ".join(line.strip() for line in lines[1:]) == title and "…" not in "".join(lines)
+
+
 class TestLogProgress:
     """Progress in a log: a line at each quarter of the way, with the true share done."""
 

@@ -57,6 +57,16 @@ def print_items(head: str, items: Sequence[str]) -> None:
         console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
+def print_section(title: str) -> None:
+    """A rule with ``title`` in it; a title too long for the width goes under a plain rule, folded at
+    spaces (rich would cut it: ``... publish the dashboard (flo…``)."""
+    if len(title) + 6 <= console.width:
+        console.rule(title)
+    else:
+        console.rule()
+        console.print(title, highlight=False, markup=False)
+
+
 def print_table(title: str, body: Table, note: str | None = None) -> None:
     """``title`` on its own line (it wraps, it is never cut), the table, then an optional note."""
     console.print(f"[bold]{title}[/]", highlight=False, soft_wrap=False)

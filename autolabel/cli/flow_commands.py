@@ -11,7 +11,7 @@ import typer
 
 from autolabel.cli import label_options as lopt
 from autolabel.cli import options as opt
-from autolabel.cli.console import console
+from autolabel.cli.console import console, print_section
 from autolabel.cli.options import default
 from autolabel.cli.reports import print_flow_result, print_store_summary
 from autolabel.models.optical_flow import FlowConfig
@@ -88,7 +88,7 @@ def demo(
     width, height = opt.parse_size(size)
     inbox, store_url = out / "inbox", str(out / "apollo.zarr")
     policy = AnnotationPolicy(mode="window", n=21) if frames >= 21 else AnnotationPolicy(mode="keyframe-every", n=10)
-    console.rule(f"1. render {sequences} synthetic drives as an ApolloScape inbox; ingest")
+    print_section(f"1. render {sequences} synthetic drives as an ApolloScape inbox; ingest")
     write_apollo_layout(inbox, drive_configs(sequences, SyntheticConfig(width=width, height=height, frames=frames,
                                                                        seed=0)))
     report = ingest_dataset(read_dataset("apollo", inbox), store_url, IngestOptions(annotation=policy))
@@ -96,22 +96,22 @@ def demo(
                   f"{sum(o.annotated for o in report.outcomes)} (window centres); the other frames' labels "
                   "are kept as ground truth for scoring", highlight=False)
     print_store_summary(store_summary(store_url))
-    console.rule("2. train the teacher on the annotated frames (flow train-teacher)")
+    print_section("2. train the teacher on the annotated frames (flow train-teacher)")
     teacher_path, refiner_path = out / "teacher.pt", out / "refiner.pt"
     crop = max(min(128, width, height) // 32 * 32, 64)
     train_teacher_flow(TeacherRequest(stores=[store_url], out=str(teacher_path), train=TeacherTrainConfig(
         max_steps=teacher_steps, crop=crop, batch_size=8)))
-    console.rule("3. train the refiner on forward-backward cycles (flow train-refiner)")
+    print_section("3. train the refiner on forward-backward cycles (flow train-refiner)")
     flow = FlowConfig(backend="dis-fast")
     train_refiner_flow(RefinerRequest(stores=[store_url], teacher=teacher_path, out=refiner_path, flow=flow,
                                       train=RefinerTrainConfig(steps=refiner_steps, crop=crop, batch_size=8)))
-    console.rule("4. label every drive with warp-refine, evaluate, publish the dashboard (flow autolabel)")
+    print_section("4. label each drive with warp-refine, evaluate, dashboard (flow autolabel)")
     request = AutolabelRequest(
         store=store_url, inbox=str(inbox), layout="apollo", annotation=policy,
         label=LabelSettings(teacher=str(teacher_path), refiner=str(refiner_path), flow=flow,
                             export_dir=str(out / "export")))
     result = autolabel_flow(request)
-    console.rule("5. results")
+    print_section("5. results")
     print_flow_result(result, request.label.method)
     console.print(f"overlays, colour and index PNGs: {out / 'export'}/<sequence>/", highlight=False)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s", highlight=False)
