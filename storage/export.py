@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from autolabel.errors import StageNotDoneError
 from autolabel.storage.images import write_png_atomic
+from autolabel.storage.queries import require_results
 from autolabel.storage.stages import GROUND_TRUTH, result_array_names, results_stage
 from autolabel.storage.store import Sequence
 
@@ -21,11 +21,7 @@ def label_frames(seq: Sequence, method: str) -> tuple[list[int], Callable[[int],
     """
     if method == GROUND_TRUTH:
         return np.flatnonzero(seq.has_gt).tolist(), seq.ground_truth
-    if not seq.stage_done(results_stage(method)):
-        raise StageNotDoneError(
-            f"sequence {seq.id!r} has no finished results for method {method!r}; run "
-            f"`autolabel label {seq.store.url} --method {method}` first (stages done: {sorted(seq.stages)})"
-        )
+    require_results(seq, method)
     labels_name, _, distance_name = result_array_names(method)
     labels = seq.array(labels_name)
     distance = np.asarray(seq.array(distance_name)[:])

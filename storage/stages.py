@@ -6,6 +6,8 @@ Every stage writes all its chunks first and marks itself done last
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 INGEST = "ingest"
 TEACHER = "teacher"
 KEYFRAMES = "keyframes"  # annotations added after ingest (a reviewer's corrections): keyframes/{frames,labels}
@@ -36,6 +38,12 @@ DISTANCE_DTYPE = "int8"  # a frame's distance to its keyframe (at most MAX_DISTA
 def results_stage(method: str) -> str:
     """Stage under which a propagation method's results are marked done."""
     return f"results/{method}"
+
+
+def labelled_methods(stages: Iterable[str]) -> list[str]:
+    """The methods whose results are finished among ``stages`` (a sequence's stage names), sorted."""
+    prefix = results_stage("")
+    return sorted(s[len(prefix):] for s in stages if s.startswith(prefix) and "/" not in s[len(prefix):])
 
 
 def result_array_names(method: str) -> tuple[str, str, str]:

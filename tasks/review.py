@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from autolabel.errors import ConfigError, StageNotDoneError
+from autolabel.storage.queries import require_results, sequences_with_results
 from autolabel.storage.stages import result_array_names, results_stage
 from autolabel.storage.store import Sequence, SequenceStore
 from autolabel.tasks.evaluate import results_max_distance, sequence_calibration
@@ -51,8 +51,7 @@ class FrameErrors:
 
 def frame_errors(seq: Sequence, method: str, on_frame: Callable[[], None] | None = None) -> FrameErrors:
     """Read the method's labels and confidence once, frame by frame; ``on_frame`` once per frame."""
-    if not seq.stage_done(results_stage(method)):
-        raise StageNotDoneError(f"sequence {seq.id!r} has no results of {method!r}; run `autolabel label` first")
+    require_results(seq, method)
     labels_name, conf_name, distance_name = result_array_names(method)
     labels, conf = seq.array(labels_name), seq.array(conf_name)
     distance = np.asarray(seq.array(distance_name)[:]).astype(np.int64)
@@ -185,14 +184,11 @@ def store_frame_errors(store: SequenceStore, method: str, sequences: list[str],
                        on_frame: Callable[[], None] | None = None) -> tuple[list[FrameErrors], dict[str, int]]:
     """:func:`frame_errors` of every selected sequence labelled with ``method``, and each one's K."""
     errors, ks = [], {}
-    for seq_id in sequences:
+    for seq_id in sequences_with_results(store, [method], sequences, "review"):
         seq = store.sequence(seq_id)
         k = results_max_distance(seq, method)
         if k is None:
             continue
         errors.append(frame_errors(seq, method, on_frame))
         ks[seq_id] = k
-    if not errors:
-        raise ConfigError(f"no selected sequence of {store.url!r} has results of {method!r}; "
-                          f"run `autolabel label {store.url} --method {method}` first")
     return errors, ks

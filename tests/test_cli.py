@@ -127,12 +127,33 @@ def test_export_gt_writes_index_colour_and_overlay(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "synth-0000" / "index").iterdir()) == ["000000.png", "000001.png", "000002.png"]
 
 
-def test_export_of_a_method_not_run_yet(tmp_path: Path) -> None:
+@pytest.mark.parametrize("args", [
+    ["export", "--out", "o"], ["export", "--out", "o", "--format", "folder"],
+    ["export", "--out", "o", "--format", "cvat-mask"], ["review", "--out", "o"], ["suggest-keyframes"],
+], ids=lambda a: " ".join(a[:1] + a[3:]))
+def test_a_method_not_run_yet_is_one_error_not_a_failure_per_sequence(tmp_path: Path, args: list[str]) -> None:
     store = tmp_path / "s.zarr"
-    assert run_cli("synth", str(store), "--sequences", "1", "--frames", "2", "--size", "32x24").returncode == 0
-    done = run_cli("export", str(store), "--method", "warp-refine", "--out", str(tmp_path / "o"))
-    assert done.returncode == 1
-    assert "no finished results for method 'warp-refine'" in done.stderr.replace("\n", "")
+    assert run_cli("synth", str(store), "--sequences", "2", "--frames", "2", "--size", "32x24").returncode == 0
+    done = run_cli(args[0], str(store), "--method", "warp-refine", *args[1:], cwd=tmp_path)
+    action = {"export": "export", "review": "review", "suggest-keyframes": "suggest keyframes for"}[args[0]]
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "failed" not in done.stderr, done.stderr
+    assert f"nothing to {action}: no selected sequence of store {str(store)!r} (2 sequences) has results of " \
+           f"warp-refine; run `autolabel label {store} --method warp-refine` first" in done.stderr.replace("\n", "")
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_names_the_sequence_without_results_and_exports_the_others(tmp_path: Path) -> None:
+    store = tmp_path / "s.zarr"
+    assert run_cli("synth", str(store), "--sequences", "2", "--frames", "3", "--size", "32x24").returncode == 0
+    done = run_cli("label", str(store), "--method", "motion-only", "--sequence", "synth-0001", "--flow", "dis-fast",
+                   "--workers", "1", "--no-estimate")
+    assert done.returncode == 0, done.stderr
+    done = run_cli("export", str(store), "--method", "motion-only", "--out", str(tmp_path / "o"))
+    assert done.returncode == 1 and "exported 3 frames of 1 sequence" in done.stdout, done.stdout
+    assert "failed synth-0000: sequence 'synth-0000' has no results of 'motion-only' (methods labelled: none " \
+           "yet); run `autolabel label" in done.stderr.replace("\n", " "), done.stderr
+    assert len(list((tmp_path / "o" / "synth-0001" / "index").iterdir())) == 3
+    assert not (tmp_path / "o" / "synth-0000").exists()
 
 
 def test_evaluate_without_results_is_an_error_not_an_empty_table(tmp_path: Path) -> None:

@@ -175,12 +175,16 @@ def export(
     training set (Cityscapes-like or folder, with a manifest of distance and confidence per frame)."""
     from autolabel.storage.export import export_sequence, label_frames
     from autolabel.storage.ids import select_ids
+    from autolabel.storage.queries import sequences_with_results
+    from autolabel.storage.stages import GROUND_TRUTH
     from autolabel.storage.store import SequenceStore
 
     st = SequenceStore.open(store)
     seqs = [st.sequence(s) for s in select_ids(st.sequence_ids(), sequence, f"store {store!r}")]
     if format not in ("png", "cvat-mask", "cityscapes", "folder"):
         raise ConfigError(f"--format must be png, cvat-mask, cityscapes or folder, got {format!r}")
+    if method != GROUND_TRUTH:
+        sequences_with_results(st, [method], [s.id for s in seqs], "export")
     if format in ("cityscapes", "folder"):
         from autolabel.storage.training_export import export_training_set
 

@@ -13,7 +13,7 @@ from autolabel.cli import options as opt
 from autolabel.cli.console import StageBar, console, err_console, print_items, progress_display
 from autolabel.cli.options import default, describe
 from autolabel.cli.reports import print_evaluation
-from autolabel.errors import ConfigError, StageNotDoneError
+from autolabel.errors import ConfigError
 from autolabel.models.optical_flow import FlowConfig
 from autolabel.tasks.pipeline import LabelSettings
 from autolabel.wording import count
@@ -112,16 +112,14 @@ def evaluate(
 ) -> None:
     """Score labelled methods against the stored ground truth: mIoU by distance, class, sequence."""
     from autolabel.storage.ids import select_ids
+    from autolabel.storage.queries import sequences_with_results
     from autolabel.storage.store import SequenceStore
     from autolabel.tasks.evaluate import evaluate_store
 
     st = SequenceStore.open(store)
     ids = select_ids(st.sequence_ids(), sequence, f"store {store!r}")
+    sequences_with_results(st, method, ids, "evaluate")
     report = evaluate_store(st, method, max_distance, sequences=ids)
-    if ids and all(len(m.sequences_missing) == len(ids) for m in report.methods.values()):
-        raise StageNotDoneError(f"nothing to evaluate: no selected sequence of store {store!r} "
-                                f"({count(len(ids), 'sequence')}) has results of {' or '.join(method)}; run "
-                                f"`autolabel label {store} --method {method[0]}` first")
     print_evaluation(report)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

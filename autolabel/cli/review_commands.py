@@ -17,13 +17,15 @@ Method = Annotated[str, typer.Option(help=describe(ReviewConfig, "method"))]
 Budget = Annotated[int, typer.Option(help=describe(ReviewConfig, "budget"))]
 
 
-def _errors(store: str, method: str, sequence: list[str] | None):  # noqa: ANN202 - (errors, K per sequence)
+def _errors(store: str, method: str, sequence: list[str] | None, action: str):  # noqa: ANN202 - (errors, K per sequence)
     from autolabel.storage.ids import select_ids
+    from autolabel.storage.queries import sequences_with_results
     from autolabel.storage.store import SequenceStore
     from autolabel.tasks.review import store_frame_errors
 
     st = SequenceStore.open(store)
     ids = select_ids(st.sequence_ids(), sequence, f"store {store!r}")
+    ids = sequences_with_results(st, [method], ids, action)  # the progress counts the frames read
     with progress_display() as progress:
         task = progress.add_task(f"read {method}", total=sum(st.sequence(i).num_frames for i in ids))
         errors, ks = store_frame_errors(st, method, ids, lambda: progress.advance(task))
@@ -56,7 +58,7 @@ def review(
     from autolabel.tasks.review import review_queue
 
     config = ReviewConfig(method=method, budget=budget)
-    st, errors, _ = _errors(store, method, sequence)
+    st, errors, _ = _errors(store, method, sequence, "review")
     queue = review_queue(errors, config)
     _print_choices(f"review queue: {method}, {count(len(queue), 'frame')}, worst first", queue, "score")
     task = out / "cvat-task"
@@ -81,7 +83,7 @@ def suggest_keyframes(
     from autolabel.tasks.review import suggest_keyframes as suggest
 
     config = ReviewConfig(method=method, budget=budget, per_block=per_block)
-    st, errors, ks = _errors(store, method, sequence)
+    st, errors, ks = _errors(store, method, sequence, "suggest keyframes for")
     picks = suggest(errors, ks, config)
     _print_choices(f"suggested keyframes: {len(picks)}, best first", picks, "gain")
     if json_out is not None:

@@ -136,6 +136,6 @@ class TestTrainingExport:
                          "--format", "cityscapes", "--min-confidence", "0.5")
         assert result.returncode == 1
         assert "exported 24 frames (4 keyframes) of 2 sequences" in result.stdout
-        assert "synth-0002" in result.stdout + result.stderr and "no finished results" in result.stdout + result.stderr
+        assert "synth-0002" in result.stdout + result.stderr and "has no results of 'motion-only' (methods labelled: none yet)" in result.stdout + result.stderr
         manifest = json.loads((tmp_path / "cs" / "manifest.json").read_text())
         assert manifest["failed"] == ["synth-0002"] and manifest["min_confidence"] == 0.5
