@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,30 @@ def load_checkpoint(path: Path, fmt: str, version: int, what: str, how_to_make: 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and safety errors all mean 'unusable'
-        raise CheckpointError(f"{path}: cannot read {what} checkpoint ({type(exc).__name__}: {exc})") from exc
+        reason = why_unreadable(path) or f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+        raise CheckpointError(f"{path}: cannot read {what} checkpoint: {reason}; copy it again or write a new "
+                              f"one with `{how_to_make}`") from exc
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise CheckpointError(f"{path}: not an autolabel {what} checkpoint")
     if state.get("format_version") != version:
         raise CheckpointError(f"{path}: {what} checkpoint version {state.get('format_version')} is not "
                               f"{version}; retrain it with this autolabel (`{how_to_make}`)")
     return state
+
+
+def why_unreadable(path: Path, writer: str = "torch.save") -> str | None:
+    """Why the zip archive at ``path`` (what ``writer`` writes) cannot be read, in words; None where
+    its bytes look whole (then the loader's own error says more)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head == b"PK\x03\x04":
+        return None if zipfile.is_zipfile(path) else f"the archive is cut short or damaged ({size} bytes)"
+    if head.startswith(b"\x80") and writer == "torch.save":  # torch.save's legacy pickle format
+        return None
+    return f"not a file written by {writer}"
 
 
 def load_weights(net: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, arch: str) -> None:

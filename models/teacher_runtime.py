@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from autolabel.errors import ClassSetMismatchError, MissingDependencyError, TeacherFormatError
+from autolabel.models.checkpoints import why_unreadable
 from autolabel.models.teacher import Teacher, TeacherOutput, argmax_labels, to_tensor
 from autolabel.models.teacher_sidecar import ClassMap, TeacherSidecar, sidecar_path
 
@@ -62,6 +63,10 @@ class _Pt2Runner:
     """A ``torch.export`` program: outputs as a list, or a dict when the program returns one."""
 
     def __init__(self, path: Path, device: torch.device) -> None:
+        reason = why_unreadable(path, "torch.export.save")
+        if reason is not None:  # before torch.export.load, which logs a traceback of its own
+            raise TeacherFormatError(f"{path}: cannot load the torch.export program: {reason}; write it again "
+                                     "(`autolabel export-teacher`, or torch.export.save)")
         try:
             program = torch.export.load(str(path))
         except Exception as exc:  # noqa: BLE001 - zip, schema and version errors all mean 'unusable'

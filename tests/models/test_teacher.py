@@ -139,8 +139,17 @@ class TestCheckpoints:
         with pytest.raises(CheckpointError, match="not found; train one"):
             Teacher.load(tmp_path / "none.pt")
         (tmp_path / "bad.pt").write_bytes(b"garbage")
-        with pytest.raises(CheckpointError, match="cannot read teacher checkpoint"):
+        with pytest.raises(CheckpointError, match="cannot read teacher checkpoint: not a file written by torch.save; "
+                                                  "copy it again or write a new one with `autolabel train-teacher"):
             Teacher.load(tmp_path / "bad.pt")
+        (tmp_path / "empty.pt").write_bytes(b"")
+        with pytest.raises(CheckpointError, match="empty.pt: cannot read teacher checkpoint: the file is empty"):
+            Teacher.load(tmp_path / "empty.pt")
+        _tiny().save(tmp_path / "whole.pt")
+        (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:1000])
+        with pytest.raises(CheckpointError, match=r"cannot read teacher checkpoint: the archive is cut short or "
+                                                  r"damaged \(1000 bytes\)"):
+            Teacher.load(tmp_path / "cut.pt")
         torch.save({"state_dict": {}}, tmp_path / "other.pt")
         with pytest.raises(CheckpointError, match="not an autolabel teacher checkpoint"):
             Teacher.load(tmp_path / "other.pt")

@@ -97,7 +97,11 @@ class TestExportedTeacher:
         broken = tmp_path / "broken.pt2"
         broken.write_bytes(b"not a zip")
         TeacherSidecar(classes=NAMES).write(tmp_path / "broken.pt2.json")
-        with pytest.raises(TeacherFormatError, match=r"broken\.pt2: cannot load"):
+        with pytest.raises(TeacherFormatError, match=r"broken\.pt2: cannot load the torch.export program: not a "
+                                                     r"file written by torch.export.save; write it again"):
+            ExportedTeacher(broken)
+        broken.write_bytes(exports[".pt2"].read_bytes()[:4000])  # a copy cut short: no traceback logged first
+        with pytest.raises(TeacherFormatError, match=r"broken\.pt2: .* the archive is cut short or damaged \(4000 "):
             ExportedTeacher(broken)
 
     def test_sidecar_that_does_not_fit_the_model(self, exports: dict[str, Path], tmp_path: Path) -> None:
