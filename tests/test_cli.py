@@ -82,6 +82,39 @@ def test_ingest_reports_a_bad_sequence_and_keeps_the_others(tmp_path: Path) -> N
     assert again.returncode == 0 and "skipped 1" in again.stdout
 
 
+def test_a_damaged_video_fails_alone_with_its_message_whole(tmp_path: Path) -> None:
+    """Nothing printed is read as rich markup: ``[video]`` in the install hint used to vanish as a
+    style tag, in the error line and in the failures table; FFmpeg's own complaint stays off stderr."""
+    import cv2
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    writer = cv2.VideoWriter(str(videos / "good.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (32, 24))
+    for i in range(4):
+        writer.write(np.full((24, 32, 3), 40 * i, np.uint8))
+    writer.release()
+    (videos / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))  # an mp4 without its moov atom
+    (tmp_path / "classes.json").write_text(json.dumps({"names": ["bg", "obj"], "palette": [[0, 0, 0], [255, 0, 0]]}))
+    done = run_cli("ingest", "folder", str(videos), "--store", str(tmp_path / "v[1].zarr"),
+                   "--classes", str(tmp_path / "classes.json"), columns=80)
+    assert done.returncode == 1 and "ingested 1 sequence" in done.stdout, done.stdout + done.stderr
+    assert "moov atom" not in done.stderr, done.stderr
+    try:
+        import av  # noqa: F401
+        hint = "cannot decode video"
+    except ImportError:
+        hint = "pip install 'autolabel[video]'"
+    assert f"failed bad: {videos / 'bad.mp4'}: " in done.stderr and hint in done.stderr.replace("\n", " "), done.stderr
+    assert hint in " ".join(line.strip("│ ") for line in done.stdout.splitlines()), done.stdout
+    assert SequenceStore.open(str(tmp_path / "v[1].zarr")).sequence_ids() == ["good"]
+
+
+def test_paths_with_brackets_print_whole(tmp_path: Path) -> None:
+    done = run_cli("info", str(tmp_path / "runs[onnx]" / "s.zarr"))
+    assert done.returncode == 2 and f"no autolabel store at '{tmp_path}/runs[onnx]/s.zarr'" in \
+        done.stderr.replace("\n", ""), done.stderr
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["ingest", "davis", "{tmp}", "--store", "{tmp}/x.zarr"], "JPEGImages"),
     (["ingest", "kitty", "{tmp}", "--store", "{tmp}/x.zarr"], "unknown dataset layout 'kitty'"),

@@ -140,7 +140,7 @@ def main() -> None:
     """Console-script entry point: run the app, turning autolabel errors into clean exits."""
     from pydantic import ValidationError
 
-    from autolabel.cli.console import err_console
+    from autolabel.cli.console import err_console, styled
     from autolabel.runtime import limit_malloc_arenas
 
     limit_malloc_arenas()  # before torch, zarr and OpenCV start their threads
@@ -148,17 +148,16 @@ def main() -> None:
         app()
     except SystemExit as exc:
         if exc.code == INTERRUPTED:
-            err_console.print(f"[bold yellow]{interrupted_message(sys.argv[1:])}[/]", highlight=False, soft_wrap=True)
+            err_console.print(interrupted_message(sys.argv[1:]), style="bold yellow", highlight=False, soft_wrap=True)
         raise
     except AutolabelError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(styled(("error:", "bold red"), f" {exc}"), soft_wrap=True)
         sys.exit(2)
     except OSError as exc:  # disk full, file size limit, read-only or vanished storage
-        err_console.print(f"[bold red]error:[/] {describe_os_error(exc)}", highlight=False, soft_wrap=True)
+        err_console.print(styled(("error:", "bold red"), f" {describe_os_error(exc)}"), soft_wrap=True)
         sys.exit(1)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or exc.title}: {e['msg']}" for e in exc.errors())
-        err_console.print(f"[bold red]error:[/] invalid {exc.title} settings: {problems}", highlight=False,
-                          soft_wrap=True)
+        err_console.print(styled(("error:", "bold red"), f" invalid {exc.title} settings: {problems}"), soft_wrap=True)
         sys.exit(2)
 

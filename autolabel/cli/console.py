@@ -1,7 +1,9 @@
 """What the command line shows: consoles, progress (bars in a terminal, quarter lines in logs), tables.
 
 Tables fit the terminal, and 80 columns in a pipe or CI log: text cells fold onto more lines,
-numbers never wrap and are never cut.
+numbers never wrap and are never cut. Nothing printed is read as rich markup: messages, paths and
+ids print as they are (``pip install 'autolabel[onnx]'`` lost its ``[onnx]`` as a style tag);
+colour comes from :func:`styled`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
+from rich.text import Text
 
 from autolabel.wording import duration
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """A line of plain text with styled pieces: ``styled(("failed", "red"), f" {seq}: {error}")``."""
+    return Text.assemble(*parts)
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -69,7 +77,7 @@ def print_section(title: str) -> None:
 
 def print_table(title: str, body: Table, note: str | None = None) -> None:
     """``title`` on its own line (it wraps, it is never cut), the table, then an optional note."""
-    console.print(f"[bold]{title}[/]", highlight=False, soft_wrap=False)
+    console.print(title, style="bold", highlight=False, soft_wrap=False)
     console.print(body)
     if note:
         console.print(note, highlight=False, style="dim")
@@ -133,7 +141,7 @@ def progress_display(transient: bool = False) -> Iterator[Any]:
         yield LogProgress(err_console)
         return
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=transient,
     ) as progress:
         yield progress
@@ -171,11 +179,11 @@ class IngestBar:
 
     def sequence_finished(self, outcome: Any) -> None:
         if outcome.status == "failed":
-            err_console.print(f"[red]failed[/] {outcome.id}: {outcome.error}", highlight=False, soft_wrap=True)
+            err_console.print(styled(("failed", "red"), f" {outcome.id}: {outcome.error}"), soft_wrap=True)
         elif outcome.status == "skipped":
-            err_console.print(f"[dim]skipped {outcome.id} (already ingested)[/]", highlight=False)
+            err_console.print(f"skipped {outcome.id} (already ingested)", style="dim", highlight=False)
 
 
 def print_failures(failures: Sequence[tuple[str, str]]) -> None:
     for seq_id, error in failures:
-        err_console.print(f"[red]failed[/] {seq_id}: {error}", highlight=False, soft_wrap=True)
+        err_console.print(styled(("failed", "red"), f" {seq_id}: {error}"), soft_wrap=True)

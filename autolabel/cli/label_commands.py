@@ -10,7 +10,7 @@ import typer
 
 from autolabel.cli import label_options as lopt
 from autolabel.cli import options as opt
-from autolabel.cli.console import StageBar, console, err_console, print_items, progress_display
+from autolabel.cli.console import StageBar, console, err_console, print_items, progress_display, styled
 from autolabel.cli.options import default, describe
 from autolabel.cli.reports import print_evaluation
 from autolabel.errors import ConfigError
@@ -94,9 +94,9 @@ def label(
         print_items("segment jobs, time per stage summed over jobs:",
                     [f"{name} {sec:.1f} s" for name, sec in in_jobs.items()])
     for o in report.failed:
-        err_console.print(f"[red]failed[/] {o.id}: {o.error}", highlight=False, soft_wrap=True)
+        err_console.print(styled(("failed", "red"), f" {o.id}: {o.error}"), soft_wrap=True)
     for name, why in report.skipped_groups.items():
-        err_console.print(f"[yellow]skipped group[/] {name!r}: {why}", highlight=False, soft_wrap=True)
+        err_console.print(styled(("skipped group", "yellow"), f" {name!r}: {why}"), soft_wrap=True)
     if report.failed:
         raise typer.Exit(1)
 

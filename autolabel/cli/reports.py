@@ -11,6 +11,7 @@ from autolabel.cli.console import (
     human_bytes,
     print_failures,
     print_table,
+    styled,
     table,
 )
 from autolabel.wording import count
@@ -58,10 +59,11 @@ def print_store_summary(summary: dict[str, Any], limit: int = 40) -> None:
     print_table(f"{summary['store']} ({count(len(summary['classes']), 'class', 'classes')})", out,
                 "annot.: annotated frames (propagation sources); gt: frames with ground truth")
     for name, why in summary.get("bad_groups", {}).items():
-        console.print(f"[red]skipped group[/] {name!r}: {why}", highlight=False, soft_wrap=True)
+        console.print(styled(("skipped group", "red"), f" {name!r}: {why}"), soft_wrap=True)
     if summary["incomplete"]:
-        console.print(f"[yellow]{count(len(summary['incomplete']), 'incomplete sequence')}[/] (interrupted ingest; "
-                      f"run the same ingest again): {', '.join(summary['incomplete'][:10])}", highlight=False)
+        console.print(styled((count(len(summary['incomplete']), 'incomplete sequence'), "yellow"),
+                             " (interrupted ingest; run the same ingest again): "
+                             f"{', '.join(summary['incomplete'][:10])}"))
 
 
 def print_evaluation(report: Any) -> None:
@@ -78,8 +80,8 @@ def print_evaluation(report: Any) -> None:
                 "estimated: mean over distances, estimated without ground truth, all sequences")
     for name, m in methods.items():
         if m.sequences_missing:
-            console.print(f"[yellow]{name}[/]: no results for {count(len(m.sequences_missing), 'sequence')} "
-                          f"({', '.join(m.sequences_missing[:5])}); run `autolabel label` first", highlight=False)
+            console.print(styled((name, "yellow"), f": no results for {count(len(m.sequences_missing), 'sequence')} "
+                                 f"({', '.join(m.sequences_missing[:5])}); run `autolabel label` first"))
 
 
 def print_sequences(report: Any, method: str, workers: dict[str, str] | None = None) -> None:
@@ -109,9 +111,9 @@ def print_verify_report(report: Any) -> None:
     """What ``autolabel verify`` found: one line per problem, grouped by sequence."""
     for where, problems in report.problems.items():
         for problem in problems:
-            console.print(f"[red]{where or 'store'}[/]: {problem}", highlight=False, soft_wrap=True)
+            console.print(styled((where or "store", "red"), f": {problem}"), soft_wrap=True)
     for note in report.notes:
-        console.print(f"[dim]note[/]: {note}", highlight=False, soft_wrap=True)
+        console.print(styled(("note", "dim"), f": {note}"), soft_wrap=True)
     bad = len(report.problems)
-    verdict = "[green]ok[/]" if report.ok else f"[red]{bad} with problems[/]"
-    console.print(f"{report.store}: {count(report.sequences, 'sequence')} checked, {verdict}", highlight=False)
+    verdict = ("ok", "green") if report.ok else (f"{bad} with problems", "red")
+    console.print(styled(f"{report.store}: {count(report.sequences, 'sequence')} checked, ", verdict))

@@ -14,9 +14,11 @@ They are class-index PNGs, or RGB colour PNGs decoded with the palette of the cl
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from autolabel.storage.classes import ClassSet, lookup_table
@@ -91,7 +93,7 @@ class VideoSequence(SequenceSource):
     def _decode(self) -> Iterator[np.ndarray]:
         import cv2
 
-        cap = cv2.VideoCapture(str(self.path))
+        cap = _open_video(self.path)
         if not cap.isOpened():
             cap.release()
             yield from self._decode_pyav()
@@ -109,7 +111,8 @@ class VideoSequence(SequenceSource):
         try:
             import av
         except ImportError:
-            raise ImageReadError(f"{self.path}: OpenCV cannot open this video and PyAV is not installed "
+            raise ImageReadError(f"{self.path}: OpenCV cannot open this video (a damaged file, or a codec its "
+                                 "FFmpeg lacks) and PyAV, the fallback, is not installed "
                                  "(pip install 'autolabel[video]')") from None
         try:
             with av.open(str(self.path)) as container:
@@ -138,10 +141,19 @@ class VideoSequence(SequenceSource):
             raise ImageReadError(f"{self.path}: no frame could be decoded; the video is empty or corrupt")
 
 
+def _open_video(path: Path) -> Any:
+    """``cv2.VideoCapture`` of ``path``, with FFmpeg's own complaints ("moov atom not found") kept off
+    the terminal: our error names the file and what to do (set ``OPENCV_FFMPEG_LOGLEVEL`` to see them)."""
+    import cv2
+
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read when a capture opens
+    return cv2.VideoCapture(str(path))
+
+
 def _video_source(path: Path, label_dir: Path | None, decoder: LabelDecoder, fps: float | None) -> VideoSequence:
     import cv2
 
-    cap = cv2.VideoCapture(str(path))
+    cap = _open_video(path)
     estimated = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
     video_fps = cap.get(cv2.CAP_PROP_FPS) if cap.isOpened() else 0.0
     cap.release()
