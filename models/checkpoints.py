@@ -7,14 +7,13 @@ A checkpoint is a plain dict of tensors, strings and numbers tagged with a ``for
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from autolabel.atomic import atomic_path
 from autolabel.errors import CheckpointError
 
 
@@ -27,17 +26,10 @@ def portable_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(state: dict[str, Any], path: Path) -> str:
     """Write ``state`` to ``path`` atomically (temporary file + rename); returns the file's sha256."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         # through a file object: the archive inside is named "archive", not after the temporary file,
         # so the same state always gives the same bytes and the same sha256
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        torch.save(state, f)
     return file_sha256(path)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from autolabel.atomic import atomic_path
 from autolabel.errors import MissingDependencyError, TeacherFormatError
 from autolabel.models.teacher import MEAN, STD, Teacher
 from autolabel.models.teacher_sidecar import TeacherSidecar, sidecar_path
@@ -49,12 +50,11 @@ def export_module(module: nn.Module, out: Path, sidecar: TeacherSidecar,
         result = module(x)
     has_features = isinstance(result, (tuple, list)) and len(result) > 1
     dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_path(out) as tmp:  # a failed or killed export leaves no model file
         # torch's and onnxscript's own deprecations inside the exporters: nothing a caller can act on
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        logits_key, features_key = _export(module, x, out, has_features, dims)
+        logits_key, features_key = _export(module, x, tmp, has_features, dims)
     final = dataclasses.replace(sidecar, logits=logits_key, features=features_key)
     final.write(sidecar_path(out))
     return out, sidecar_path(out)
@@ -65,7 +65,8 @@ def _export(module: nn.Module, x: torch.Tensor, out: Path, has_features: bool,
     """Write the model file; returns the sidecar's (logits, features) output keys."""
     if out.suffix == ".pt2":
         program = torch.export.export(module, (x,), dynamic_shapes=(dims,))
-        torch.export.save(program, str(out))
+        with open(out, "wb") as fh:  # through a file object: the archive is not named after a temporary file
+            torch.export.save(program, fh)
         return 0, (1 if has_features else None)
     try:
         import onnxscript  # noqa: F401 - the dynamo ONNX exporter needs it

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from autolabel.atomic import write_text_atomic
 from autolabel.errors import ClassMapError, TeacherFormatError
 
 SIDECAR_FORMAT = "autolabel.teacher-sidecar"
@@ -83,7 +84,7 @@ class TeacherSidecar:
                 "outputs": {"logits": self.logits, "features": self.features}}
 
     def write(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def read(cls, path: Path) -> TeacherSidecar:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from autolabel.atomic import atomic_path, write_text_atomic
 from autolabel.errors import ConfigError, InputDataError, LabelValueError
 from autolabel.storage.classes import ClassSet
 from autolabel.storage.images import map_colour_label, write_png_atomic
@@ -193,15 +194,15 @@ def write_cvat_export(out: Path, classes: ClassSet, items: Iterable[tuple[str, n
         if frame is not None:
             write_png_atomic(out / IMAGES / f"{name}.png", frame)
         names.append(name)
-    (out / LABELMAP).write_text(format_labelmap(classes))
+    write_text_atomic(out / LABELMAP, format_labelmap(classes))
     (out / IMAGE_SET).parent.mkdir(parents=True, exist_ok=True)
-    (out / IMAGE_SET).write_text("".join(f"{n}\n" for n in names))
+    write_text_atomic(out / IMAGE_SET, "".join(f"{n}\n" for n in names))
     return len(names)
 
 
 def zip_export(folder: Path, archive: Path) -> Path:
     """Pack an export folder into the zip CVAT's 'Upload annotations' takes."""
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+    with atomic_path(archive) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
         for p in sorted(Path(folder).rglob("*")):
             if p.is_file():
                 z.write(p, str(p.relative_to(folder)))

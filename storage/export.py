@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autolabel.atomic import write_text_atomic
 from autolabel.storage.images import write_png_atomic
 from autolabel.storage.queries import require_results
 from autolabel.storage.stages import GROUND_TRUTH, result_array_names, results_stage
@@ -100,5 +101,5 @@ def export_sequence(
         if on_frame is not None:
             on_frame()
     _marker(out, seq).parent.mkdir(parents=True, exist_ok=True)
-    _marker(out, seq).write_text(json.dumps(_export_record(seq, method, with_overlay)))
+    write_text_atomic(_marker(out, seq), json.dumps(_export_record(seq, method, with_overlay)))
     return len(frames)

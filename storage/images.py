@@ -6,13 +6,12 @@ rather than yielding a half-grey image.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from autolabel.atomic import atomic_path
 from autolabel.errors import ImageReadError, LabelValueError, SizeMismatchError
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # ApolloScape frames are 3384x2710; refuse absurd sizes
@@ -147,16 +146,9 @@ def write_png_atomic(path: Path, array: np.ndarray, palette: np.ndarray | None =
         array: uint8 (H, W) or (H, W, 3).
         palette: optional (256, 3) uint8 palette; writes a palette PNG (mode P) for (H, W) input.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(array)
     if palette is not None and array.ndim == 2:
         # putpalette turns an L image into P and keeps the index values unchanged
         img.putpalette(palette.astype(np.uint8).reshape(-1).tolist())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

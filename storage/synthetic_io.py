@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from autolabel.atomic import atomic_path
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.classes import APOLLO_LABELS
 from autolabel.storage.images import write_png_atomic
@@ -135,9 +136,8 @@ def _write_apollo_drive(out: Path, cfg: SyntheticConfig, jpeg_quality: int, on_f
         ms = int(round(t * 1000 / cfg.fps))
         stamp = f"170908_{(8 + ms // 3_600_000) % 24:02d}{(ms // 60_000) % 60:02d}{(ms // 1000) % 60:02d}{ms % 1000:03d}"
         stem = f"{stamp}_Camera_5"
-        tmp = image_dir / f".{stem}.jpg.tmp"
-        Image.fromarray(frame.rgb).save(tmp, format="JPEG", quality=jpeg_quality)
-        tmp.replace(image_dir / f"{stem}.jpg")
+        with atomic_path(image_dir / f"{stem}.jpg") as tmp:
+            Image.fromarray(frame.rgb).save(tmp, format="JPEG", quality=jpeg_quality)
         write_png_atomic(label_dir / f"{stem}_bin.png", ids[frame.label])
         if on_frame is not None:
             on_frame()

@@ -20,14 +20,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from autolabel.atomic import write_text_atomic
 from autolabel.errors import AutolabelError, ConfigError
 from autolabel.storage.export import label_frames
 from autolabel.storage.images import read_label_raw, read_rgb, write_png_atomic
@@ -78,18 +77,6 @@ def keyframe_distance(annotated: np.ndarray) -> np.ndarray:
     if not len(keys):
         return np.full(len(annotated), -1, np.int64)
     return np.abs(np.arange(len(annotated))[:, None] - keys[None, :]).min(axis=1)
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_sequence_for_training(seq: Sequence, method: str, out: Path, layout: str = "folder",
@@ -145,7 +132,7 @@ def export_sequence_for_training(seq: Sequence, method: str, out: Path, layout: 
 def write_manifest(out: Path, rows: list[ManifestRow], store: SequenceStore, settings: dict[str, object]) -> None:
     """``classes.json``, ``manifest.json`` and ``manifest.csv`` (written last, atomically)."""
     classes = store.classes
-    _write_atomic_text(out / "classes.json", json.dumps(
+    write_text_atomic(out / "classes.json", json.dumps(
         {"names": classes.names, "palette": [list(map(int, c)) for c in classes.palette],
          "ignore_index": classes.ignore_index}, indent=2) + "\n")
     buffer = io.StringIO()
@@ -154,8 +141,8 @@ def write_manifest(out: Path, rows: list[ManifestRow], store: SequenceStore, set
     writer.writeheader()
     for row in rows:
         writer.writerow(asdict(row))
-    _write_atomic_text(out / "manifest.csv", buffer.getvalue())
-    _write_atomic_text(out / "manifest.json", json.dumps(
+    write_text_atomic(out / "manifest.csv", buffer.getvalue())
+    write_text_atomic(out / "manifest.json", json.dumps(
         {"store": store.url, **settings, "frames": [asdict(r) for r in rows]}, indent=1) + "\n")
 
 

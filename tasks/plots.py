@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from autolabel.atomic import atomic_path
 from autolabel.storage.store import Sequence  # noqa: E402
 from autolabel.tasks.evaluate import EvaluationReport  # noqa: E402
 
@@ -55,7 +56,8 @@ def plot_miou_by_distance(report: EvaluationReport, path: Path, title: str | Non
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return path
 
@@ -80,7 +82,8 @@ def plot_per_class_iou(report: EvaluationReport, path: Path, title: str | None =
     ax.legend(fontsize=8, ncols=min(len(methods), 4), loc="upper center", bbox_to_anchor=(0.5, -0.28))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return path
 
@@ -127,6 +130,7 @@ def plot_worst_frame(seq: Sequence, method: str, t: int, path: Path, title: str 
     fig.suptitle(title or f"{seq.id}: frame {t}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return path

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 from autolabel.models.teacher import Teacher
 from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
 from autolabel.storage.annotation import AnnotationPolicy
@@ -165,6 +166,28 @@ def test_ctrl_c_in_ingest_keeps_the_sequences_before_and_the_same_command_ingest
     assert done.returncode == 0, done.stderr
     assert f"ingested {4 - len(kept)} sequence" in done.stdout and f"skipped {len(kept)}," in done.stdout, done.stdout
     assert len(SequenceStore.open(store).sequence_ids()) == 4
+
+
+def test_ctrl_c_in_export_leaves_only_whole_files_and_the_same_command_writes_them_all(tmp_path: Path) -> None:
+    store, out = str(tmp_path / "s.zarr"), tmp_path / "export"
+    write_synthetic_store(store, drive_configs(2, SyntheticConfig(width=320, height=240, frames=48, seed=3)),
+                          AnnotationPolicy(mode="all"))
+    args = ["export", store, "--method", "gt", "--out", str(out), "--format", "folder"]
+    sent, code, err = signal_at_progress(args, r"^export gt: \d+/96", 1, signal.SIGINT)
+    assert sent and code == 130, err  # at the 25 % line
+    assert "every file written so far is whole (a training set's manifest and a CVAT task's zip come last)" in \
+        err.replace("\n", " "), err
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if ".tmp" in p.name], files  # no temporary left behind
+    assert not (out / "manifest.json").exists()  # the manifest never names files that are not there
+    pngs = [p for p in files if p.suffix == ".png"]
+    assert 0 < len(pngs) < 2 * 96, len(pngs)  # images and index PNGs of the frames before Ctrl-C
+    for png in pngs:  # each one whole
+        with Image.open(png) as im:
+            im.load()
+    done = run_cli(*args)
+    assert done.returncode == 0 and "exported 96 frames" in done.stdout, done.stdout + done.stderr
+    assert len(list(out.rglob("*.png"))) == 2 * 96 and (out / "manifest.json").is_file()
 
 
 @pytest.mark.slow

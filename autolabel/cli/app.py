@@ -40,6 +40,10 @@ ON_INTERRUPT: dict[str, str] = {
                                               "nothing is left half-written; the same command goes on from there"),
     **dict.fromkeys(("train-teacher", "train-refiner"), "no checkpoint was written (a file already at --out "
                                                         "is unchanged)"),
+    "export-teacher": "no model file was written (a file already at --out is unchanged)",
+    **dict.fromkeys(("export", "review", "suggest-keyframes"),
+                    "every file written so far is whole (a training set's manifest and a CVAT task's zip come "
+                    "last); the same command writes them all"),
 }
 INTERRUPTED = 130  # the exit code typer gives a KeyboardInterrupt (128 + SIGINT)
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from autolabel.atomic import write_text_atomic
 from autolabel.cli import label_options as lopt
 from autolabel.cli import options as opt
 from autolabel.cli.console import StageBar, console, err_console, print_items, progress_display, styled
@@ -123,7 +124,7 @@ def evaluate(
     print_evaluation(report)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(report.model_dump_json(indent=2))
+        write_text_atomic(json_out, report.model_dump_json(indent=2))
         console.print(f"wrote {json_out}", highlight=False)
     if plot is not None:
         from autolabel.tasks.plots import plot_report

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from autolabel.atomic import write_text_atomic
 from autolabel.cli.console import console, print_table, progress_display, table
 from autolabel.cli.options import Sequences, default, describe
 from autolabel.tasks.review import ReviewConfig
@@ -64,7 +65,7 @@ def review(
     task = out / "cvat-task"
     written = export_frames(st, method, task, [(c.sequence, c.t) for c in queue], with_images=images)
     archive = zip_export(task, out / "cvat-task.zip")
-    (out / "queue.json").write_text(json.dumps({"store": store, "method": method,
+    write_text_atomic(out / "queue.json", json.dumps({"store": store, "method": method,
                                                 "frames": [c.as_dict() for c in queue]}, indent=2))
     console.print(f"wrote {count(written, 'frame')} to {task} and {archive}; queue in {out / 'queue.json'}",
                   highlight=False)
@@ -88,7 +89,7 @@ def suggest_keyframes(
     _print_choices(f"suggested keyframes: {len(picks)}, best first", picks, "gain")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"store": store, "method": method,
+        write_text_atomic(json_out, json.dumps({"store": store, "method": method,
                                         "frames": [c.as_dict() for c in picks]}, indent=2))
         console.print(f"wrote {json_out}", highlight=False)
     if out is not None:

@@ -1,0 +1,65 @@
+"""Files written whole or not at all, with the permissions a plain open() gives (autolabel.atomic)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from autolabel.atomic import _umask, atomic_path, write_text_atomic
+
+from tests.conftest import run_cli
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _expected_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+class TestAtomicPath:
+    def test_smoke_writes_the_file_with_open_permissions(self, tmp_path: Path) -> None:
+        target = tmp_path / "deep" / "report.json"
+        write_text_atomic(target, "{}")
+        assert target.read_text() == "{}"
+        assert _mode(target) == _expected_mode() == 0o666 & ~_umask()  # not mkstemp's 0o600
+        assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]
+
+    def test_a_failure_keeps_the_old_file_and_leaves_no_temporary(self, tmp_path: Path) -> None:
+        target = tmp_path / "queue.json"
+        target.write_text("old")
+        for error in (RuntimeError("disk"), KeyboardInterrupt()):
+            with pytest.raises(type(error)), atomic_path(target) as tmp:
+                tmp.write_text("half")
+                raise error
+        assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["queue.json"]
+
+    def test_the_temporary_keeps_the_suffix(self, tmp_path: Path) -> None:
+        """Writers that pick the format by extension (matplotlib, torch.export.save) see it."""
+        with atomic_path(tmp_path / "miou_by_distance.png") as tmp:
+            assert tmp.suffix == ".png" and tmp.parent == tmp_path and tmp.name.startswith(".")
+            tmp.write_bytes(b"x")
+        assert (tmp_path / "miou_by_distance.png").read_bytes() == b"x"
+
+
+def test_exports_and_checkpoints_are_readable_by_others(tmp_path: Path) -> None:
+    """Exported PNGs and checkpoints used to be owner-only (0o600): a CVAT server or a training job
+    running as another user could not read them."""
+    store = str(tmp_path / "s.zarr")
+    assert run_cli("synth", store, "--sequences", "1", "--frames", "3", "--size", "64x48").returncode == 0
+    done = run_cli("export", store, "--method", "gt", "--out", str(tmp_path / "png"), "--overlay")
+    assert done.returncode == 0, done.stderr
+    done = run_cli("train-teacher", "--store", store, "--out", str(tmp_path / "t.pt"), "--arch", "unet-tiny",
+                   "--max-steps", "1", "--batch-size", "1", "--crop", "64")
+    assert done.returncode == 0, done.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "s.zarr" not in p.parts]
+    assert len(written) >= 10 and any(p.suffix == ".pt" for p in written)
+    assert {p.name: oct(_mode(p)) for p in written} == {p.name: oct(_expected_mode()) for p in written}
+    assert not [p for p in written if ".tmp" in p.name]
+    assert np.all([p.stat().st_size > 0 for p in written])
