@@ -121,11 +121,22 @@ def test_paths_with_brackets_print_whole(tmp_path: Path) -> None:
     (["ingest", "davis", "{tmp}", "--store", "{tmp}/x.zarr", "--window", "4"], "odd size"),
     (["info", "{tmp}/missing.zarr"], "no autolabel store"),
     (["synth", "{tmp}/s.zarr", "--size", "big"], "--size must look like"),
+    # output folders inside a local store would sit among its groups and travel with every copy
+    (["export", "{tmp}/s.zarr", "--method", "gt", "--out", "{tmp}/s.zarr/png"], "--out {tmp}/s.zarr/png is inside "
+                                                                                "the store {tmp}/s.zarr; write it"),
+    (["export", "{tmp}/s.zarr/", "--method", "gt", "--out", "{tmp}/s.zarr"], "is inside the store"),
+    (["review", "{tmp}/s.zarr", "--out", "{tmp}/s.zarr/queue"], "--out {tmp}/s.zarr/queue is inside the store"),
+    (["suggest-keyframes", "{tmp}/s.zarr", "--out", "{tmp}/s.zarr/cvat"], "is inside the store"),
+    (["evaluate", "{tmp}/s.zarr", "--method", "motion-only", "--plot", "{tmp}/s.zarr/p"], "--plot {tmp}/s.zarr/p is "
+                                                                                          "inside the store"),
+    (["label", "{tmp}/s.zarr", "--method", "motion-only", "--export", "{tmp}/s.zarr/e"], "--export {tmp}/s.zarr/e "
+                                                                                         "is inside the store"),
+    (["run", "{tmp}/s.zarr", "--method", "motion-only", "--export", "{tmp}/s.zarr/e"], "is inside the store"),
 ])
 def test_clear_errors_exit_non_zero(tmp_path: Path, args: list[str], message: str) -> None:
     done = run_cli(*[a.format(tmp=tmp_path) for a in args])
     assert done.returncode == 2, (done.stdout, done.stderr)
-    assert message in done.stderr.replace("\n", ""), done.stderr
+    assert message.format(tmp=tmp_path) in done.stderr.replace("\n", ""), done.stderr
     assert "Traceback" not in done.stderr
 
 

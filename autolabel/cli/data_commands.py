@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from autolabel.cli.console import IngestBar, StageBar, console, print_failures, progress_display
-from autolabel.cli.options import KeyframeEvery, Sequences, Window, parse_size
+from autolabel.cli.options import KeyframeEvery, Sequences, Window, check_outside_store, parse_size
 from autolabel.cli.reports import print_ingest_report, print_store_summary
 from autolabel.errors import AutolabelError, ConfigError
 from autolabel.storage.annotation import AnnotationPolicy
@@ -179,6 +179,7 @@ def export(
     from autolabel.storage.stages import GROUND_TRUTH
     from autolabel.storage.store import SequenceStore
 
+    check_outside_store(out, store)
     st = SequenceStore.open(store)
     seqs = [st.sequence(s) for s in select_ids(st.sequence_ids(), sequence, f"store {store!r}")]
     if format not in ("png", "cvat-mask", "cityscapes", "folder"):

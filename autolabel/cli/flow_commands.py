@@ -42,6 +42,7 @@ def run(
     opt.set_threads()
     # the settings were built first (takes_label_settings): a mistyped option is reported before Prefect
     # and the flows load (~3 s)
+    opt.check_outside_store(settings.export_dir, store, "--export")
     from autolabel.flows.autolabel_flow import autolabel_flow
     from autolabel.flows.run_requests import AutolabelRequest
 

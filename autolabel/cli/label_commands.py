@@ -65,6 +65,7 @@ def label(
 
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    opt.check_outside_store(settings.export_dir, store, "--export")
     start = time.perf_counter()
     with progress_display() as progress:
         report = label_store(store, settings, sequence or None, StageBar(progress), jobs)
@@ -117,6 +118,7 @@ def evaluate(
     from autolabel.storage.store import SequenceStore
     from autolabel.tasks.evaluate import evaluate_store
 
+    opt.check_outside_store(plot, store, "--plot")
     st = SequenceStore.open(store)
     ids = select_ids(st.sequence_ids(), sequence, f"store {store!r}")
     sequences_with_results(st, method, ids, "evaluate")

@@ -9,6 +9,7 @@ source). This module imports no config and no torch: the data commands (``ingest
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -32,6 +33,17 @@ def describe(model: type[BaseModel], name: str, extra: str = "") -> str:
 def set_threads() -> None:
     """torch and OpenCV threads: ``$AUTOLABEL_THREADS`` (several processes sharing a machine), else every core."""
     set_process_threads()
+
+
+def check_outside_store(out: Path | str | None, store: str, option: str = "--out") -> None:
+    """ConfigError where the output folder ``out`` lies in the local store folder ``store``: the files
+    would sit among the store's sequence groups, grow its size and travel with every copy of it."""
+    if out is None or "://" in store:
+        return
+    root, target = Path(store).resolve(), Path(out).resolve()
+    if target == root or root in target.parents:
+        raise ConfigError(f"{option} {out} is inside the store {store}; write it to a folder outside the store "
+                          f"(e.g. {root.parent / 'export'})")
 
 
 def parse_size(size: str) -> tuple[int, int]:

@@ -10,7 +10,7 @@ import typer
 
 from autolabel.atomic import write_text_atomic
 from autolabel.cli.console import console, print_table, progress_display, table
-from autolabel.cli.options import Sequences, default, describe
+from autolabel.cli.options import Sequences, check_outside_store, default, describe
 from autolabel.tasks.review import ReviewConfig
 from autolabel.wording import count
 
@@ -58,6 +58,8 @@ def review(
     from autolabel.storage.cvat import export_frames, zip_export
     from autolabel.tasks.review import review_queue
 
+    check_outside_store(out, store)
+
     config = ReviewConfig(method=method, budget=budget)
     st, errors, _ = _errors(store, method, sequence, "review")
     queue = review_queue(errors, config)
@@ -83,6 +85,7 @@ def suggest_keyframes(
     """Propose the frames whose manual label would improve the most labels (estimated, no ground truth)."""
     from autolabel.tasks.review import suggest_keyframes as suggest
 
+    check_outside_store(out, store)
     config = ReviewConfig(method=method, budget=budget, per_block=per_block)
     st, errors, ks = _errors(store, method, sequence, "suggest keyframes for")
     picks = suggest(errors, ks, config)
