@@ -170,7 +170,7 @@ def test_ctrl_c_in_ingest_keeps_the_sequences_before_and_the_same_command_ingest
 
 def test_ctrl_c_in_export_leaves_only_whole_files_and_the_same_command_writes_them_all(tmp_path: Path) -> None:
     store, out = str(tmp_path / "s.zarr"), tmp_path / "export"
-    write_synthetic_store(store, drive_configs(2, SyntheticConfig(width=320, height=240, frames=48, seed=3)),
+    write_synthetic_store(store, drive_configs(2, SyntheticConfig(width=192, height=144, frames=48, seed=3)),
                           AnnotationPolicy(mode="all"))
     args = ["export", store, "--method", "gt", "--out", str(out), "--format", "folder"]
     sent, code, err = signal_at_progress(args, r"^export gt: \d+/96", 1, signal.SIGINT)
