@@ -7,8 +7,11 @@ matrix lists these cases.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from autolabel.storage.training_data import AnnotatedFrames
 
 from tests.conftest import run_cli
 from tests.faults import (
+    cli_env,
     copy_store,
     kill_after,
     kill_at_progress,
@@ -130,14 +134,18 @@ def test_sigkill_in_each_stage_then_rerun_equals_a_clean_run(base: dict[str, Any
     _kill_and_rerun(base, tmp_path, stage, random.Random(stage), 0)
 
 
-def test_ctrl_c_says_what_is_kept_and_the_same_command_goes_on(base: dict[str, Any], tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT) in the teacher stage: exit 130 with a line saying what was kept; the stage cut
-    short left no version behind; the same command then ends in the clean run's store."""
+@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                                   (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_says_what_is_kept_and_the_same_command_goes_on(base: dict[str, Any], tmp_path: Path,
+                                                               sig: signal.Signals, code: int, said: str) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM (kill, systemd, a container stopping) in the teacher stage: a line
+    saying what was kept; the stage cut short left no version behind; the same command then ends in
+    the clean run's store. SIGTERM used to end the process on the spot."""
     store = fresh(base, tmp_path, "ctrl-c.zarr")
     args = label_args(store, "warp-inpaint", base["teacher"])
-    sent, code, err = signal_at_progress(args, KILL_POINTS["teacher"], 0, signal.SIGINT)
-    assert sent and code == 130, err
-    assert "interrupted (Ctrl-C): stages (and segments of long drives) finished before are kept" in err.replace("\n", " ") and \
+    sent, exit_code, err = signal_at_progress(args, KILL_POINTS["teacher"], 0, sig)
+    assert sent and exit_code == code, err
+    assert f"{said}: stages (and segments of long drives) finished before are kept" in err.replace("\n", " ") and \
         "Traceback" not in err, err
     st = SequenceStore.open(store)
     for seq_id in st.sequence_ids():  # the teacher stage's unfinished version was discarded
@@ -201,6 +209,41 @@ def test_sigkill_at_random_points_then_rerun_equals_a_clean_run(base: dict[str, 
         kill_after(args, rng.uniform(2.5, 9.0))
         assert run_cli(*args).returncode == 0
         assert snapshot(store) == clean(base, ("warp-inpaint",))
+
+
+def test_sigterm_in_run_stops_its_temporary_prefect_server(tmp_path: Path) -> None:
+    """`autolabel run` starts a temporary Prefect server; SIGTERM used to end the CLI on the spot and
+    leave that server running (a port held, CPU used) for good."""
+    store = str(tmp_path / "s.zarr")
+    write_synthetic_store(store, drive_configs(3, SyntheticConfig(width=128, height=96, frames=24, seed=5)),
+                          AnnotationPolicy(mode="window", n=21))
+    tag = f"run-sigterm-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-m", "autolabel.cli", "run", store, "--method", "motion-only",
+                             "--flow", "exact", "--no-estimate"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=cli_env({"AUTOLABEL_TEST_TAG": tag}))
+    assert proc.stdout is not None
+    try:
+        started = []
+        for line in proc.stdout:  # a drive's run has begun: the server is up and the flows run
+            if "Beginning subflow run" in line:
+                started = tagged_processes(tag)
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = proc.stdout.read()
+        assert proc.wait(timeout=120) == 143, out
+        assert len(started) >= 2, started  # the CLI and its server
+        assert "terminated (SIGTERM): stages (and segments of long drives) finished before are kept" in \
+            out.replace("\n", " "), out
+        deadline = time.monotonic() + 15
+        while tagged_processes(tag) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tagged_processes(tag) == [], "the temporary Prefect server outlived `autolabel run`"
+    finally:
+        for pid in tagged_processes(tag):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 @pytest.mark.parametrize("pool", ["flow", "synth"])

@@ -2,7 +2,7 @@
 
 Errors of the :class:`~autolabel.errors.AutolabelError` family and invalid settings print one
 clear line and exit with code 2; no traceback for bad input. Ctrl-C says what was kept and how to
-go on (exit 130).
+go on (exit 130); SIGTERM does the same (exit 143).
 
 A command's module is imported when that command runs (:class:`CommandTable`): ``autolabel
 info``, ``ingest``, ``verify`` or ``export`` start without torch (about 0.8 s instead of 2.5 s
@@ -12,6 +12,7 @@ on a 2-core machine); ``autolabel --help`` imports them all to list them.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Annotated, Any
@@ -46,13 +47,22 @@ ON_INTERRUPT: dict[str, str] = {
                     "last); the same command writes them all"),
 }
 INTERRUPTED = 130  # the exit code typer gives a KeyboardInterrupt (128 + SIGINT)
+TERMINATED = 128 + signal.SIGTERM  # 143
 
 
-def interrupted_message(argv: list[str]) -> str:
-    """What ``autolabel ARGV`` says when Ctrl-C stops it (a command name it knows gets its own hint)."""
+def interrupted_message(argv: list[str], how: str = "interrupted (Ctrl-C)") -> str:
+    """What ``autolabel ARGV`` says when Ctrl-C (or SIGTERM: ``how``) stops it; a command name it
+    knows gets its own hint."""
     command = next((a for a in argv if not a.startswith("-")), None)
     hint = ON_INTERRUPT.get(command or "")
-    return f"interrupted (Ctrl-C){': ' + hint if hint else ''}"
+    return f"{how}{': ' + hint if hint else ''}"
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, systemd, a container stopping) ends a command as Ctrl-C does: cleanup runs
+    (unfinished versions and temporary files removed, leases released, `run`'s temporary Prefect
+    server stopped) instead of the process vanishing and leaving the server behind."""
+    raise SystemExit(TERMINATED)
 
 
 def module_commands(module_name: str) -> dict[str, click.Command]:
@@ -148,11 +158,14 @@ def main() -> None:
     from autolabel.runtime import limit_malloc_arenas
 
     limit_malloc_arenas()  # before torch, zarr and OpenCV start their threads
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # Prefect's flow engine hands it on to this handler
     try:
         app()
     except SystemExit as exc:
-        if exc.code == INTERRUPTED:
-            err_console.print(interrupted_message(sys.argv[1:]), style="bold yellow", highlight=False, soft_wrap=True)
+        if exc.code in (INTERRUPTED, TERMINATED):
+            how = "interrupted (Ctrl-C)" if exc.code == INTERRUPTED else "terminated (SIGTERM)"
+            err_console.print(interrupted_message(sys.argv[1:], how), style="bold yellow", highlight=False,
+                              soft_wrap=True)
         raise
     except AutolabelError as exc:
         err_console.print(styled(("error:", "bold red"), f" {exc}"), soft_wrap=True)
