@@ -135,12 +135,15 @@ def test_sigkill_in_each_stage_then_rerun_equals_a_clean_run(base: dict[str, Any
 
 
 @pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
-                                                   (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["ctrl-c", "sigterm"])
+                                                   (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                   (signal.SIGHUP, 129, "hung up (SIGHUP)")],
+                         ids=["ctrl-c", "sigterm", "sighup"])
 def test_ctrl_c_says_what_is_kept_and_the_same_command_goes_on(base: dict[str, Any], tmp_path: Path,
                                                                sig: signal.Signals, code: int, said: str) -> None:
-    """Ctrl-C (SIGINT) or SIGTERM (kill, systemd, a container stopping) in the teacher stage: a line
-    saying what was kept; the stage cut short left no version behind; the same command then ends in
-    the clean run's store. SIGTERM used to end the process on the spot."""
+    """Ctrl-C (SIGINT), SIGTERM (kill, systemd, a container stopping) or SIGHUP (the SSH session
+    gone) in the teacher stage: a line saying what was kept; the stage cut short left no version
+    behind; the same command then ends in the clean run's store. SIGTERM and SIGHUP used to end the
+    process on the spot."""
     store = fresh(base, tmp_path, "ctrl-c.zarr")
     args = label_args(store, "warp-inpaint", base["teacher"])
     sent, exit_code, err = signal_at_progress(args, KILL_POINTS["teacher"], 0, sig)

@@ -2,7 +2,7 @@
 
 Errors of the :class:`~autolabel.errors.AutolabelError` family and invalid settings print one
 clear line and exit with code 2; no traceback for bad input. Ctrl-C says what was kept and how to
-go on (exit 130); SIGTERM does the same (exit 143).
+go on (exit 130); SIGTERM and SIGHUP do the same (exit 143, 129).
 
 A command's module is imported when that command runs (:class:`CommandTable`): ``autolabel
 info``, ``ingest``, ``verify`` or ``export`` start without torch (about 0.8 s instead of 2.5 s
@@ -11,6 +11,7 @@ on a 2-core machine); ``autolabel --help`` imports them all to list them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import signal
 import sys
@@ -47,7 +48,8 @@ ON_INTERRUPT: dict[str, str] = {
                     "last); the same command writes them all"),
 }
 INTERRUPTED = 130  # the exit code typer gives a KeyboardInterrupt (128 + SIGINT)
-TERMINATED = 128 + signal.SIGTERM  # 143
+# signals that end a command as Ctrl-C does (exit 128 + the signal), with what the closing line says
+STOP_SIGNALS = {signal.SIGTERM: "terminated (SIGTERM)", signal.SIGHUP: "hung up (SIGHUP)"}
 
 
 def interrupted_message(argv: list[str], how: str = "interrupted (Ctrl-C)") -> str:
@@ -58,11 +60,12 @@ def interrupted_message(argv: list[str], how: str = "interrupted (Ctrl-C)") -> s
     return f"{how}{': ' + hint if hint else ''}"
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM (``kill``, systemd, a container stopping) ends a command as Ctrl-C does: cleanup runs
-    (unfinished versions and temporary files removed, leases released, `run`'s temporary Prefect
-    server stopped) instead of the process vanishing and leaving the server behind."""
-    raise SystemExit(TERMINATED)
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, systemd, a container stopping) or SIGHUP (the terminal or SSH session gone)
+    ends a command as Ctrl-C does: cleanup runs (unfinished versions and temporary files removed,
+    leases released, `run`'s temporary Prefect server stopped) instead of the process vanishing and
+    leaving the server behind."""
+    raise SystemExit(128 + signum)
 
 
 def module_commands(module_name: str) -> dict[str, click.Command]:
@@ -158,14 +161,17 @@ def main() -> None:
     from autolabel.runtime import limit_malloc_arenas
 
     limit_malloc_arenas()  # before torch, zarr and OpenCV start their threads
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # Prefect's flow engine hands it on to this handler
+    for sig in STOP_SIGNALS:  # Prefect's flow engine hands SIGTERM on to this handler
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup` keeps SIGHUP ignored
+            signal.signal(sig, _exit_on_signal)
     try:
         app()
     except SystemExit as exc:
-        if exc.code in (INTERRUPTED, TERMINATED):
-            how = "interrupted (Ctrl-C)" if exc.code == INTERRUPTED else "terminated (SIGTERM)"
-            err_console.print(interrupted_message(sys.argv[1:], how), style="bold yellow", highlight=False,
-                              soft_wrap=True)
+        stopped_by = {INTERRUPTED: "interrupted (Ctrl-C)"} | {128 + s: how for s, how in STOP_SIGNALS.items()}
+        if exc.code in stopped_by:
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                err_console.print(interrupted_message(sys.argv[1:], stopped_by[exc.code]), style="bold yellow",
+                                  highlight=False, soft_wrap=True)
         raise
     except AutolabelError as exc:
         err_console.print(styled(("error:", "bold red"), f" {exc}"), soft_wrap=True)
