@@ -47,8 +47,10 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:  # PIL, zipfile: name the file the error is about
+            exc.filename = str(path)
         raise
 
 

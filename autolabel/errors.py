@@ -150,13 +150,23 @@ class RegistryError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def storage_refuses_writes(exc: OSError) -> bool:
+    """True when ``exc`` says the storage takes no more writes (disk full, quota, ``ulimit -f``,
+    read-only): the fault of where autolabel writes, not of the input it was reading."""
+    import errno
+
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 def describe_os_error(exc: OSError) -> str:
     """An OSError as one line naming the file and the likely fix (disk full, ``ulimit -f``...)."""
     import errno
 
-    hints = {errno.ENOSPC: "the disk is full; free space", errno.EFBIG: "the file size limit (ulimit -f) is "
-             "reached; raise it", errno.EACCES: "permission denied; fix the permissions",
+    hints = {errno.ENOSPC: "the disk is full; free some space and run again",
+             errno.EFBIG: "the file size limit (ulimit -f) is reached; raise it",
+             errno.EACCES: "permission denied; fix the permissions",
              errno.EPERM: "operation not permitted; fix the permissions",
-             errno.EROFS: "the file system is read-only", errno.EDQUOT: "the disk quota is exhausted"}
+             errno.EROFS: "the file system is read-only",
+             errno.EDQUOT: "the disk quota is exhausted; free some space or raise the quota"}
     where = f" ({exc.filename})" if exc.filename else ""
     return f"{exc.strerror or exc}{where}: {hints.get(exc.errno or 0, 'check the storage and run again')}"

@@ -25,6 +25,8 @@ from autolabel.errors import (
     IdCollisionError,
     InputDataError,
     InvalidSequenceIdError,
+    describe_os_error,
+    storage_refuses_writes,
 )
 
 
@@ -160,7 +162,11 @@ def ingest(
                 outcome = SequenceOutcome(id=source.id, status="failed", error=f"{source.source}: {exc}")
             except AutolabelError as exc:
                 outcome = SequenceOutcome(id=source.id, status="failed", error=str(exc))
-            except (OSError, ValueError, RuntimeError) as exc:  # unexpected I/O or decode failure
+            except OSError as exc:
+                error = (f"cannot write to the store: {describe_os_error(exc)}" if storage_refuses_writes(exc)
+                         else f"{source.source}: {type(exc).__name__}: {exc}")  # a source file it could not read
+                outcome = SequenceOutcome(id=source.id, status="failed", error=error)
+            except (ValueError, RuntimeError) as exc:  # unexpected decode failure
                 outcome = SequenceOutcome(id=source.id, status="failed",
                                           error=f"{source.source}: {type(exc).__name__}: {exc}")
         report.outcomes.append(outcome)

@@ -184,15 +184,42 @@ class TestErrorsNotTracebacks:
             read_only(False)
 
     def test_a_file_size_limit_during_label(self, store: str) -> None:
-        def limit() -> None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-
-        done = subprocess.run([sys.executable, "-m", "autolabel.cli", "label", store, *MOTION], capture_output=True,
-                              text=True, env=cli_env(), preexec_fn=limit, timeout=300)
-        text = no_traceback(done)
+        text = no_traceback(done := run_cli_with_file_size_limit("label", store, *MOTION))
         assert done.returncode == 1 and "file size limit (ulimit -f)" in text, text
         assert run_cli("verify", store).returncode == 0  # nothing half-written became visible
         assert run_cli("label", store, *MOTION).returncode == 0  # and without the limit it finishes
+
+
+    def test_a_file_size_limit_during_ingest_blames_the_store_not_the_source(self, tmp_path: Path) -> None:
+        src, url = tmp_path / "inbox", str(tmp_path / "s.zarr")
+        assert run_cli("synth", str(src), "--sequences", "1", "--frames", "6", "--size", "64x48",
+                       "--format", "apollo").returncode == 0
+        args = ["ingest", "apollo", str(src), "--store", url, "--window", "5"]
+        text = no_traceback(done := run_cli_with_file_size_limit(*args))
+        assert done.returncode == 1 and "cannot write to the store: File too large" in text, text
+        assert "file size limit (ulimit -f)" in text and str(src) not in text.split("failed", 1)[1], text
+        assert SequenceStore.open(url).sequence_ids() == []  # nothing half-ingested is visible
+        assert run_cli(*args).returncode == 0 and len(SequenceStore.open(url).sequence_ids()) == 1
+
+    def test_a_file_size_limit_during_export_names_the_file_and_what_is_kept(self, store: str,
+                                                                             tmp_path: Path) -> None:
+        out = tmp_path / "out"
+        args = ["export", store, "--method", "gt", "--out", str(out), "--overlay"]
+        text = no_traceback(done := run_cli_with_file_size_limit(*args, limit=1024))
+        assert done.returncode == 1 and f"({out}{os.sep}" in text and ".png)" in text, text
+        assert "file size limit (ulimit -f)" in text and "Kept: every file written so far is whole" in text, text
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temporary file left behind
+        assert run_cli(*args).returncode == 0 and len(list(out.rglob("*.png"))) == 3 * 16
+
+
+def run_cli_with_file_size_limit(*args: str, limit: int = 4096) -> subprocess.CompletedProcess[str]:
+    """``autolabel ARGS`` with files capped at ``limit`` bytes (``ulimit -f``): writes fail with EFBIG,
+    as they would with a full disk, on any machine and without root."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "autolabel.cli", *args], capture_output=True, text=True,
+                          env=cli_env(), preexec_fn=cap, timeout=300)
 
 
 class TestIds:

@@ -52,11 +52,16 @@ INTERRUPTED = 130  # the exit code typer gives a KeyboardInterrupt (128 + SIGINT
 STOP_SIGNALS = {signal.SIGTERM: "terminated (SIGTERM)", signal.SIGHUP: "hung up (SIGHUP)"}
 
 
+def what_is_kept(argv: list[str]) -> str | None:
+    """What ``autolabel ARGV`` leaves when it stops before the end (``ON_INTERRUPT``), if known."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    return ON_INTERRUPT.get(command or "")
+
+
 def interrupted_message(argv: list[str], how: str = "interrupted (Ctrl-C)") -> str:
     """What ``autolabel ARGV`` says when Ctrl-C (or SIGTERM: ``how``) stops it; a command name it
     knows gets its own hint."""
-    command = next((a for a in argv if not a.startswith("-")), None)
-    hint = ON_INTERRUPT.get(command or "")
+    hint = what_is_kept(argv)
     return f"{how}{': ' + hint if hint else ''}"
 
 
@@ -177,7 +182,9 @@ def main() -> None:
         err_console.print(styled(("error:", "bold red"), f" {exc}"), soft_wrap=True)
         sys.exit(2)
     except OSError as exc:  # disk full, file size limit, read-only or vanished storage
-        err_console.print(styled(("error:", "bold red"), f" {describe_os_error(exc)}"), soft_wrap=True)
+        kept = what_is_kept(sys.argv[1:])
+        err_console.print(styled(("error:", "bold red"), f" {describe_os_error(exc)}{'. Kept: ' + kept if kept else ''}"),
+                          soft_wrap=True)
         sys.exit(1)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or exc.title}: {e['msg']}" for e in exc.errors())
