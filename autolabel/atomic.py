@@ -11,9 +11,10 @@ a training job).
 from __future__ import annotations
 
 import functools
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,3 +59,23 @@ def write_text_atomic(path: Path | str, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_serialised(path: Path | str, serialise: Callable[[io.BytesIO], object]) -> None:
+    """Write what ``serialise(file)`` writes to ``path``, serialising into memory first.
+
+    torch's zip writer (``torch.save``, ``torch.export.save``) reports a failed write (a full disk) as
+    ``RuntimeError: ... unexpected pos`` with a traceback; a plain write of the finished bytes raises
+    the OSError that says what happened (ENOSPC, EFBIG). Through a file object, the archive's inner
+    name is not the (temporary) file's name either, so the same content gives the same bytes.
+    """
+    buffer = io.BytesIO()
+    serialise(buffer)
+    with open(path, "wb") as fh:
+        fh.write(buffer.getbuffer())
+
+
+def write_serialised_atomic(path: Path | str, serialise: Callable[[io.BytesIO], object]) -> None:
+    """:func:`write_serialised` to ``path``, whole or not at all."""
+    with atomic_path(path) as tmp:
+        write_serialised(tmp, serialise)

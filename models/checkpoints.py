@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from autolabel.atomic import atomic_path
+from autolabel.atomic import write_serialised_atomic
 from autolabel.errors import CheckpointError
 
 
@@ -26,10 +26,7 @@ def portable_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(state: dict[str, Any], path: Path) -> str:
     """Write ``state`` to ``path`` atomically (temporary file + rename); returns the file's sha256."""
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        # through a file object: the archive inside is named "archive", not after the temporary file,
-        # so the same state always gives the same bytes and the same sha256
-        torch.save(state, f)
+    write_serialised_atomic(path, lambda fh: torch.save(state, fh))
     return file_sha256(path)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autolabel.atomic import atomic_path
+from autolabel.atomic import atomic_path, write_serialised
 from autolabel.errors import MissingDependencyError, TeacherFormatError
 from autolabel.models.teacher import MEAN, STD, Teacher
 from autolabel.models.teacher_sidecar import TeacherSidecar, sidecar_path
@@ -65,8 +65,7 @@ def _export(module: nn.Module, x: torch.Tensor, out: Path, has_features: bool,
     """Write the model file; returns the sidecar's (logits, features) output keys."""
     if out.suffix == ".pt2":
         program = torch.export.export(module, (x,), dynamic_shapes=(dims,))
-        with open(out, "wb") as fh:  # through a file object: the archive is not named after a temporary file
-            torch.export.save(program, fh)
+        write_serialised(out, lambda fh: torch.export.save(program, fh))
         return 0, (1 if has_features else None)
     try:
         import onnxscript  # noqa: F401 - the dynamo ONNX exporter needs it

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
-from autolabel.atomic import _umask, atomic_path, write_text_atomic
+from autolabel.atomic import _umask, atomic_path, write_serialised_atomic, write_text_atomic
 
 from tests.conftest import run_cli
 
@@ -46,6 +48,36 @@ class TestAtomicPath:
             assert tmp.suffix == ".png" and tmp.parent == tmp_path and tmp.name.startswith(".")
             tmp.write_bytes(b"x")
         assert (tmp_path / "miou_by_distance.png").read_bytes() == b"x"
+
+
+    def test_an_os_error_without_a_file_name_gets_the_target_s(self, tmp_path: Path) -> None:
+        """PIL and zipfile raise ENOSPC without a file name; the message should say which file."""
+        with pytest.raises(OSError) as caught, atomic_path(tmp_path / "a.png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        assert caught.value.filename == str(tmp_path / "a.png")
+
+
+class TestWriteSerialisedAtomic:
+    def test_smoke_torch_save_round_trips(self, tmp_path: Path) -> None:
+        torch = pytest.importorskip("torch")
+        write_serialised_atomic(tmp_path / "c.pt", lambda fh: torch.save({"w": torch.arange(3)}, fh))
+        assert torch.load(tmp_path / "c.pt", weights_only=True)["w"].tolist() == [0, 1, 2]
+
+    def test_a_failed_write_is_the_os_error_not_torch_s_runtime_error(self, tmp_path: Path) -> None:
+        """torch.save straight to a file that cannot grow (a full disk; here ``ulimit -f``) raised
+        ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos`` and a traceback."""
+        torch = pytest.importorskip("torch")
+        target = tmp_path / "c.pt"
+        target.write_bytes(b"old")
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # Python ignores SIGXFSZ: writes fail
+        try:
+            with pytest.raises(OSError) as caught:
+                write_serialised_atomic(target, lambda fh: torch.save({"w": torch.zeros(10_000)}, fh))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert caught.value.errno == errno.EFBIG and caught.value.filename == str(target)
+        assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
 def test_exports_and_checkpoints_are_readable_by_others(tmp_path: Path) -> None:

@@ -211,6 +211,14 @@ class TestErrorsNotTracebacks:
         assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temporary file left behind
         assert run_cli(*args).returncode == 0 and len(list(out.rglob("*.png"))) == 3 * 16
 
+    def test_a_file_size_limit_when_a_checkpoint_is_saved(self, store: str, tmp_path: Path) -> None:
+        """torch.save used to end this with ``RuntimeError: ... unexpected pos`` and a traceback."""
+        out = tmp_path / "t.pt"
+        text = no_traceback(done := run_cli_with_file_size_limit(
+            "train-teacher", "--store", store, "--out", str(out), "--max-steps", "1", "--crop", "64", limit=65536))
+        assert done.returncode == 1 and f"File too large ({out})" in text, text
+        assert "Kept: no checkpoint was written" in text and not list(tmp_path.glob("*.pt*")), text
+
 
 def run_cli_with_file_size_limit(*args: str, limit: int = 4096) -> subprocess.CompletedProcess[str]:
     """``autolabel ARGS`` with files capped at ``limit`` bytes (``ulimit -f``): writes fail with EFBIG,
