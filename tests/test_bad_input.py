@@ -207,7 +207,7 @@ class TestErrorsNotTracebacks:
         args = ["export", store, "--method", "gt", "--out", str(out), "--overlay"]
         text = no_traceback(done := run_cli_with_file_size_limit(*args, limit=1024))
         assert done.returncode == 1 and f"({out}{os.sep}" in text and ".png)" in text, text
-        assert "file size limit (ulimit -f)" in text and "Kept: every file written so far is whole" in text, text
+        assert "file size limit (ulimit -f)" in text and "raise it. Every file written so far is whole" in text, text
         assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temporary file left behind
         assert run_cli(*args).returncode == 0 and len(list(out.rglob("*.png"))) == 3 * 16
 
@@ -217,7 +217,7 @@ class TestErrorsNotTracebacks:
         text = no_traceback(done := run_cli_with_file_size_limit(
             "train-teacher", "--store", store, "--out", str(out), "--max-steps", "1", "--crop", "64", limit=65536))
         assert done.returncode == 1 and f"File too large ({out})" in text, text
-        assert "Kept: no checkpoint was written" in text and not list(tmp_path.glob("*.pt*")), text
+        assert ". No checkpoint was written" in text and not list(tmp_path.glob("*.pt*")), text
 
 
 def run_cli_with_file_size_limit(*args: str, limit: int = 4096) -> subprocess.CompletedProcess[str]:

@@ -542,6 +542,7 @@ class TestInterruptedMessage:
         assert "the same command goes on from there" in interrupted_message(["run", "s.zarr", "--method", "x"])
         assert "the same command ingests the rest" in interrupted_message(["ingest", "apollo", "inbox"])
         assert "no checkpoint was written" in interrupted_message(["train-refiner", "--store", "s"])
+        assert "the same command writes the rest" in interrupted_message(["synth", "s.zarr", "--frames", "9"])
 
     def test_other_commands_and_options_first(self) -> None:
         from autolabel.cli.app import interrupted_message

@@ -38,6 +38,7 @@ COMMAND_MODULES: dict[str, str] = {
 ON_INTERRUPT: dict[str, str] = {
     "ingest": "sequences ingested before are kept and the one cut short is not in the store; the same command "
               "ingests the rest",
+    "synth": "drives finished before are kept and a store shows none cut short; the same command writes the rest",
     **dict.fromkeys(("flow", "label", "run"), "stages (and segments of long drives) finished before are kept, "
                                               "nothing is left half-written; the same command goes on from there"),
     **dict.fromkeys(("train-teacher", "train-refiner"), "no checkpoint was written (a file already at --out "
@@ -183,7 +184,7 @@ def main() -> None:
         sys.exit(2)
     except OSError as exc:  # disk full, file size limit, read-only or vanished storage
         kept = what_is_kept(sys.argv[1:])
-        err_console.print(styled(("error:", "bold red"), f" {describe_os_error(exc)}{'. Kept: ' + kept if kept else ''}"),
+        err_console.print(styled(("error:", "bold red"), f" {describe_os_error(exc)}{'. ' + kept[0].upper() + kept[1:] if kept else ''}"),
                           soft_wrap=True)
         sys.exit(1)
     except ValidationError as exc:
