@@ -824,8 +824,11 @@ def _label_one(store_url: str, store: SequenceStore, seq_id: str, settings: Labe
         report.outcomes.append(SequenceOutcome(seq_id, "failed", time.perf_counter() - start, str(exc)))
         return
     except OSError as exc:  # disk full, file size limit, permissions: name it, go on with the others
+        # zarr's writes name no file; a file that is named lies outside the store (--export's PNGs)
+        outside = exc.filename and not Path(os.path.abspath(exc.filename)).is_relative_to(os.path.abspath(store_url))
         report.outcomes.append(SequenceOutcome(seq_id, "failed", time.perf_counter() - start,
-                                               f"cannot write to the store: {describe_os_error(exc)}"))
+                                               f"cannot write{'' if outside else ' to the store'}: "
+                                               f"{describe_os_error(exc)}"))
         return
     except Exception as exc:  # noqa: BLE001 - a damaged chunk (codec error) fails only its sequence
         report.outcomes.append(SequenceOutcome(

@@ -211,6 +211,16 @@ class TestErrorsNotTracebacks:
         assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temporary file left behind
         assert run_cli(*args).returncode == 0 and len(list(out.rglob("*.png"))) == 3 * 16
 
+    def test_a_file_size_limit_in_label_export_blames_the_export_not_the_store(self, store: str,
+                                                                                tmp_path: Path) -> None:
+        assert run_cli("label", store, *MOTION).returncode == 0
+        out = tmp_path / "out"
+        text = no_traceback(done := run_cli_with_file_size_limit("label", store, *MOTION, "--export", str(out),
+                                                                 limit=1024))
+        assert done.returncode == 1 and f"failed synth-0000: cannot write: File too large ({out}{os.sep}" in text, text
+        assert "to the store" not in text, text
+        assert run_cli("verify", store).returncode == 0
+
     def test_a_file_size_limit_when_a_checkpoint_is_saved(self, store: str, tmp_path: Path) -> None:
         """torch.save used to end this with ``RuntimeError: ... unexpected pos`` and a traceback."""
         out = tmp_path / "t.pt"
