@@ -186,6 +186,25 @@ def test_a_method_not_run_yet_is_one_error_not_a_failure_per_sequence(tmp_path: 
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args", [
+    ["evaluate", "--method", "motion-only", "--method", "warp-refin"], ["evaluate", "--method", "gt"],
+    ["export", "--method", "warp-refin", "--out", "o"], ["review", "--method", "gt", "--out", "o"],
+    ["suggest-keyframes", "--method", "motion"],
+], ids=lambda a: " ".join(a[:1] + a[-1:]))
+def test_a_name_that_is_no_method_says_so_with_the_known_ones(tmp_path: Path, args: list[str]) -> None:
+    """These used to say 'run `autolabel label --method gt` first', or (evaluate with a valid method
+    beside the typo) print a table and a line that the typo has no results."""
+    store = tmp_path / "s.zarr"
+    assert run_cli("synth", str(store), "--sequences", "1", "--frames", "2", "--size", "32x24").returncode == 0
+    done = run_cli(args[0], str(store), *args[1:], cwd=tmp_path)
+    text = done.stderr.replace("\n", " ")
+    assert done.returncode == 2 and "mIoU" not in done.stdout and "Traceback" not in text, done.stdout + text
+    bad = [a for a in args if a in ("warp-refin", "gt", "motion")][-1]
+    assert f"--method: unknown propagation method {bad!r}; known: motion-only, semantic-only, warp-inpaint, " \
+           f"warp-refine{', or ' + repr('gt') + ' for the stored labels' if args[0] == 'export' else ''}" in text, text
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_names_the_sequence_without_results_and_exports_the_others(tmp_path: Path) -> None:
     store = tmp_path / "s.zarr"
     assert run_cli("synth", str(store), "--sequences", "2", "--frames", "3", "--size", "32x24").returncode == 0

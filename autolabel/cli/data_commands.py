@@ -10,9 +10,9 @@ from typing import Annotated
 import typer
 
 from autolabel.cli.console import IngestBar, StageBar, console, print_failures, progress_display
-from autolabel.cli.options import KeyframeEvery, Sequences, Window, check_outside_store, parse_size
+from autolabel.cli.options import KeyframeEvery, Sequences, Window, check_methods, check_outside_store, parse_size
 from autolabel.cli.reports import print_ingest_report, print_store_summary
-from autolabel.errors import AutolabelError, ConfigError
+from autolabel.errors import AutolabelError, ConfigError, StageNotDoneError
 from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.storage.export import OVERLAY_ALPHA
 from autolabel.wording import count
@@ -185,7 +185,11 @@ def export(
     if format not in ("png", "cvat-mask", "cityscapes", "folder"):
         raise ConfigError(f"--format must be png, cvat-mask, cityscapes or folder, got {format!r}")
     if method != GROUND_TRUTH:
-        sequences_with_results(st, [method], [s.id for s in seqs], "export")
+        try:
+            sequences_with_results(st, [method], [s.id for s in seqs], "export")
+        except StageNotDoneError:  # no results: a name that is no method says so (torch imported only here)
+            check_methods([method], f", or {GROUND_TRUTH!r} for the stored labels")
+            raise
     if format in ("cityscapes", "folder"):
         from autolabel.storage.training_export import export_training_set
 

@@ -119,6 +119,7 @@ def evaluate(
     from autolabel.tasks.evaluate import evaluate_store
 
     opt.check_outside_store(plot, store, "--plot")
+    opt.check_methods(method)
     st = SequenceStore.open(store)
     ids = select_ids(st.sequence_ids(), sequence, f"store {store!r}")
     sequences_with_results(st, method, ids, "evaluate")

@@ -46,6 +46,20 @@ def check_outside_store(out: Path | str | None, store: str, option: str = "--out
                           f"(e.g. {root.parent / 'export'})")
 
 
+def check_methods(methods: list[str], also: str = "") -> None:
+    """RegistryError for a ``--method`` that names no propagation method (a typo, or ``gt`` where only
+    methods are scored), listing the known ones; ``also`` adds the names a command takes besides.
+    Imports torch (the methods are defined with it)."""
+    from autolabel.errors import RegistryError
+    from autolabel.models.propagation import METHODS
+
+    for method in methods:
+        try:
+            METHODS.get(method)
+        except RegistryError as exc:
+            raise RegistryError(f"--method: {exc}{also}") from None
+
+
 def parse_size(size: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in size.lower().split("x"))

@@ -10,7 +10,7 @@ import typer
 
 from autolabel.atomic import write_text_atomic
 from autolabel.cli.console import console, print_table, progress_display, table
-from autolabel.cli.options import Sequences, check_outside_store, default, describe
+from autolabel.cli.options import Sequences, check_methods, check_outside_store, default, describe
 from autolabel.tasks.review import ReviewConfig
 from autolabel.wording import count
 
@@ -24,6 +24,7 @@ def _errors(store: str, method: str, sequence: list[str] | None, action: str):  
     from autolabel.storage.store import SequenceStore
     from autolabel.tasks.review import store_frame_errors
 
+    check_methods([method])
     st = SequenceStore.open(store)
     ids = select_ids(st.sequence_ids(), sequence, f"store {store!r}")
     ids = sequences_with_results(st, [method], ids, action)  # the progress counts the frames read
