@@ -24,6 +24,14 @@ ROOT_VARIABLES = {"store": "AUTOLABEL_STORE_ROOTS", "inbox": "AUTOLABEL_INBOX_RO
                   "export": "AUTOLABEL_EXPORT_ROOTS"}
 
 
+def absolute_local(path: str | None) -> str | None:
+    """A local path made absolute against this process's folder (``~`` expanded, symlinks kept);
+    None and URLs (``s3://...``) as they are. For paths handed to workers, which run elsewhere."""
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def allowed_roots(kind: str) -> list[str] | None:
     """Roots a deployment's ``kind`` path (store, inbox, export) must lie under, or None when unset.
 

@@ -226,6 +226,8 @@ def _fan_out(request: AutolabelRequest, ids: list[str], drives: set[str], finger
 def run_autolabel(request: AutolabelRequest) -> dict[str, Any]:
     """The body of both parent flows (see the module docstring)."""
     logger = get_run_logger()
+    if request.label_deployment:  # the sequence runs resolve paths on their workers, not in this folder
+        request = request.with_absolute_paths()
     request.check_paths()
     failures: dict[str, str] = {}
     drives: set[str] = set()

@@ -11,7 +11,7 @@ from autolabel.storage.annotation import AnnotationPolicy
 from autolabel.tasks.pipeline import DriveSource, LabelSettings
 from pydantic import BaseModel, ConfigDict, Field
 
-from autolabel.settings import confine
+from autolabel.settings import absolute_local, confine
 
 
 class AutolabelRequest(BaseModel):
@@ -44,6 +44,15 @@ class AutolabelRequest(BaseModel):
     def check_paths(self) -> None:
         """Refuse a store, inbox or export path outside the roots the workers allow (``confine``)."""
         confine_paths(self.store, self.inbox, self.label.export_dir)
+
+    def with_absolute_paths(self) -> AutolabelRequest:
+        """This request with its local paths (store, inbox, checkpoints, class map, export folder) made
+        absolute against this process's folder: the runs it submits execute on workers in other
+        folders, where ``runs/a.zarr`` would name another store, or create one."""
+        label = self.label.model_copy(update={name: absolute_local(getattr(self.label, name))
+                                              for name in ("teacher", "teacher_map", "refiner", "export_dir")})
+        return self.model_copy(update={"store": absolute_local(self.store), "inbox": absolute_local(self.inbox),
+                                       "label": label})
 
     def source(self, seq_id: str, drives: set[str]) -> DriveSource | None:
         """Where the label-sequence run of ``seq_id`` ingests it from (None: already in the store)."""

@@ -53,7 +53,12 @@ def plot_miou_by_distance(report: EvaluationReport, path: Path, title: str | Non
     ax.set_xticks(range(1, report.max_distance + 1))
     ax.grid(alpha=0.3)
     ax.set_title(title or f"mIoU vs distance - {Path(report.store).name}")
-    ax.legend(loc="lower left", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", fontsize=8)
+    else:  # every drive failed, or none has results yet: say so instead of an empty grid
+        ax.text(0.5, 0.5, "nothing scored: no drive has results", ha="center", va="center",
+                transform=ax.transAxes, color="0.4")
+        ax.set_ylim(0, 100)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

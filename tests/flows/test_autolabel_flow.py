@@ -168,6 +168,46 @@ def test_settings_need_their_checkpoints_and_one_device() -> None:
         LabelSettings(propagation={"method": "warp-refin"})
 
 
+def test_a_fan_out_hands_the_workers_absolute_paths(harness: None, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`autolabel run runs/a.zarr --deployment ...` from the user's folder: the workers run in the
+    repository, where a relative store path names another store (or, with an inbox, creates one)."""
+    import autolabel.flows.autolabel_flow as parent
+    from autolabel.flows.run_requests import AutolabelRequest, LabelSettings
+    from autolabel.storage.synthetic_io import write_synthetic_store
+
+    write_synthetic_store(str(tmp_path / "runs" / "a.zarr"), drive_configs(1, DRIVE.model_copy(update={"frames": 3})))
+    sent: list[AutolabelRequest] = []
+
+    def fan_out(request: AutolabelRequest, ids: list[str], *rest: object) -> tuple[dict, dict]:
+        sent.append(request)
+        return {}, dict.fromkeys(ids, "not submitted (test)")
+
+    monkeypatch.setattr(parent, "_fan_out", fan_out)
+    monkeypatch.chdir(tmp_path)
+    result = parent.autolabel_flow(AutolabelRequest(
+        store="runs/a.zarr", label_deployment="label-sequence/gpu",
+        label=LabelSettings(propagation={"method": "motion-only"}, export_dir="~/export")))
+    assert result["failed"] == {"synth-0000": "not submitted (test)"}
+    assert sent[0].store == str(tmp_path / "runs" / "a.zarr")
+    assert sent[0].label.export_dir == str(Path.home() / "export")
+
+
+class TestAbsolutePaths:
+    def test_local_paths_become_absolute_urls_and_none_stay(self, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        from autolabel.flows.run_requests import AutolabelRequest, LabelSettings
+
+        monkeypatch.chdir(tmp_path)
+        request = AutolabelRequest(store="s3://bucket/a.zarr", inbox="inbox", label=LabelSettings(
+            propagation={"method": "warp-refine"}, teacher="ckpt/t.pt", teacher_map="ckpt/map.json",
+            refiner=str(tmp_path / "r.pt"))).with_absolute_paths()
+        assert (request.store, request.inbox) == ("s3://bucket/a.zarr", str(tmp_path / "inbox"))
+        assert request.label.teacher == str(tmp_path / "ckpt" / "t.pt")
+        assert request.label.teacher_map == str(tmp_path / "ckpt" / "map.json")
+        assert request.label.refiner == str(tmp_path / "r.pt") and request.label.export_dir is None
+
+
 class TestPathRoots:
     """Deployments read and write only under the configured roots (``$AUTOLABEL_*_ROOTS``)."""
 
