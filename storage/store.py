@@ -902,7 +902,7 @@ class FrameArrayWriter:
             self._flush()
         finally:
             self._stop_writer()
-        if self.array.shape[0] != self.count and self.count > 0:
+        if self.array.shape[0] != self.count:  # to 0 too: an unwritten row would read as a missing chunk
             self.array.resize((self.count, *self.array.shape[1:]))
         return self.count
 

@@ -113,8 +113,11 @@ def flow_pieces(out: StageOutput, config: FlowConfig, piece_pairs: int = 32) -> 
     """
     _refuse_exact(out.seq_id, config)
     seq = out.store.sequence(out.seq_id)
-    fw, _ = _flow_writers(out.group, seq, max(seq.num_frames - 1, 1))
+    fw, bw = _flow_writers(out.group, seq, max(seq.num_frames - 1, 1))
     step = fw.step
+    if seq.num_frames < 2:  # no pair, no piece: trimmed to 0 rows now (an unwritten row reads as missing)
+        fw.close()
+        bw.close()
     size = max(step, piece_pairs // step * step)
     return [(a, min(a + size, seq.num_frames - 1)) for a in range(0, seq.num_frames - 1, size)]
 

@@ -61,6 +61,22 @@ def test_rerun_skips_and_new_settings_recompute(synth_store: str, teacher_path: 
     assert again.outcomes[0].status == "labelled"
 
 
+def test_a_one_frame_sequence_labels_once_and_verifies(tmp_path: Path) -> None:
+    """A sequence of one frame (CamVid's layout: 337 of them) has no flow pair: its flow arrays were
+    left one row long and never written, so `verify` reported a missing chunk and every `label`
+    dropped the flow and computed it and everything after it again."""
+    from autolabel.storage.integrity import verify_store
+
+    url = str(tmp_path / "s.zarr")
+    write_synthetic_store(url, drive_configs(1, SyntheticConfig(width=48, height=32, frames=1, seed=0)))
+    settings = _request("motion-only")
+    assert label_store(url, settings).outcomes[0].status == "labelled"
+    fw, bw = (SequenceStore.open(url).sequence("synth-0000").array(n) for n in flow_array_names("dis-fast"))
+    assert fw.shape[0] == bw.shape[0] == 0
+    assert verify_store(url).ok
+    assert label_store(url, settings).outcomes[0].status == "skipped"
+
+
 def test_missing_teacher() -> None:
     with pytest.raises(ConfigError, match="needs a teacher checkpoint: pass --teacher"):
         _request("warp-inpaint")

@@ -56,6 +56,19 @@ def test_pieces_cover_whole_shards_and_match_the_serial_flow(long_store: str) ->
         np.testing.assert_array_equal(got, want)
 
 
+def test_a_one_frame_sequence_has_no_piece_and_no_missing_chunk(tmp_path: Path) -> None:
+    from autolabel.storage.integrity import missing_chunks
+
+    url = str(tmp_path / "one.zarr")
+    write_synthetic_store(url, drive_configs(1, SyntheticConfig(width=48, height=32, frames=1, seed=3)))
+    store = SequenceStore.open(url, mode="r+")
+    with store.writing("synth-0003", flow_stage(CONFIG.stored_name)) as out:
+        assert flow_pieces(out, CONFIG) == []
+        finish_flow(out, CONFIG)
+    seq = store.sequence("synth-0003")
+    assert [a.shape[0] for a in _flows(store, "synth-0003")] == [0, 0] and missing_chunks(seq) == {}
+
+
 @pytest.mark.slow
 def test_dask_flow_equals_serial(long_store: str, tmp_path: Path) -> None:
     import shutil
