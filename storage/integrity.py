@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import zarr
+from autolabel.storage.ids import select_ids
 from autolabel.storage.leases import held_leases
 from autolabel.storage.stages import INGEST
 from autolabel.storage.store import Sequence, SequenceStore
@@ -139,21 +140,26 @@ class VerifyReport:
 
 
 def verify_store(url: str, decode: bool = True, repair: bool = False,
-                 progress: Progress | None = None) -> VerifyReport:
+                 progress: Progress | None = None, sequences: list[str] | None = None) -> VerifyReport:
     """Check every sequence of a store: metadata, version groups, chunks present and (``decode``) readable.
 
     ``repair`` drops the records of damaged stages other than ingest, so the next ``label``
     recomputes them (damaged frames need a new ingest). ``progress``: per sequence, one step per
-    shard read (``decode``) or per array listed.
+    shard read (``decode``) or per array listed. ``sequences``: only these ids or globs (a bad or
+    incomplete group is reported when its name matches); SelectionError where one matches nothing.
     """
     progress = progress or QuietProgress()
     store = SequenceStore.open(url, mode="r+" if repair else "r")
     report = VerifyReport(store=url)
-    for name, why in store.bad_groups().items():
-        report.add(name, why)
-    for seq_id in store.incomplete_ids():
-        report.notes.append(f"{seq_id}: incomplete (interrupted ingest; the next ingest rewrites it)")
-    for seq_id in store.sequence_ids():
+    bad, incomplete, ids = store.bad_groups(), store.incomplete_ids(), store.sequence_ids()
+    chosen = set(select_ids([*ids, *bad, *incomplete], sequences, f"store {url!r}"))
+    for name, why in bad.items():
+        if name in chosen:
+            report.add(name, why)
+    for seq_id in incomplete:
+        if seq_id in chosen:
+            report.notes.append(f"{seq_id}: incomplete (interrupted ingest; the next ingest rewrites it)")
+    for seq_id in (i for i in ids if i in chosen):
         report.sequences += 1
         try:
             seq = store.sequence(seq_id)
@@ -178,6 +184,8 @@ def verify_store(url: str, decode: bool = True, repair: bool = False,
         elif stages:
             report.add(seq_id, "repair: " + RELABEL)
     for lease in held_leases(url):
+        if sequences and lease.get("sequence") not in chosen:
+            continue
         state = "stale (its run is gone; the next run takes it over)" if lease["stale"] else "held"
         report.notes.append(f"lease on {lease.get('sequence')}/{lease.get('stage')} by {lease.get('host')} "
                             f"pid {lease.get('pid')}: {state}")

@@ -81,6 +81,12 @@ class TestSilentlyWrongData:
         assert SequenceStore.open(store).sequence("synth-0001").stage_done("results/motion-only")
         verify = run_cli("verify", store)
         assert verify.returncode == 1 and "frames: 1 missing chunks (c/3/0/0/0" in no_traceback(verify)
+        # --sequence: only the chosen ones (globs too); a pattern matching nothing is an error
+        assert run_cli("verify", store, "--sequence", "synth-0001").returncode == 0
+        verify = run_cli("verify", store, "--sequence", "synth-*", "--quick")
+        assert verify.returncode == 1 and "2 sequences checked" in no_traceback(verify)
+        verify = run_cli("verify", store, "--sequence", "nope")
+        assert verify.returncode == 2 and "no sequence ['nope']" in no_traceback(verify)
 
     def test_a_truncated_chunk_fails_only_its_sequence(self, store: str) -> None:
         chunk = _array_dir(store, "synth-0001", "frames") / "c" / "2" / "0" / "0" / "0"
@@ -159,6 +165,9 @@ class TestErrorsNotTracebacks:
         evaluate = run_cli("evaluate", store, "--method", "motion-only")
         assert evaluate.returncode == 0, no_traceback(evaluate)
         assert run_cli("verify", store).returncode == 1
+        assert run_cli("verify", store, "--sequence", "synth-0000").returncode == 0
+        verify = run_cli("verify", store, "--sequence", "synth-0001")  # a bad group is chosen by its name too
+        assert verify.returncode == 1 and "synth-0001" in no_traceback(verify)
 
     def test_a_read_only_store(self, store: str) -> None:
         dirs = [Path(root) for root, _, _ in os.walk(store)]

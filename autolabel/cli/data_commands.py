@@ -243,13 +243,14 @@ def verify(
     quick: Annotated[bool, typer.Option(help="only list chunks (do not decode them)")] = False,
     repair: Annotated[bool, typer.Option(help="drop damaged results of later stages so `label` recomputes them")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of text")] = False,
+    sequence: Sequences = None,
 ) -> None:
     """Check every sequence for missing or corrupt chunks and bad metadata; exit 1 on any problem."""
     from autolabel.cli.reports import print_verify_report
     from autolabel.storage.integrity import verify_store
 
     with progress_display(transient=True) as progress:
-        report = verify_store(store, decode=not quick, repair=repair, progress=StageBar(progress))
+        report = verify_store(store, decode=not quick, repair=repair, progress=StageBar(progress), sequences=sequence)
     if as_json:
         typer.echo(json.dumps({"store": report.store, "sequences": report.sequences, "ok": report.ok,
                                "problems": report.problems, "notes": report.notes}, indent=2))
