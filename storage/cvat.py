@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from autolabel.atomic import atomic_path, write_text_atomic
 from autolabel.errors import ConfigError, InputDataError, LabelValueError
 from autolabel.storage.classes import ClassSet
-from autolabel.storage.images import map_colour_label, write_png_atomic
+from autolabel.storage.images import PHOTO_PNG_LEVEL, map_colour_label, write_png_atomic
 from autolabel.storage.store import SequenceStore
 
 LABELMAP = "labelmap.txt"
@@ -192,7 +192,7 @@ def write_cvat_export(out: Path, classes: ClassSet, items: Iterable[tuple[str, n
     for name, labels, frame in items:
         write_png_atomic(out / MASKS / f"{name}.png", lut[labels])
         if frame is not None:
-            write_png_atomic(out / IMAGES / f"{name}.png", frame)
+            write_png_atomic(out / IMAGES / f"{name}.png", frame, compress_level=PHOTO_PNG_LEVEL)
         names.append(name)
     write_text_atomic(out / LABELMAP, format_labelmap(classes))
     (out / IMAGE_SET).parent.mkdir(parents=True, exist_ok=True)

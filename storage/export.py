@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from autolabel.atomic import write_text_atomic
-from autolabel.storage.images import write_png_atomic
+from autolabel.storage.images import PHOTO_PNG_LEVEL, write_png_atomic
 from autolabel.storage.queries import require_results
 from autolabel.storage.stages import GROUND_TRUTH, result_array_names, results_stage
 from autolabel.storage.store import Sequence
@@ -48,11 +48,14 @@ def overlay(frame: np.ndarray, colours: np.ndarray, valid: np.ndarray, alpha: fl
     ``boundaries`` (H, W) bool, when given, are drawn in white on top so that neighbouring classes
     of similar colour stay apart.
     """
-    out = frame.astype(np.float32)
-    out[valid] = (1 - alpha) * out[valid] + alpha * colours[valid].astype(np.float32)
+    import cv2  # here: `autolabel export` without overlays starts without it
+
+    frame, colours = np.ascontiguousarray(frame, np.uint8), np.ascontiguousarray(colours, np.uint8)
+    # OpenCV's blend (rounded like numpy's) is ~10x numpy's float arithmetic: 8 vs 80 ms at 854x480
+    out = np.where(valid[..., None], cv2.addWeighted(frame, 1 - alpha, colours, alpha, 0.0), frame)
     if boundaries is not None:
-        out[boundaries] = 255.0
-    return out.round().astype(np.uint8)
+        out[boundaries] = 255
+    return out
 
 
 def _marker(out: Path, seq: Sequence) -> Path:
@@ -97,7 +100,7 @@ def export_sequence(
         if with_overlay:
             blended = overlay(seq.frame(t), colours, label != classes.ignore_index, alpha,
                               class_boundaries(label))
-            write_png_atomic(base / "overlay" / f"{names[t]}.png", blended)
+            write_png_atomic(base / "overlay" / f"{names[t]}.png", blended, compress_level=PHOTO_PNG_LEVEL)
         if on_frame is not None:
             on_frame()
     _marker(out, seq).parent.mkdir(parents=True, exist_ok=True)

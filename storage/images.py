@@ -139,16 +139,24 @@ def check_same_size(frame: np.ndarray, label: np.ndarray, label_path: Path, fram
         )
 
 
-def write_png_atomic(path: Path, array: np.ndarray, palette: np.ndarray | None = None) -> None:
+# zlib level for photographic PNGs (frames, overlays): measured on an 854x480 DAVIS overlay, level 6
+# (PIL's default) takes 166 ms for 420 KB, level 1 42 ms for 471 KB; label PNGs (flat regions) keep 6,
+# where the files stay a few KB and take under 15 ms
+PHOTO_PNG_LEVEL = 1
+
+
+def write_png_atomic(path: Path, array: np.ndarray, palette: np.ndarray | None = None, *,
+                     compress_level: int = 6) -> None:
     """Write ``array`` as PNG via a temporary file and rename, so no half-written file remains.
 
     Args:
         array: uint8 (H, W) or (H, W, 3).
         palette: optional (256, 3) uint8 palette; writes a palette PNG (mode P) for (H, W) input.
+        compress_level: zlib level 0-9; :data:`PHOTO_PNG_LEVEL` for frames and overlays.
     """
     img = Image.fromarray(array)
     if palette is not None and array.ndim == 2:
         # putpalette turns an L image into P and keeps the index values unchanged
         img.putpalette(palette.astype(np.uint8).reshape(-1).tolist())
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", compress_level=compress_level)

@@ -29,7 +29,7 @@ import numpy as np
 from autolabel.atomic import write_text_atomic
 from autolabel.errors import AutolabelError, ConfigError
 from autolabel.storage.export import label_frames
-from autolabel.storage.images import read_label_raw, read_rgb, write_png_atomic
+from autolabel.storage.images import PHOTO_PNG_LEVEL, read_label_raw, read_rgb, write_png_atomic
 from autolabel.storage.stages import GROUND_TRUTH, result_array_names
 from autolabel.storage.store import Sequence, SequenceStore
 
@@ -117,7 +117,7 @@ def export_sequence_for_training(seq: Sequence, method: str, out: Path, layout: 
         d = int(distance[t]) if distance[t] >= 0 else 0
         src = t if keyframe else source_keyframe(annotated, t, d)
         image_rel, label_rel, colour_rel = _paths(layout, split, seq.id, names[t])
-        write_png_atomic(out / image_rel, seq.frame(t))
+        write_png_atomic(out / image_rel, seq.frame(t), compress_level=PHOTO_PNG_LEVEL)
         write_png_atomic(out / label_rel, label)
         if colour_rel is not None:
             write_png_atomic(out / colour_rel, lut[label])
