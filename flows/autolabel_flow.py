@@ -27,7 +27,7 @@ from autolabel.storage.readers import read_dataset
 from autolabel.storage.store import SequenceStore
 from autolabel.tasks.evaluate import evaluate_store
 from autolabel.tasks.checkpoints import checkpoint_sha256, teacher_sha256
-from autolabel.errors import AutolabelError
+from autolabel.errors import AutolabelError, describe_os_error
 from autolabel.tasks.pipeline import IngestStage, check_checkpoints, run_stage, stale_reason
 from autolabel.tasks.segments import is_segmented, segment_phases
 from prefect import flow, get_run_logger
@@ -68,6 +68,8 @@ def _state_error(state: Any) -> str:
         exc = state.result(raise_on_failure=False)
     except Exception as err:  # noqa: BLE001 - result unavailable (another machine's storage)
         exc = err
+    if isinstance(exc, OSError) and not isinstance(exc, AutolabelError):  # disk full, ulimit -f, read-only
+        return describe_os_error(exc)
     if isinstance(exc, BaseException):
         return f"{type(exc).__name__}: {exc}"
     return f"{state.type.value}: {state.message or ''}".strip()

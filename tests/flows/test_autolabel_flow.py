@@ -193,6 +193,20 @@ def test_a_fan_out_hands_the_workers_absolute_paths(harness: None, tmp_path: Pat
     assert sent[0].label.export_dir == str(Path.home() / "export")
 
 
+def test_a_drive_that_fails_on_a_full_disk_says_so_in_words() -> None:
+    """The summary and dashboard listed `OSError: [Errno 28] No space left on device`."""
+    import errno
+
+    from autolabel.errors import StoreError
+    from autolabel.flows.autolabel_flow import _state_error
+    from prefect.states import Failed
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/s.zarr/sequences/a/zarr.json")
+    assert _state_error(Failed(data=full)) == ("No space left on device (/data/s.zarr/sequences/a/zarr.json): "
+                                               "the disk is full; free some space and run again")
+    assert _state_error(Failed(data=StoreError("store 's' is locked"))) == "StoreError: store 's' is locked"
+
+
 class TestAbsolutePaths:
     def test_local_paths_become_absolute_urls_and_none_stay(self, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
