@@ -9,8 +9,10 @@ The layout (a folder or a zip of it)::
 
 Names are ``<sequence id>/<frame name>``, so a reviewer's export maps back to stored frames; a
 bare ``<frame name>`` needs the sequence given. Label ``background`` (0,0,0) is "no label" (the
-store's ignore index); every other label must be a class of the store (by name), and every colour
-in a mask must be declared in ``labelmap.txt``.
+store's ignore index), unless the store has a class named ``background`` (DAVIS's): then it is that
+class, in (0,0,0) whatever its own colour, and pixels without a label are exported as it too (CVAT
+has no "ignore"). Every other label must be a class of the store (by name), and every colour in a
+mask must be declared in ``labelmap.txt``.
 """
 
 from __future__ import annotations
@@ -107,25 +109,45 @@ def parse_labelmap(text: str, where: str) -> dict[str, tuple[int, int, int]]:
     return labels
 
 
+def background_class(classes: ClassSet) -> int | None:
+    """The store's class named ``background`` (any case), which is CVAT's ``background``; else None."""
+    return next((i for i, n in enumerate(classes.names) if n.lower() == BACKGROUND), None)
+
+
 def format_labelmap(classes: ClassSet) -> str:
-    """The ``labelmap.txt`` of a store's classes (``background`` first, for unlabelled pixels)."""
-    clash = [n for n, c in zip(classes.names, classes.palette) if tuple(c) == (0, 0, 0)]
+    """The ``labelmap.txt`` of a store's classes (``background`` first: unlabelled pixels, or the
+    store's own background class)."""
+    own = background_class(classes)
+    clash = [n for i, (n, c) in enumerate(zip(classes.names, classes.palette)) if tuple(c) == (0, 0, 0) and i != own]
     if clash:
         raise ConfigError(f"class {clash[0]!r} is drawn in (0,0,0), which CVAT reserves for 'background'; "
                           "give it another colour in the store's class set")
     lines = ["# label:color_rgb:parts:actions", f"{BACKGROUND}:0,0,0::"]
-    lines += [f"{n}:{r},{g},{b}::" for n, (r, g, b) in zip(classes.names, classes.palette)]
+    lines += [f"{n}:{r},{g},{b}::" for i, (n, (r, g, b)) in enumerate(zip(classes.names, classes.palette)) if i != own]
     return "\n".join(lines) + "\n"
+
+
+def mask_colours(classes: ClassSet) -> np.ndarray:
+    """(256, 3) uint8: each label value's colour in an exported mask (no label, and the store's own
+    background class, in CVAT's background (0,0,0))."""
+    lut = classes.colour_lut((0, 0, 0))
+    own = background_class(classes)
+    if own is not None:
+        lut[own] = (0, 0, 0)
+    return lut
 
 
 def colour_table(labelmap: dict[str, tuple[int, int, int]], classes: ClassSet,
                  where: str) -> dict[tuple[int, int, int], int]:
-    """Colour -> store class id (``background`` -> ignore); labels unknown to the store are an error."""
+    """Colour -> store class id (``background`` -> ignore, or the store's own background class); labels unknown
+    to the store are an error."""
     by_name = {n.lower(): i for i, n in enumerate(classes.names)}
+    own = background_class(classes)
+    unlabelled = classes.ignore_index if own is None else own
     table: dict[tuple[int, int, int], int] = {}
     for name, rgb in labelmap.items():
         if name.lower() == BACKGROUND:
-            table[rgb] = classes.ignore_index
+            table[rgb] = unlabelled
             continue
         if name.lower() not in by_name:
             raise LabelValueError(f"{where}: label {name!r} is not a class of the store "
@@ -133,7 +155,7 @@ def colour_table(labelmap: dict[str, tuple[int, int, int]], classes: ClassSet,
         if rgb in table and table[rgb] != by_name[name.lower()]:
             raise LabelValueError(f"{where}: labels share the colour {rgb}; give each label its own colour")
         table[rgb] = by_name[name.lower()]
-    table.setdefault((0, 0, 0), classes.ignore_index)
+    table.setdefault((0, 0, 0), unlabelled)
     return table
 
 
@@ -187,7 +209,7 @@ def write_cvat_export(out: Path, classes: ClassSet, items: Iterable[tuple[str, n
     Returns the number of images written. Names may hold '/' (``<sequence>/<frame>``).
     """
     out = Path(out)
-    lut = classes.colour_lut((0, 0, 0))
+    lut = mask_colours(classes)
     names = []
     for name, labels, frame in items:
         write_png_atomic(out / MASKS / f"{name}.png", lut[labels])

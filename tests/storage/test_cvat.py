@@ -15,13 +15,15 @@ from autolabel.storage.cvat import (
     parse_labelmap,
     read_cvat_masks,
     resolve_names,
+    write_cvat_export,
 )
+from autolabel.storage.classes import ClassSet
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.synthetic import SyntheticConfig, drive_configs
 from autolabel.storage.synthetic_io import write_synthetic_store
 from PIL import Image
 
-from autolabel.errors import InputDataError, LabelValueError
+from autolabel.errors import ConfigError, InputDataError, LabelValueError
 from tests.conftest import run_cli
 
 DRIVE = SyntheticConfig(width=64, height=48, frames=42, seed=0, fps=30.0, ego_speed=(2.0, 3.0))
@@ -71,6 +73,31 @@ class TestLabelmap:
     def test_malformed(self, text: str, match: str) -> None:
         with pytest.raises(InputDataError, match=match):
             parse_labelmap(text, "labelmap.txt")
+
+
+class TestAStoreBackgroundClass:
+    """DAVIS's classes are 'background' (0,0,0) and 'object': `review` used to refuse the store
+    ("class 'background' is drawn in (0,0,0), which CVAT reserves for 'background')."""
+
+    CLASSES = ClassSet(names=["Background", "object"], palette=[(0, 0, 0), (200, 0, 0)])
+
+    def test_it_is_cvat_s_background_and_survives_a_round_trip(self, tmp_path: Path) -> None:
+        assert list(parse_labelmap(format_labelmap(self.CLASSES), "x")) == ["background", "object"]
+        labels = np.zeros((6, 8), np.uint8)
+        labels[2:4, 2:6] = 1
+        labels[0, 0] = 255  # no label: exported as background, as CVAT knows nothing else
+        assert write_cvat_export(tmp_path / "task", self.CLASSES, [("seq/000", labels, None)]) == 1
+        rgb = np.asarray(Image.open(tmp_path / "task" / "SegmentationClass" / "seq" / "000.png"))
+        assert {tuple(c) for c in rgb.reshape(-1, 3)} == {(0, 0, 0), (200, 0, 0)}
+        [mask] = read_cvat_masks(tmp_path / "task", self.CLASSES)
+        expected = labels.copy()
+        expected[0, 0] = 0
+        np.testing.assert_array_equal(mask.labels, expected)
+
+    def test_another_class_in_black_still_clashes(self) -> None:
+        classes = ClassSet(names=["road", "object"], palette=[(0, 0, 0), (200, 0, 0)])
+        with pytest.raises(ConfigError, match="class 'road' is drawn in \\(0,0,0\\)"):
+            format_labelmap(classes)
 
 
 class TestRead:
