@@ -26,6 +26,7 @@ from autolabel.models.refiner import REFINER_ARCHS, Refiner, RefinerInput
 from autolabel.models.rmi import rmi_loss
 from autolabel.models.teacher import to_tensor
 from autolabel.models.teacher_runtime import SemanticTeacher
+from autolabel.models.training_state import EpochSampler, TrainingState, restore
 
 ProgressFn = Callable[[int, int, float], None]
 
@@ -49,6 +50,8 @@ class RefinerTrainConfig(BaseModel):
     rmi_radius: int = Field(3, ge=1)
     seed: int = Field(0, description="random seed")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    state_every_s: float = Field(60.0, ge=0, description="seconds between saves of the training's progress "
+                                 "(OUT.train-state), which the same command goes on from after a kill")
 
 
 MAPS = ("labels", "confidence", "trusted", "warped_image", "target_image", "annotation")
@@ -111,11 +114,13 @@ def refiner_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, 
 
 
 def train_refiner(refiner: Refiner, teacher: SemanticTeacher, samples: Sequence[CycleSample], cfg: RefinerTrainConfig,
-                  progress: ProgressFn | None = None) -> dict[str, Any]:
+                  progress: ProgressFn | None = None, state: TrainingState | None = None) -> dict[str, Any]:
     """Train ``refiner.net`` in place on cycle ``samples``; returns a summary.
 
     The teacher is frozen and only provides the target's decoder features. AdamW, poly(0.9)
-    learning rate, bf16 autocast on CUDA.
+    learning rate, bf16 autocast on CUDA. With ``state``, progress is saved there now and then and a
+    run finding one goes on from its step (``resumed_from_step``); the caller removes it once the
+    checkpoint is written.
     """
     if len(samples) == 0:
         raise ConfigError("no cycle samples to train the refiner on: the stores need annotated frames with "
@@ -128,32 +133,38 @@ def train_refiner(refiner: Refiner, teacher: SemanticTeacher, samples: Sequence[
     optimizer, schedule = poly_adamw(net.parameters(), cfg.lr, cfg.weight_decay, cfg.steps)
     use_bf16 = device.type == "cuda"
     ignore = refiner.ignore_index
-    losses: list[float] = []
-    start = time.perf_counter()
-    step = 0
+    sampler = EpochSampler(len(samples), cfg.batch_size, rng)
+    step, before, losses = 0, 0.0, []
+    saved = state.load() if state is not None else None
+    if saved is not None:
+        step, losses, before = restore(saved, net, optimizer, schedule, sampler)
+    resumed_from, start = step, time.perf_counter()
     while step < cfg.steps:
-        order = rng.permutation(len(samples))
-        for first in range(0, len(order), cfg.batch_size):
-            items = [augment_cycle(samples[int(i)], cfg, rng, ignore) for i in order[first:first + cfg.batch_size]]
-            maps = {name: np.stack([it[name] for it in items]) for name in MAPS}
-            features = teacher.predict_features(maps["target_image"]).clone()  # out of inference mode
-            x = batch_input(maps, features, device)
-            target = torch.from_numpy(maps["annotation"]).to(device).long()
-            net.train()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = net(x)
-            loss = refiner_loss(logits, target, ignore, cfg)
-            losses.append(apply_step(loss, optimizer, schedule))
-            step += 1
-            if progress is not None:
-                progress(step, cfg.steps, losses[-1])
-            if step >= cfg.steps:
-                break
+        items = [augment_cycle(samples[int(i)], cfg, rng, ignore) for i in sampler.next_batch()]
+        maps = {name: np.stack([it[name] for it in items]) for name in MAPS}
+        features = teacher.predict_features(maps["target_image"]).clone()  # out of inference mode
+        x = batch_input(maps, features, device)
+        target = torch.from_numpy(maps["annotation"]).to(device).long()
+        net.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = net(x)
+        loss = refiner_loss(logits, target, ignore, cfg)
+        losses.append(apply_step(loss, optimizer, schedule))
+        step += 1
+        if state is not None and step < cfg.steps and state.due():
+            state.save(step, net, optimizer, schedule, sampler, losses, before + time.perf_counter() - start)
+        if progress is not None:
+            progress(step, cfg.steps, losses[-1])
     net.eval()
-    seconds = time.perf_counter() - start
-    return {"steps": step, "samples": len(samples), "final_loss": float(np.mean(losses[-20:])),
-            "final_loss_steps": len(losses[-20:]), "seconds": round(seconds, 1), "samples_per_second": round(step * cfg.batch_size / seconds, 2),
+    seconds = before + time.perf_counter() - start
+    done = step - resumed_from
+    info = {"steps": step, "samples": len(samples), "final_loss": float(np.mean(losses[-20:])),
+            "final_loss_steps": len(losses[-20:]), "seconds": round(seconds, 1),
+            "samples_per_second": round(done * cfg.batch_size / max(time.perf_counter() - start, 1e-9), 2),
             "config": cfg.model_dump(mode="json")}
+    if resumed_from:
+        info["resumed_from_step"] = resumed_from
+    return info
 
 
 def score_on_samples(refiner: Refiner, teacher: SemanticTeacher, samples: Sequence[CycleSample]) -> dict[str, float]:

@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from autolabel.errors import ConfigError
 from autolabel.models.optimisation import apply_step, poly_adamw
 from autolabel.models.teacher import TEACHER_ARCHS, Teacher, to_tensor
+from autolabel.models.training_state import EpochSampler, TrainingState, restore
 
 Sample = tuple[np.ndarray, np.ndarray]
 ProgressFn = Callable[[int, int, float], None]
@@ -46,6 +47,8 @@ class TeacherTrainConfig(BaseModel):
     class_balance: bool = True
     seed: int = Field(0, description="random seed")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    state_every_s: float = Field(60.0, ge=0, description="seconds between saves of the training's progress "
+                                 "(OUT.train-state), which the same command goes on from after a kill")
 
 
 def augment(image: np.ndarray, label: np.ndarray, cfg: TeacherTrainConfig, rng: np.random.Generator,
@@ -103,20 +106,14 @@ def class_weights(samples: Sequence[Sample], num_classes: int, ignore_index: int
     return (weights / weights[counts > 0].mean()).astype(np.float32)
 
 
-def _batches(samples: Sequence[Sample], cfg: TeacherTrainConfig, rng: np.random.Generator,
-             ignore_index: int) -> Any:
-    order = rng.permutation(len(samples))
-    for start in range(0, len(order), cfg.batch_size):
-        items = [augment(*samples[int(i)], cfg, rng, ignore_index) for i in order[start:start + cfg.batch_size]]
-        yield np.stack([i[0] for i in items]), np.stack([i[1] for i in items])
-
-
 def train_teacher(teacher: Teacher, samples: Sequence[Sample], cfg: TeacherTrainConfig,
-                  progress: ProgressFn | None = None) -> dict[str, Any]:
+                  progress: ProgressFn | None = None, state: TrainingState | None = None) -> dict[str, Any]:
     """Train ``teacher.net`` in place on ``samples``; returns a summary (steps, loss, seconds).
 
     Loss: cross-entropy with ENet class weights (when ``class_balance``), ignore index excluded.
-    Optimiser: AdamW with a poly(0.9) learning-rate schedule. bf16 autocast on CUDA.
+    Optimiser: AdamW with a poly(0.9) learning-rate schedule. bf16 autocast on CUDA. With ``state``,
+    progress is saved there now and then and a run finding one goes on from its step
+    (``resumed_from_step`` in the summary); the caller removes it once the checkpoint is written.
     """
     if len(samples) == 0:
         raise ConfigError("no annotated frames to train on: check the stores and their annotation policy")
@@ -132,24 +129,33 @@ def train_teacher(teacher: Teacher, samples: Sequence[Sample], cfg: TeacherTrain
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer, schedule = poly_adamw(net.parameters(), cfg.lr, cfg.weight_decay, total)
     use_bf16 = device.type == "cuda"
+    sampler = EpochSampler(len(samples), cfg.batch_size, rng)
+    step, before, losses = 0, 0.0, []
+    saved = state.load() if state is not None else None
+    if saved is not None:
+        step, losses, before = restore(saved, net, optimizer, schedule, sampler)
+    resumed_from, start = step, time.perf_counter()
     net.train()
-    step, start, losses = 0, time.perf_counter(), []
     while step < total:
-        for images, labels in _batches(samples, cfg, rng, teacher.ignore_index):
-            x = to_tensor(images, device)
-            y = torch.from_numpy(labels).to(device).long()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = net(x).logits
-            loss = F.cross_entropy(logits.float(), y, weight=weight, ignore_index=teacher.ignore_index)
-            losses.append(apply_step(loss, optimizer, schedule))
-            step += 1
-            if progress is not None:
-                progress(step, total, losses[-1])
-            if step >= total:
-                break
+        items = [augment(*samples[int(i)], cfg, rng, teacher.ignore_index) for i in sampler.next_batch()]
+        x = to_tensor(np.stack([i[0] for i in items]), device)
+        y = torch.from_numpy(np.stack([i[1] for i in items])).to(device).long()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = net(x).logits
+        loss = F.cross_entropy(logits.float(), y, weight=weight, ignore_index=teacher.ignore_index)
+        losses.append(apply_step(loss, optimizer, schedule))
+        step += 1
+        if state is not None and step < total and state.due():
+            state.save(step, net, optimizer, schedule, sampler, losses, before + time.perf_counter() - start)
+        if progress is not None:
+            progress(step, total, losses[-1])
     net.eval()
-    return {"steps": step, "samples": len(samples), "final_loss": float(np.mean(losses[-10:])),
-            "final_loss_steps": len(losses[-10:]), "seconds": round(time.perf_counter() - start, 1), "config": cfg.model_dump(mode="json")}
+    info = {"steps": step, "samples": len(samples), "final_loss": float(np.mean(losses[-10:])),
+            "final_loss_steps": len(losses[-10:]), "seconds": round(before + time.perf_counter() - start, 1),
+            "config": cfg.model_dump(mode="json")}
+    if resumed_from:
+        info["resumed_from_step"] = resumed_from
+    return info
 
 
 def adapt_teacher(teacher: Teacher, samples: Sequence[Sample], steps: int, cfg: TeacherTrainConfig | None = None,

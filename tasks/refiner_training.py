@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.errors import ClassSetMismatchError, ConfigError
@@ -21,6 +22,7 @@ from autolabel.models.quality import annotation_fingerprint
 from autolabel.models.refiner import Refiner
 from autolabel.models.refiner_training import RefinerTrainConfig, score_on_samples, train_refiner
 from autolabel.models.teacher_runtime import SemanticTeacher
+from autolabel.models.training_state import TrainingState, run_settings, state_path_for
 from autolabel.storage.stages import TEACHER
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.ids import select_ids
@@ -110,9 +112,14 @@ def train_refiner_from_stores(request: RefinerRequest, progress: Progress | None
     teacher = load_teacher(request.teacher, request.train.device, request.teacher_map, first.classes.names)
     teacher_hash = teacher_sha256(request.teacher, request.teacher_map)
     samples = collect_cycles(request, teacher, teacher_hash, progress, on_sample)
+    torch.manual_seed(request.train.seed)  # the initial weights too: the same --seed, the same checkpoint
     refiner = Refiner.create(request.train.arch, teacher.classes, teacher.feature_channels, teacher_hash,
                              teacher.ignore_index, teacher.feature_kind)
-    info = train_refiner(refiner, teacher, samples, request.train, on_step)
+    state = TrainingState(state_path_for(request.out), run_settings(request.train, {
+        "stores": list(request.stores), "sequences": request.sequences, "teacher_sha256": teacher_hash,
+        "flow": request.flow.stored_name, "adapt_steps": request.adapt_steps, "max_samples": request.max_samples,
+        "samples": len(samples)}), request.train.state_every_s)
+    info = train_refiner(refiner, teacher, samples, request.train, on_step, state)
     info["fit"] = score_on_samples(refiner, teacher, samples)
     info["cycles"] = {str(k): int(v) for k, v in zip(*np.unique([s.length for s in samples], return_counts=True))}
     info["stores"] = list(request.stores)
@@ -121,4 +128,5 @@ def train_refiner_from_stores(request: RefinerRequest, progress: Progress | None
     info["flow"] = request.flow.stored_name
     refiner.train_info = info
     info["sha256"] = refiner.save(request.out)
+    state.remove()
     return info

@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.models.teacher import Teacher
 from autolabel.models.teacher_training import ProgressFn, TeacherTrainConfig, train_teacher
+from autolabel.models.training_state import TrainingState, run_settings, state_path_for
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.training_data import AnnotatedFrames
 
@@ -38,9 +40,14 @@ def train_teacher_from_stores(request: TeacherRequest, on_step: ProgressFn | Non
     """Train a teacher of ``request.train.arch`` and save it to ``request.out``; returns the summary."""
     data = data if data is not None else training_frames(request)
     classes = data.classes
+    torch.manual_seed(request.train.seed)  # the initial weights too: the same --seed, the same checkpoint
     teacher = Teacher.create(request.train.arch, classes.names, [list(c) for c in classes.palette],
                              classes.ignore_index)
-    info = train_teacher(teacher, data, request.train, on_step)
+    state = TrainingState(state_path_for(request.out), run_settings(request.train, {
+        "stores": list(request.stores), "sequences": request.sequences, "samples": len(data),
+        "classes": list(classes.names)}), request.train.state_every_s)
+    info = train_teacher(teacher, data, request.train, on_step, state)
     teacher.train_info = {**info, "stores": list(request.stores)}
     info["sha256"] = teacher.save(Path(request.out))
+    state.remove()
     return info

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 from autolabel.models.teacher import Teacher
 from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
@@ -212,6 +213,30 @@ def test_sigkill_at_random_points_then_rerun_equals_a_clean_run(base: dict[str, 
         kill_after(args, rng.uniform(2.5, 9.0))
         assert run_cli(*args).returncode == 0
         assert snapshot(store) == clean(base, ("warp-inpaint",))
+
+
+def test_sigkill_in_train_teacher_then_the_same_command_goes_on_to_the_same_weights(base: dict[str, Any],
+                                                                                  tmp_path: Path) -> None:
+    """A killed training used to lose every step; its saved progress (--out's .train-state) now carries
+    the same command on, to the weights an uninterrupted run ends with."""
+    def args(out: Path) -> list[str]:
+        return ["train-teacher", "--store", base["store"], "--out", str(out), "--arch", "unet-tiny", "--max-steps",
+                "8", "--batch-size", "2", "--crop", "64", "--state-every", "0"]
+
+    whole = run_cli(*args(tmp_path / "whole.pt"))
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "t.pt"
+    sent, code, err = signal_at_progress(args(out), r"train loss .*: [4-7]/8", 0, signal.SIGKILL)
+    assert sent and code == -signal.SIGKILL, err
+    state = tmp_path / "t.pt.train-state"
+    assert state.is_file() and not out.exists()
+    done = run_cli(*args(out))
+    assert done.returncode == 0, done.stderr
+    said = done.stdout.replace("\n", " ")
+    assert f"going on from the progress a stopped run left in {state}" in said and "of a stopped run)" in said, said
+    assert not state.exists()
+    a, b = Teacher.load(tmp_path / "whole.pt").net.state_dict(), Teacher.load(out).net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigterm_in_run_stops_its_temporary_prefect_server(tmp_path: Path) -> None:

@@ -42,7 +42,9 @@ ON_INTERRUPT: dict[str, str] = {
     **dict.fromkeys(("flow", "label", "run"), "stages (and segments of long drives) finished before are kept, "
                                               "nothing is left half-written; the same command goes on from there"),
     **dict.fromkeys(("train-teacher", "train-refiner"), "no checkpoint was written (a file already at --out "
-                                                        "is unchanged)"),
+                                                        "is unchanged); the progress saved in --out's .train-state "
+                                                        "file (every --state-every seconds) is kept and the same "
+                                                        "command goes on from there"),
     "export-teacher": "no model file was written (a file already at --out is unchanged)",
     **dict.fromkeys(("export", "review", "suggest-keyframes"),
                     "every file written so far is whole (a training set's manifest and a CVAT task's zip come "

@@ -24,6 +24,19 @@ def _final_loss(info: dict) -> str:
     return f"mean loss of the last {info['final_loss_steps']} steps {info['final_loss']:.3f}"
 
 
+def _say_if_resuming(out: Path) -> None:
+    """One line where a stopped run of this command left its progress (it goes on from there)."""
+    from autolabel.models.training_state import state_path_for
+
+    state = state_path_for(out)
+    if state.is_file():
+        console.print(f"going on from the progress a stopped run left in {state}", highlight=False)
+
+
+def _resumed(info: dict) -> str:
+    return f" (from step {info['resumed_from_step']} of a stopped run)" if info.get("resumed_from_step") else ""
+
+
 def train_teacher(
     store: Annotated[list[str], typer.Option("--store", help="store with annotated frames (repeatable)")],
     out: Annotated[Path, typer.Option(help="checkpoint file to write")],
@@ -36,6 +49,7 @@ def train_teacher(
     sequence: opt.Sequences = None,
     device: Annotated[str, typer.Option(help=describe(T, "device"), callback=lopt.device_here)] = default(T, "device"),
     seed: Annotated[int, typer.Option(help=describe(T, "seed"))] = default(T, "seed"),
+    state_every: Annotated[float, typer.Option(help=describe(T, "state_every_s"))] = default(T, "state_every_s"),
 ) -> None:
     """Train the semantic teacher on the annotated frames of one or more stores."""
     opt.set_threads()
@@ -47,9 +61,10 @@ def train_teacher(
 
     request = TeacherRequest(stores=store, out=str(out), sequences=sequence or None, train=TeacherTrainConfig(
         arch=arch, epochs=epochs, max_steps=max_steps, batch_size=batch_size, crop=crop, lr=lr, device=device,
-        seed=seed))
+        seed=seed, state_every_s=state_every))
     data = training_frames(request)
     console.print(f"training {arch} on {data.describe()}", highlight=False)
+    _say_if_resuming(out)
     with progress_display() as progress:
         task = progress.add_task("train", total=None)
 
@@ -57,7 +72,7 @@ def train_teacher(
             progress.update(task, completed=step, total=total, description=f"train loss {loss:.3f}")
 
         info = train_teacher_from_stores(request, report, data)
-    console.print(f"wrote {out} ({info['steps']} steps, {info['seconds']} s, {_final_loss(info)}, "
+    console.print(f"wrote {out} ({info['steps']} steps{_resumed(info)}, {info['seconds']} s, {_final_loss(info)}, "
                   f"sha256 {info['sha256'][:12]})", highlight=False)
 
 
@@ -81,6 +96,7 @@ def train_refiner(
     sequence: opt.Sequences = None,
     device: Annotated[str, typer.Option(help=describe(R, "device"), callback=lopt.device_here)] = default(R, "device"),
     seed: Annotated[int, typer.Option(help=describe(R, "seed"))] = default(R, "seed"),
+    state_every: Annotated[float, typer.Option(help=describe(R, "state_every_s"))] = default(R, "state_every_s"),
 ) -> None:
     """Train the refinement network on forward-backward cycles from the annotated frames (no extra labels)."""
     opt.set_threads()
@@ -92,8 +108,9 @@ def train_refiner(
         sequences=sequence or None, flow=FlowConfig(backend=flow_backend, device=device),
         propagation=PropagationConfig(method="warp-inpaint", device=device),
         train=RefinerTrainConfig(arch=arch, max_cycle=max_cycle, steps=steps, batch_size=batch_size, crop=crop,
-                                 lr=lr, rmi_weight=rmi_weight, device=device, seed=seed),
+                                 lr=lr, rmi_weight=rmi_weight, device=device, seed=seed, state_every_s=state_every),
     )
+    _say_if_resuming(out)
     with progress_display() as progress:
         cycles = progress.add_task("cycles", total=None)
         train = progress.add_task("train", total=None)
@@ -106,7 +123,7 @@ def train_refiner(
 
         info = train_refiner_from_stores(request, StageBar(progress), on_sample, on_step)
     fit = info["fit"]
-    console.print(f"wrote {out} ({info['samples']} cycles, {info['steps']} steps, {info['seconds']} s, "
+    console.print(f"wrote {out} ({info['samples']} cycles, {info['steps']} steps{_resumed(info)}, {info['seconds']} s, "
                   f"{info['samples_per_second']} samples/s, {_final_loss(info)}; on the cycles: "
                   f"mIoU {fit['cycled_miou']} -> {fit['refined_miou']}; sha256 {info['sha256'][:12]})",
                   highlight=False)
