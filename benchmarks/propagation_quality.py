@@ -67,6 +67,7 @@ def ensure_teacher(path: Path, stores: list[str], patterns: list[str] | None, cf
         return path
     data = AnnotatedFrames([SequenceStore.open(s) for s in stores], patterns)
     log(f"training teacher {path.name} on {data.describe()}")
+    torch.manual_seed(cfg.seed)  # the initial weights too: the same seed, the same teacher
     teacher = Teacher.create(cfg.arch, data.classes.names, [list(c) for c in data.classes.palette], data.classes.ignore_index)
     info = train_teacher(teacher, data, cfg, lambda s, n, loss: log(f"  step {s}/{n} loss {loss:.3f}") if s % 200 == 0 else None)
     teacher.train_info = {**info, "stores": stores}

@@ -129,6 +129,7 @@ def train_student(path: Path, samples: Any, classes: Any, args: argparse.Namespa
         log(f"reusing student {path.name}")
         return path, Teacher.load(path).train_info
     log(f"training student {path.name} on {len(samples)} frames, {args.steps} steps, seed {seed}")
+    torch.manual_seed(seed)  # the initial weights too: every arm of one seed starts from the same net
     student = Teacher.create("unet-lite", classes.names, [list(c) for c in classes.palette], classes.ignore_index)
     info = train_teacher(student, samples, student_config(args, seed),
                          lambda s, n, loss: log(f"  step {s}/{n} loss {loss:.3f}") if s % 250 == 0 else None)
