@@ -150,3 +150,33 @@ def test_a_refiner_trained_on_cuda_labels_on_the_cpu(made: dict[str, Path], tmp_
     assert not next(refiner.net.parameters()).is_cuda
     assert all(torch.isfinite(p).all() for p in refiner.net.parameters())
     _labelled(made, tmp_path / "labelled.zarr", _settings(made, "warp-refine", "cpu", refiner=out))
+
+
+def test_a_training_stopped_on_cuda_goes_on_from_its_state(made: dict[str, Path], tmp_path: Path) -> None:
+    """The saved progress holds CUDA's random state and the optimiser's state; loaded onto the CPU
+    first, it must go back onto the GPU (bf16 there, so the weights are compared for being finite,
+    not equal to an uninterrupted run)."""
+    from autolabel.models.teacher_training import TeacherTrainConfig, train_teacher
+    from autolabel.models.training_state import TrainingState
+    from autolabel.storage.training_data import AnnotatedFrames
+
+    st = SequenceStore.open(str(made["store"]))
+    cfg = TeacherTrainConfig(arch="unet-tiny", max_steps=6, batch_size=2, crop=64, device=CUDA, state_every_s=0)
+    state = TrainingState(tmp_path / "t.pt.train-state", {"run": 1}, every_s=0)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step: int, total: int, loss: float) -> None:
+        if step == 3:
+            raise Stop
+
+    def teacher() -> Teacher:
+        return Teacher.create("unet-tiny", st.classes.names, [list(c) for c in st.classes.palette])
+
+    with pytest.raises(Stop):
+        train_teacher(teacher(), AnnotatedFrames([st]), cfg, stop_at_3, state)
+    resumed = teacher()
+    info = train_teacher(resumed, AnnotatedFrames([st]), cfg, None, state)
+    assert info["resumed_from_step"] == 3 and info["steps"] == 6
+    assert all(p.is_cuda and torch.isfinite(p).all() for p in resumed.net.parameters())
