@@ -28,12 +28,17 @@ def _progress(description: str) -> Any:
     return report
 
 
+def _resumed(info: dict[str, Any]) -> str:
+    """Where a run went on from the progress a stopped one saved (``<out>.train-state``)."""
+    return f" from step {info['resumed_from_step']} of a stopped run" if info.get("resumed_from_step") else ""
+
+
 @task(name="train-teacher")
 def train_teacher_task(request: TeacherRequest) -> dict[str, Any]:
     with gpu_slot(request.train.device):
         info = train_teacher_from_stores(request, _progress(f"train-teacher -> {request.out}"))
-    get_run_logger().info("wrote %s (%d steps, %.1f s, mean loss of the last %d steps %.3f)", request.out,
-                          info["steps"], info["seconds"], info["final_loss_steps"], info["final_loss"])
+    get_run_logger().info("wrote %s (%d steps%s, %.1f s, mean loss of the last %d steps %.3f)", request.out,
+                          info["steps"], _resumed(info), info["seconds"], info["final_loss_steps"], info["final_loss"])
     return info
 
 
@@ -41,8 +46,8 @@ def train_teacher_task(request: TeacherRequest) -> dict[str, Any]:
 def train_refiner_task(request: RefinerRequest) -> dict[str, Any]:
     with gpu_slot(request.train.device):
         info = train_refiner_from_stores(request, on_step=_progress(f"train-refiner -> {request.out}"))
-    get_run_logger().info("wrote %s (%d cycles, %d steps, %.1f s; cycles mIoU %s -> %s)", request.out,
-                          info["samples"], info["steps"], info["seconds"], info["fit"]["cycled_miou"],
+    get_run_logger().info("wrote %s (%d cycles, %d steps%s, %.1f s; cycles mIoU %s -> %s)", request.out,
+                          info["samples"], info["steps"], _resumed(info), info["seconds"], info["fit"]["cycled_miou"],
                           info["fit"]["refined_miou"])
     return info
 
