@@ -26,7 +26,7 @@ from autolabel.models.refiner import REFINER_ARCHS, Refiner, RefinerInput
 from autolabel.models.rmi import rmi_loss
 from autolabel.models.teacher import to_tensor
 from autolabel.models.teacher_runtime import SemanticTeacher
-from autolabel.models.training_state import EpochSampler, TrainingState, restore
+from autolabel.models.training_state import EpochSampler, TrainingLoop, TrainingState
 
 ProgressFn = Callable[[int, int, float], None]
 
@@ -133,14 +133,10 @@ def train_refiner(refiner: Refiner, teacher: SemanticTeacher, samples: Sequence[
     optimizer, schedule = poly_adamw(net.parameters(), cfg.lr, cfg.weight_decay, cfg.steps)
     use_bf16 = device.type == "cuda"
     ignore = refiner.ignore_index
-    sampler = EpochSampler(len(samples), cfg.batch_size, rng)
-    step, before, losses = 0, 0.0, []
-    saved = state.load() if state is not None else None
-    if saved is not None:
-        step, losses, before = restore(saved, net, optimizer, schedule, sampler)
-    resumed_from, start = step, time.perf_counter()
-    while step < cfg.steps:
-        items = [augment_cycle(samples[int(i)], cfg, rng, ignore) for i in sampler.next_batch()]
+    loop = TrainingLoop(net, optimizer, schedule, EpochSampler(len(samples), cfg.batch_size, rng), cfg.steps, state)
+    start = time.perf_counter()
+    while loop.running():
+        items = [augment_cycle(samples[int(i)], cfg, rng, ignore) for i in loop.sampler.next_batch()]
         maps = {name: np.stack([it[name] for it in items]) for name in MAPS}
         features = teacher.predict_features(maps["target_image"]).clone()  # out of inference mode
         x = batch_input(maps, features, device)
@@ -149,22 +145,12 @@ def train_refiner(refiner: Refiner, teacher: SemanticTeacher, samples: Sequence[
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = net(x)
         loss = refiner_loss(logits, target, ignore, cfg)
-        losses.append(apply_step(loss, optimizer, schedule))
-        step += 1
-        if state is not None and step < cfg.steps and state.due():
-            state.save(step, net, optimizer, schedule, sampler, losses, before + time.perf_counter() - start)
-        if progress is not None:
-            progress(step, cfg.steps, losses[-1])
+        loop.record(apply_step(loss, optimizer, schedule), progress)
     net.eval()
-    seconds = before + time.perf_counter() - start
-    done = step - resumed_from
-    info = {"steps": step, "samples": len(samples), "final_loss": float(np.mean(losses[-20:])),
-            "final_loss_steps": len(losses[-20:]), "seconds": round(seconds, 1),
-            "samples_per_second": round(done * cfg.batch_size / max(time.perf_counter() - start, 1e-9), 2),
+    here = time.perf_counter() - start  # this run's steps only: a stopped run's are in the state
+    return {**loop.summary(20), "samples": len(samples),
+            "samples_per_second": round((loop.step - loop.resumed_from) * cfg.batch_size / max(here, 1e-9), 2),
             "config": cfg.model_dump(mode="json")}
-    if resumed_from:
-        info["resumed_from_step"] = resumed_from
-    return info
 
 
 def score_on_samples(refiner: Refiner, teacher: SemanticTeacher, samples: Sequence[CycleSample]) -> dict[str, float]:

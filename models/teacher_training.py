@@ -8,7 +8,6 @@ stores. bf16 autocast is used on CUDA.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
@@ -21,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from autolabel.errors import ConfigError
 from autolabel.models.optimisation import apply_step, poly_adamw
 from autolabel.models.teacher import TEACHER_ARCHS, Teacher, to_tensor
-from autolabel.models.training_state import EpochSampler, TrainingState, restore
+from autolabel.models.training_state import EpochSampler, TrainingLoop, TrainingState
 
 Sample = tuple[np.ndarray, np.ndarray]
 ProgressFn = Callable[[int, int, float], None]
@@ -129,33 +128,18 @@ def train_teacher(teacher: Teacher, samples: Sequence[Sample], cfg: TeacherTrain
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer, schedule = poly_adamw(net.parameters(), cfg.lr, cfg.weight_decay, total)
     use_bf16 = device.type == "cuda"
-    sampler = EpochSampler(len(samples), cfg.batch_size, rng)
-    step, before, losses = 0, 0.0, []
-    saved = state.load() if state is not None else None
-    if saved is not None:
-        step, losses, before = restore(saved, net, optimizer, schedule, sampler)
-    resumed_from, start = step, time.perf_counter()
+    loop = TrainingLoop(net, optimizer, schedule, EpochSampler(len(samples), cfg.batch_size, rng), total, state)
     net.train()
-    while step < total:
-        items = [augment(*samples[int(i)], cfg, rng, teacher.ignore_index) for i in sampler.next_batch()]
+    while loop.running():
+        items = [augment(*samples[int(i)], cfg, rng, teacher.ignore_index) for i in loop.sampler.next_batch()]
         x = to_tensor(np.stack([i[0] for i in items]), device)
         y = torch.from_numpy(np.stack([i[1] for i in items])).to(device).long()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = net(x).logits
         loss = F.cross_entropy(logits.float(), y, weight=weight, ignore_index=teacher.ignore_index)
-        losses.append(apply_step(loss, optimizer, schedule))
-        step += 1
-        if state is not None and step < total and state.due():
-            state.save(step, net, optimizer, schedule, sampler, losses, before + time.perf_counter() - start)
-        if progress is not None:
-            progress(step, total, losses[-1])
+        loop.record(apply_step(loss, optimizer, schedule), progress)
     net.eval()
-    info = {"steps": step, "samples": len(samples), "final_loss": float(np.mean(losses[-10:])),
-            "final_loss_steps": len(losses[-10:]), "seconds": round(before + time.perf_counter() - start, 1),
-            "config": cfg.model_dump(mode="json")}
-    if resumed_from:
-        info["resumed_from_step"] = resumed_from
-    return info
+    return {**loop.summary(10), "samples": len(samples), "config": cfg.model_dump(mode="json")}
 
 
 def adapt_teacher(teacher: Teacher, samples: Sequence[Sample], steps: int, cfg: TeacherTrainConfig | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,52 @@ class TrainingState:
     def remove(self) -> None:
         """Forget the progress (the checkpoint is written)."""
         self.path.unlink(missing_ok=True)
+
+
+class TrainingLoop:
+    """What teacher and refiner training share around their step: the sampler, going on from a
+    saved state, saving it when due, the losses, the time spent, the summary.
+
+    ``while loop.running(): ...; loop.record(loss, progress)`` steps ``total`` times in all, counting
+    the steps a stopped run made before.
+    """
+
+    def __init__(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: torch.optim.lr_scheduler.LRScheduler, sampler: EpochSampler, total: int,
+                 state: TrainingState | None = None) -> None:
+        self.net, self.optimizer, self.schedule, self.sampler = net, optimizer, schedule, sampler
+        self.total, self.state = total, state
+        self.step, self.losses, self._before = 0, [], 0.0
+        saved = state.load() if state is not None else None
+        if saved is not None:
+            self.step, self.losses, self._before = restore(saved, net, optimizer, schedule, sampler)
+        self.resumed_from = self.step
+        self._start = time.perf_counter()
+
+    def running(self) -> bool:
+        return self.step < self.total
+
+    def record(self, loss: float, progress: Callable[[int, int, float], None] | None = None) -> None:
+        """One step done with ``loss``: saves the state when due, then reports ``(step, total, loss)``."""
+        self.losses.append(loss)
+        self.step += 1
+        if self.state is not None and self.step < self.total and self.state.due():
+            self.state.save(self.step, self.net, self.optimizer, self.schedule, self.sampler, self.losses,
+                            self.seconds())
+        if progress is not None:
+            progress(self.step, self.total, loss)
+
+    def seconds(self) -> float:
+        """Seconds of training, a stopped run's included."""
+        return self._before + time.perf_counter() - self._start
+
+    def summary(self, last: int) -> dict[str, Any]:
+        """Steps, the mean loss of the ``last`` steps, seconds (and ``resumed_from_step`` if it went on)."""
+        info: dict[str, Any] = {"steps": self.step, "final_loss": float(np.mean(self.losses[-last:])),
+                                "final_loss_steps": len(self.losses[-last:]), "seconds": round(self.seconds(), 1)}
+        if self.resumed_from:
+            info["resumed_from_step"] = self.resumed_from
+        return info
 
 
 def restore(state: dict[str, Any], net: torch.nn.Module, optimizer: torch.optim.Optimizer,
