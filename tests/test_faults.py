@@ -221,12 +221,13 @@ def test_sigkill_in_train_teacher_then_the_same_command_goes_on_to_the_same_weig
     the same command on, to the weights an uninterrupted run ends with."""
     def args(out: Path) -> list[str]:
         return ["train-teacher", "--store", base["store"], "--out", str(out), "--arch", "unet-tiny", "--max-steps",
-                "8", "--batch-size", "2", "--crop", "64", "--state-every", "0"]
+                "40", "--batch-size", "2", "--crop", "64", "--state-every", "0"]
 
     whole = run_cli(*args(tmp_path / "whole.pt"))
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "t.pt"
-    sent, code, err = signal_at_progress(args(out), r"train loss .*: [4-7]/8", 0, signal.SIGKILL)
+    # killed at the 25 % line (10/40), with 30 steps to go: the kill lands before the end
+    sent, code, err = signal_at_progress(args(out), r"train loss .*: 10/40", 0, signal.SIGKILL)
     assert sent and code == -signal.SIGKILL, err
     state = tmp_path / "t.pt.train-state"
     assert state.is_file() and not out.exists()
