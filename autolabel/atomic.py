@@ -50,8 +50,9 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not exc.filename:  # PIL, zipfile: name the file the error is about
-            exc.filename = str(path)
+        if isinstance(exc, OSError) and (not exc.filename or exc.filename == tmp):
+            # PIL and zipfile name no file; the rename names the temporary one: name the file to write
+            exc.filename, exc.filename2 = str(path), None
         raise
 
 

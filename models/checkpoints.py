@@ -23,6 +23,15 @@ def portable_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in net.state_dict().items()}
 
 
+def check_checkpoint_path(path: Path | str, what: str) -> None:
+    """Fail before any training where ``path`` cannot become a checkpoint file: it is a folder (the
+    rename onto it failed only when the training was done)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder: name the {what} checkpoint file to write, e.g. "
+                              f"{path / (what + '.pt')}")
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> str:
     """Write ``state`` to ``path`` atomically (temporary file + rename); returns the file's sha256."""
     path = Path(path)

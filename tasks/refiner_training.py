@@ -22,6 +22,7 @@ from autolabel.models.quality import annotation_fingerprint
 from autolabel.models.refiner import Refiner
 from autolabel.models.refiner_training import RefinerTrainConfig, score_on_samples, train_refiner
 from autolabel.models.teacher_runtime import SemanticTeacher
+from autolabel.models.checkpoints import check_checkpoint_path
 from autolabel.models.training_state import TrainingState, run_settings, state_path_for
 from autolabel.storage.stages import TEACHER
 from autolabel.storage.store import SequenceStore
@@ -108,6 +109,7 @@ def train_refiner_from_stores(request: RefinerRequest, progress: Progress | None
                               on_sample: Callable[[int, int], None] | None = None,
                               on_step: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
     """Generate cycles, train a refiner, save it to ``request.out``; returns the training summary."""
+    check_checkpoint_path(request.out, "refiner")
     first = SequenceStore.open(request.stores[0])
     teacher = load_teacher(request.teacher, request.train.device, request.teacher_map, first.classes.names)
     teacher_hash = teacher_sha256(request.teacher, request.teacher_map)

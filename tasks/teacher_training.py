@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autolabel.models.teacher import Teacher
 from autolabel.models.teacher_training import ProgressFn, TeacherTrainConfig, train_teacher
+from autolabel.models.checkpoints import check_checkpoint_path
 from autolabel.models.training_state import TrainingState, run_settings, state_path_for
 from autolabel.storage.store import SequenceStore
 from autolabel.storage.training_data import AnnotatedFrames
@@ -38,6 +39,7 @@ def training_frames(request: TeacherRequest) -> AnnotatedFrames:
 def train_teacher_from_stores(request: TeacherRequest, on_step: ProgressFn | None = None,
                               data: AnnotatedFrames | None = None) -> dict[str, Any]:
     """Train a teacher of ``request.train.arch`` and save it to ``request.out``; returns the summary."""
+    check_checkpoint_path(request.out, "teacher")
     data = data if data is not None else training_frames(request)
     classes = data.classes
     torch.manual_seed(request.train.seed)  # the initial weights too: the same --seed, the same checkpoint

@@ -57,6 +57,15 @@ class TestAtomicPath:
         assert caught.value.filename == str(tmp_path / "a.png")
 
 
+    def test_a_folder_at_the_target_is_named_not_the_temporary(self, tmp_path: Path) -> None:
+        """The rename onto a folder failed naming the temporary file (``.out.x1y2.tmp``)."""
+        (tmp_path / "out").mkdir()
+        with pytest.raises(OSError) as caught, atomic_path(tmp_path / "out") as tmp:
+            tmp.write_text("x")
+        assert caught.value.filename == str(tmp_path / "out") and caught.value.filename2 is None
+        assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 class TestWriteSerialisedAtomic:
     def test_smoke_torch_save_round_trips(self, tmp_path: Path) -> None:
         torch = pytest.importorskip("torch")

@@ -138,6 +138,15 @@ class TestErrorsNotTracebacks:
             done = run_cli(*args)
             assert done.returncode == 2 and "CUDA is not available here" in no_traceback(done)
 
+    def test_a_folder_as_the_checkpoint_fails_before_training(self, store: str, tmp_path: Path) -> None:
+        """The rename onto the folder used to fail once the training was done, naming a temporary file."""
+        for args, what in ((["train-teacher", "--store", store, "--max-steps", "400"], "teacher"),
+                           (["train-refiner", "--store", store, "--teacher", "t.pt", "--steps", "400"], "refiner")):
+            done = run_cli(*args, "--out", str(tmp_path))
+            text = no_traceback(done)
+            assert done.returncode == 2 and f"{tmp_path} is a folder: name the {what} checkpoint file to write, " \
+                f"e.g. {tmp_path / what}.pt" in text and "train loss" not in text, text
+
     def test_a_corrupt_root_zarr_json(self, store: str) -> None:
         (Path(store) / "zarr.json").write_text("{not json")
         for command in (["info", store], ["label", store, *MOTION], ["evaluate", store, "--method", "motion-only"], ["verify", store]):
